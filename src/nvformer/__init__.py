@@ -1,0 +1,41 @@
+"""nvformer: nonparametric variational (NV) attention for Transformers.
+
+The public API (see README.md):
+
+* :class:`Prior`, :class:`PriorEstimator` -- the base distribution of an NV latent;
+* :class:`NVIB`, :class:`NVLatent` -- the NVIB layer and the posterior it returns;
+* :func:`kl_gaussian`, :func:`kl_dirichlet` -- the KL regularisers;
+* :func:`denoising_attention`, :class:`NVMultiheadAttention`, :func:`convert_mha`,
+  :func:`kl_terms` -- denoising attention and its ``nn.MultiheadAttention`` drop-in.
+"""
+
+from .attention import (
+    KLTerms,
+    NVMultiheadAttention,
+    convert_mha,
+    denoising_attention,
+    kl_terms,
+)
+from .kl import kl_dirichlet, kl_gaussian, kl_symmetric_dirichlet
+from .nvib import NVIB, NVLatent
+from .prior import Prior, PriorEstimator
+from .sampling import sample_log_dirichlet, sample_log_gamma
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KLTerms",
+    "NVIB",
+    "NVLatent",
+    "NVMultiheadAttention",
+    "Prior",
+    "PriorEstimator",
+    "convert_mha",
+    "denoising_attention",
+    "kl_dirichlet",
+    "kl_gaussian",
+    "kl_symmetric_dirichlet",
+    "kl_terms",
+    "sample_log_dirichlet",
+    "sample_log_gamma",
+]

@@ -1,0 +1,326 @@
+"""The NVIB layer (Henderson & Fehr, ICLR 2023) and the latent it returns.
+
+MATH.md section 1 (layer, sampling), section 4 (identity initialisation and knobs).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_float, check_knob, check_mask, check_tensor, compute_dtype
+from .prior import Prior
+from .sampling import masked_log_softmax, sample_log_dirichlet
+
+__all__ = ["NVLatent", "NVIB"]
+
+
+@dataclass
+class NVLatent:
+    """A Dirichlet-process posterior over a set of vectors: the output of :class:`NVIB`.
+
+    Batch-first; component 0 is the prior component, components ``1..N`` the inputs.
+    ``C = N + 1`` components; ``K = C * copies`` sampled columns (``copies = kappa`` when
+    sampled in training, else 1; copies of component ``i`` are the columns
+    ``i*copies .. i*copies + copies - 1``).
+
+    Attributes:
+        mu: ``[B, C, P]`` Gaussian means.
+        logvar: ``[B, C, P]`` Gaussian log-variances (diagonal).
+        log_alpha: ``[B, C]`` log Dirichlet pseudo-counts (at least float32; ``-inf`` where masked).
+        pad_mask: ``[B, C]`` bool, True = component excluded (padding, or a switched-off prior).
+        z: ``[B, K, P]`` the vectors attention reads: Gaussian samples in training, ``mu`` otherwise.
+        log_pi: ``[B, K]`` log mixture weights (``-inf`` where masked): a Dirichlet sample in
+            training, ``log(a / sum a)`` otherwise.
+        kappa: the layer's ``kappa`` (number of samples per component), used by the KL terms.
+        copies: columns per component in ``z`` / ``log_pi``.
+        sampled: True if ``z`` / ``log_pi`` are samples (training form of attention applies).
+    """
+
+    mu: Tensor
+    logvar: Tensor
+    log_alpha: Tensor
+    pad_mask: Tensor
+    z: Tensor
+    log_pi: Tensor
+    kappa: int = 1
+    copies: int = 1
+    sampled: bool = False
+
+    @property
+    def sample_pad_mask(self) -> Tensor:
+        """``[B, K]`` bool, ``pad_mask`` repeated for each copy."""
+        if self.copies == 1:
+            return self.pad_mask
+        return self.pad_mask.repeat_interleave(self.copies, dim=1)
+
+    @property
+    def var(self) -> Tensor:
+        """``[B, C, P]`` variances."""
+        return self.logvar.exp()
+
+    def num_kept(self) -> Tensor:
+        """``[B]`` number of components with non-zero weight (finite ``log_pi``), counted per component."""
+        kept = torch.isfinite(self.log_pi).view(self.log_pi.shape[0], -1, self.copies).any(-1)
+        return kept.sum(-1)
+
+
+class NVIB(nn.Module):
+    """Nonparametric variational information bottleneck over a set of vectors.
+
+    Maps ``x [B, N, P]`` to an :class:`NVLatent` with ``N + 1`` components (prior first):
+
+        mu_i = W_mu x_i + b_mu,   log var_i = W_s x_i + b_s,
+        log a_i = w_lin . x_i + w_quad . (x_i * x_i) + b_a   (+ log a_i of the previous layer).
+
+    The parameters start at the identity initialisation of MATH.md section 4, set by the knobs:
+    ``W_mu = mu_tau I``, ``b_mu = (1 - mu_tau) mu_p``, ``W_s = 0``,
+    ``b_s = log((stdev_tau sigma_p)^2)`` (floored at ``log(min_var)``), ``w_lin = 0``,
+    ``w_quad = scale / 2`` (``= 1/(2 sqrt d)``), ``b_a = alpha_tau * s_alpha``. At
+    ``mu_tau=1, stdev_tau=0`` and large ``alpha_tau`` denoising attention over the latent equals
+    standard attention over ``x``.
+
+    Training: ``z_i = mu_i + sigma_i eps`` and ``pi ~ Dir(a)`` (implicit reparameterisation); with
+    ``kappa > 1`` every component is split into ``kappa`` copies with pseudo-count ``a_i / kappa``
+    and its own Gaussian sample (drawing ``pi ~ Dir(a_i/kappa, ...)`` over all copies is the same
+    distribution as ``rho ~ Dir(a)`` times per-component ``Dir(a_i/kappa 1_kappa)`` sub-weights).
+    Evaluation: ``z = mu``, ``pi = a / sum(a)``, optionally thresholded.
+
+    Args:
+        dim: ``P``, width of the input vectors.
+        num_heads: heads of the attention that reads the latent (sets ``d = dim // num_heads``).
+        prior: a :class:`Prior` of width ``P``; default ``Prior(dim)`` (standard normal,
+            ``log alpha_p = 0``, ``s_alpha = 1``).
+        delta: strength of the conditional prior in ``KL_D`` (pseudo-count per token).
+        kappa: samples per component in training.
+        mu_tau, stdev_tau, alpha_tau: the knobs (MATH.md section 4); ``stdev_tau >= 0``.
+        head_dim: ``d`` if it is not ``dim // num_heads``.
+        scale: the attention logit scale (default ``1 / sqrt(d)``); ``1/scale`` plays ``sqrt(d)``.
+        prior_component: include the prior component (False masks it out: "prior switched off").
+        alpha_threshold: evaluation only; drop token components whose pseudo-count is
+            ``<= alpha_threshold`` (``threshold_mode="absolute"``, the authors use 0.1) or whose
+            weight ``a_i / sum a`` is ``<= alpha_threshold`` (``"relative"``). None = keep all.
+            The prior component is never dropped.
+        min_var: floor of the variances (so ``stdev_tau = 0`` stays finite in ``KL_G``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        prior: Prior | None = None,
+        delta: float = 1.0,
+        kappa: int = 1,
+        mu_tau: float = 1.0,
+        stdev_tau: float = 0.0,
+        alpha_tau: float = 10.0,
+        *,
+        head_dim: int | None = None,
+        scale: float | None = None,
+        prior_component: bool = True,
+        alpha_threshold: float | None = None,
+        threshold_mode: str = "absolute",
+        min_var: float = 1e-20,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        where = "NVIB"
+        if not isinstance(dim, int) or dim <= 0:
+            raise ValueError(f"{where}: `dim` must be a positive int, got {dim!r}")
+        if not isinstance(num_heads, int) or num_heads <= 0:
+            raise ValueError(f"{where}: `num_heads` must be a positive int, got {num_heads!r}")
+        if head_dim is None:
+            if dim % num_heads:
+                raise ValueError(f"{where}: `dim` ({dim}) must be divisible by `num_heads` ({num_heads}), or pass `head_dim`")
+            head_dim = dim // num_heads
+        if not isinstance(kappa, int) or kappa < 1:
+            raise ValueError(f"{where}: `kappa` must be an int >= 1, got {kappa!r}")
+        if threshold_mode not in ("absolute", "relative"):
+            raise ValueError(f"{where}: `threshold_mode` must be 'absolute' or 'relative', got {threshold_mode!r}")
+        if alpha_threshold is not None and not alpha_threshold > 0:
+            raise ValueError(f"{where}: `alpha_threshold` must be > 0 or None, got {alpha_threshold!r}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
+        self.scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+        self.delta = check_knob(delta, "delta", where, minimum=0.0)
+        self.kappa = kappa
+        self.prior_component = bool(prior_component)
+        self.alpha_threshold = alpha_threshold
+        self.threshold_mode = threshold_mode
+        self.min_var = float(min_var)
+        self.mu_tau = check_knob(mu_tau, "mu_tau", where)
+        self.stdev_tau = check_knob(stdev_tau, "stdev_tau", where, minimum=0.0)
+        self.alpha_tau = check_knob(alpha_tau, "alpha_tau", where)
+
+        factory = {"device": device, "dtype": dtype}
+        if prior is None:
+            prior = Prior(dim)
+        prior.check_dim(dim, where)
+        self.prior = prior.to(**{k: v for k, v in factory.items() if v is not None})
+        self.mu_proj = nn.Linear(dim, dim, **factory)
+        self.logvar_proj = nn.Linear(dim, dim, **factory)
+        self.alpha_lin = nn.Parameter(torch.empty(dim, **factory))
+        self.alpha_quad = nn.Parameter(torch.empty(dim, **factory))
+        self.alpha_bias = nn.Parameter(torch.empty((), **factory))
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ knobs and initialisation
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Apply the identity initialisation of MATH.md section 4 with the current knobs and prior."""
+        p = self.prior
+        if p.mean.device.type == "meta" or self.mu_proj.weight.device.type == "meta":
+            return
+        eye = torch.eye(self.dim, device=self.mu_proj.weight.device, dtype=self.mu_proj.weight.dtype)
+        self.mu_proj.weight.copy_(eye * self.mu_tau)
+        self.mu_proj.bias.copy_((1.0 - self.mu_tau) * p.mean)
+        self.logvar_proj.weight.zero_()
+        var = (self.stdev_tau**2) * p.var.double()
+        self.logvar_proj.bias.copy_(var.clamp_min(self.min_var).log())
+        self.alpha_lin.zero_()
+        self.alpha_quad.fill_(self.scale / 2.0)
+        self.alpha_bias.copy_(self.alpha_tau * p.log_alpha_std)
+
+    def set_knobs(self, mu_tau: float | None = None, stdev_tau: float | None = None, alpha_tau: float | None = None) -> None:
+        """Change the knobs and re-apply the identity initialisation (overwrites the projections)."""
+        where = "NVIB.set_knobs"
+        if mu_tau is not None:
+            self.mu_tau = check_knob(mu_tau, "mu_tau", where)
+        if stdev_tau is not None:
+            self.stdev_tau = check_knob(stdev_tau, "stdev_tau", where, minimum=0.0)
+        if alpha_tau is not None:
+            self.alpha_tau = check_knob(alpha_tau, "alpha_tau", where)
+        self.reset_parameters()
+
+    def set_prior(self, prior: Prior) -> None:
+        """Replace the prior (same width) and re-apply the identity initialisation."""
+        prior.check_dim(self.dim, "NVIB.set_prior")
+        self.prior = prior.to(device=self.mu_proj.weight.device, dtype=self.mu_proj.weight.dtype)
+        self.reset_parameters()
+
+    def knobs(self) -> dict[str, float]:
+        return {"mu_tau": self.mu_tau, "stdev_tau": self.stdev_tau, "alpha_tau": self.alpha_tau}
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, kappa={self.kappa}, "
+            f"delta={self.delta}, mu_tau={self.mu_tau}, stdev_tau={self.stdev_tau}, alpha_tau={self.alpha_tau}"
+        )
+
+    # ------------------------------------------------------------------ forward
+    def log_alpha_tokens(self, x: Tensor) -> Tensor:
+        """``[B, N]`` log pseudo-counts of the token components (at least float32)."""
+        cd = compute_dtype(x.dtype)
+        xf = x.to(cd)
+        return xf @ self.alpha_lin.to(cd) + (xf * xf) @ self.alpha_quad.to(cd) + self.alpha_bias.to(cd)
+
+    def _prior_rows(self, batch: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        p = self.prior
+        mu0 = p.mean.to(like.dtype).expand(batch, 1, self.dim)
+        lv0 = p.var.log().to(like.dtype).expand(batch, 1, self.dim)
+        la0 = p.log_alpha.to(compute_dtype(like.dtype)).expand(batch, 1)
+        return mu0, lv0, la0
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, alpha_skip: Tensor | None = None) -> NVLatent:
+        """Build the latent.
+
+        Args:
+            x: ``[B, N, P]`` input vectors.
+            key_padding_mask: ``[B, N]`` bool, True = pad (as in ``nn.MultiheadAttention``).
+            alpha_skip: ``[B, N]`` log pseudo-counts of the token components of the previous NV
+                layer, added to this layer's (alpha skip connection, Behjati et al. 2023).
+
+        Returns:
+            :class:`NVLatent` with ``C = N + 1`` components.
+        """
+        where = "NVIB.forward"
+        check_tensor(x, "x", 3, where, f"[B, N, {self.dim}]")
+        check_float(x, "x", where)
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"{where}: `x` must have shape [B, N, {self.dim}], got {tuple(x.shape)}")
+        B, N, _ = x.shape
+        if key_padding_mask is not None:
+            check_mask(key_padding_mask, "key_padding_mask", (B, N), where, allow_float=False)
+        if alpha_skip is not None and tuple(alpha_skip.shape) != (B, N):
+            raise ValueError(f"{where}: `alpha_skip` must have shape [{B}, {N}], got {tuple(alpha_skip.shape)}")
+
+        mu_tok = self.mu_proj(x)
+        lv_tok = self.logvar_proj(x).clamp_min(math.log(self.min_var))
+        la_tok = self.log_alpha_tokens(x)
+        if alpha_skip is not None:
+            la_tok = la_tok + alpha_skip.to(la_tok.dtype)
+        mu0, lv0, la0 = self._prior_rows(B, mu_tok)
+        mu = torch.cat([mu0, mu_tok], dim=1)
+        logvar = torch.cat([lv0, lv_tok], dim=1)
+        log_alpha = torch.cat([la0, la_tok], dim=1)
+
+        prior_pad = torch.full((B, 1), not self.prior_component, dtype=torch.bool, device=x.device)
+        tok_pad = key_padding_mask if key_padding_mask is not None else torch.zeros(B, N, dtype=torch.bool, device=x.device)
+        pad_mask = torch.cat([prior_pad, tok_pad], dim=1)
+        log_alpha = log_alpha.masked_fill(pad_mask, float("-inf"))
+
+        if self.training:
+            return self._sample(mu, logvar, log_alpha, pad_mask)
+        return self._mean_latent(mu, logvar, log_alpha, pad_mask)
+
+    def _sample(self, mu: Tensor, logvar: Tensor, log_alpha: Tensor, pad_mask: Tensor) -> NVLatent:
+        k = self.kappa
+        mu_k = mu.repeat_interleave(k, dim=1) if k > 1 else mu
+        lv_k = logvar.repeat_interleave(k, dim=1) if k > 1 else logvar
+        z = mu_k + torch.exp(0.5 * lv_k) * torch.randn_like(mu_k)
+        la_k = log_alpha.repeat_interleave(k, dim=1) - math.log(k) if k > 1 else log_alpha
+        pad_k = pad_mask.repeat_interleave(k, dim=1) if k > 1 else pad_mask
+        log_pi = sample_log_dirichlet(la_k, pad_k)
+        return NVLatent(mu, logvar, log_alpha, pad_mask, z, log_pi, kappa=k, copies=k, sampled=True)
+
+    def _mean_latent(self, mu: Tensor, logvar: Tensor, log_alpha: Tensor, pad_mask: Tensor) -> NVLatent:
+        keep_pad = pad_mask
+        if self.alpha_threshold is not None:
+            thr = math.log(self.alpha_threshold)
+            score = log_alpha if self.threshold_mode == "absolute" else masked_log_softmax(log_alpha, pad_mask)
+            drop = score <= thr
+            drop[:, 0] = False
+            keep_pad = pad_mask | drop
+        log_pi = masked_log_softmax(log_alpha, keep_pad)
+        return NVLatent(mu, logvar, log_alpha, pad_mask, mu, log_pi, kappa=self.kappa, copies=1, sampled=False)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def sample_prior(self, lengths: Tensor) -> NVLatent:
+        """Draw a latent from the prior (MATH.md section 2, "Prior sampling").
+
+        Sequence ``b`` gets ``n_b = lengths[b]`` token components ``z ~ N(mu_p, var_p)`` treated as
+        points (variance ``min_var``) with equal pseudo-counts ``(alpha_p + delta (K - 1)) / K``,
+        ``K = n_b + 1``, after the usual prior component.
+
+        Args:
+            lengths: ``[B]`` int, number of token components per sequence (>= 1).
+
+        Returns:
+            :class:`NVLatent` with ``C = max(lengths) + 1`` components, unsampled form.
+        """
+        if lengths.dim() != 1 or lengths.is_floating_point():
+            raise ValueError(f"NVIB.sample_prior: `lengths` must be a 1-D integer tensor, got {lengths.dtype} {tuple(lengths.shape)}")
+        if bool((lengths < 1).any()):
+            raise ValueError("NVIB.sample_prior: every length must be >= 1")
+        p = self.prior
+        device, dtype = p.mean.device, self.mu_proj.weight.dtype
+        lengths = lengths.to(device)
+        B, n = lengths.shape[0], int(lengths.max())
+        std = p.var.sqrt().to(dtype)
+        z_tok = p.mean.to(dtype) + std * torch.randn(B, n, self.dim, device=device, dtype=dtype)
+        tok_pad = torch.arange(n, device=device)[None, :] >= lengths[:, None]
+        cd = compute_dtype(dtype)
+        K = (lengths + 1).to(cd)
+        alpha_p = p.log_alpha.to(cd).exp()
+        la_tok = torch.log((alpha_p + self.delta * (K - 1)) / K)[:, None].expand(B, n)
+        mu0, lv0, la0 = self._prior_rows(B, z_tok)
+        mu = torch.cat([mu0, z_tok], 1)
+        logvar = torch.cat([lv0, torch.full_like(z_tok, math.log(self.min_var))], 1)
+        prior_pad = torch.full((B, 1), not self.prior_component, dtype=torch.bool, device=device)
+        pad_mask = torch.cat([prior_pad, tok_pad], 1)
+        log_alpha = torch.cat([la0, la_tok], 1).masked_fill(pad_mask, float("-inf"))
+        return self._mean_latent(mu, logvar, log_alpha, pad_mask)
