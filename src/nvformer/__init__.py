@@ -6,7 +6,8 @@ The public API (see README.md):
 * :class:`NVIB`, :class:`NVLatent` -- the NVIB layer and the posterior it returns;
 * :func:`kl_gaussian`, :func:`kl_dirichlet` -- the KL regularisers;
 * :func:`denoising_attention`, :class:`NVMultiheadAttention`, :func:`convert_mha`,
-  :func:`kl_terms` -- denoising attention and its ``nn.MultiheadAttention`` drop-in.
+  :func:`kl_terms` -- denoising attention and its ``nn.MultiheadAttention`` drop-in;
+* :func:`estimate_prior` -- empirical priors of a converted model's NV modules.
 """
 
 from .attention import (
@@ -16,6 +17,7 @@ from .attention import (
     denoising_attention,
     kl_terms,
 )
+from .empirical import estimate_prior
 from .kl import kl_dirichlet, kl_gaussian, kl_symmetric_dirichlet
 from .nvib import NVIB, NVLatent
 from .prior import Prior, PriorEstimator
@@ -32,6 +34,7 @@ __all__ = [
     "PriorEstimator",
     "convert_mha",
     "denoising_attention",
+    "estimate_prior",
     "kl_dirichlet",
     "kl_gaussian",
     "kl_symmetric_dirichlet",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_float, check_knob, check_mask, check_tensor, compute_dtype
+from ._checks import check_float, check_knob, check_mask, check_tensor
 from .prior import Prior
 from .sampling import masked_log_softmax, sample_log_dirichlet
 
@@ -30,11 +30,11 @@ class NVLatent:
     Attributes:
         mu: ``[B, C, P]`` Gaussian means.
         logvar: ``[B, C, P]`` Gaussian log-variances (diagonal).
-        log_alpha: ``[B, C]`` log Dirichlet pseudo-counts (at least float32; ``-inf`` where masked).
+        log_alpha: ``[B, C]`` log Dirichlet pseudo-counts (float64; ``-inf`` where masked).
         pad_mask: ``[B, C]`` bool, True = component excluded (padding, or a switched-off prior).
         z: ``[B, K, P]`` the vectors attention reads: Gaussian samples in training, ``mu`` otherwise.
-        log_pi: ``[B, K]`` log mixture weights (``-inf`` where masked): a Dirichlet sample in
-            training, ``log(a / sum a)`` otherwise.
+        log_pi: ``[B, K]`` log mixture weights (float64, ``-inf`` where masked): a Dirichlet
+            sample in training, ``log(a / sum a)`` otherwise.
         kappa: the layer's ``kappa`` (number of samples per component), used by the KL terms.
         copies: columns per component in ``z`` / ``log_pi``.
         sampled: True if ``z`` / ``log_pi`` are samples (training form of attention applies).
@@ -212,16 +212,20 @@ class NVIB(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def log_alpha_tokens(self, x: Tensor) -> Tensor:
-        """``[B, N]`` log pseudo-counts of the token components (at least float32)."""
-        cd = compute_dtype(x.dtype)
-        xf = x.to(cd)
-        return xf @ self.alpha_lin.to(cd) + (xf * xf) @ self.alpha_quad.to(cd) + self.alpha_bias.to(cd)
+        """``[B, N]`` log pseudo-counts of the token components, in float64.
+
+        float64 because the quadratic term must cancel ``-scale ||z||^2 / 2`` in the attention
+        logits after a large bias ``alpha_tau * s_alpha`` has been added (in float32 a bias of
+        1000 would leave only 1e-4 of resolution). These are per-token scalars: cheap.
+        """
+        xd = x.to(torch.float64)
+        return xd @ self.alpha_lin.to(torch.float64) + (xd * xd) @ self.alpha_quad.to(torch.float64) + self.alpha_bias.to(torch.float64)
 
     def _prior_rows(self, batch: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         p = self.prior
         mu0 = p.mean.to(like.dtype).expand(batch, 1, self.dim)
         lv0 = p.var.log().to(like.dtype).expand(batch, 1, self.dim)
-        la0 = p.log_alpha.to(compute_dtype(like.dtype)).expand(batch, 1)
+        la0 = p.log_alpha.to(torch.float64).expand(batch, 1)
         return mu0, lv0, la0
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, alpha_skip: Tensor | None = None) -> NVLatent:
@@ -305,7 +309,7 @@ class NVIB(nn.Module):
         if lengths.dim() != 1 or lengths.is_floating_point():
             raise ValueError(f"NVIB.sample_prior: `lengths` must be a 1-D integer tensor, got {lengths.dtype} {tuple(lengths.shape)}")
         if bool((lengths < 1).any()):
-            raise ValueError("NVIB.sample_prior: every length must be >= 1")
+            raise ValueError("NVIB.sample_prior: every entry of `lengths` must be >= 1")
         p = self.prior
         device, dtype = p.mean.device, self.mu_proj.weight.dtype
         lengths = lengths.to(device)
@@ -313,9 +317,8 @@ class NVIB(nn.Module):
         std = p.var.sqrt().to(dtype)
         z_tok = p.mean.to(dtype) + std * torch.randn(B, n, self.dim, device=device, dtype=dtype)
         tok_pad = torch.arange(n, device=device)[None, :] >= lengths[:, None]
-        cd = compute_dtype(dtype)
-        K = (lengths + 1).to(cd)
-        alpha_p = p.log_alpha.to(cd).exp()
+        K = (lengths + 1).to(torch.float64)
+        alpha_p = p.log_alpha.to(torch.float64).exp()
         la_tok = torch.log((alpha_p + self.delta * (K - 1)) / K)[:, None].expand(B, n)
         mu0, lv0, la0 = self._prior_rows(B, z_tok)
         mu = torch.cat([mu0, z_tok], 1)

@@ -14,8 +14,8 @@ __all__ = ["masked_log_softmax", "sample_log_gamma", "sample_log_dirichlet", "sa
 # Above this log-concentration the Gamma(a, 1) sample is drawn from its log-normal limit
 # log g ~ N(log a, 1/a): the neglected bias of the mean, -1/(2a), is below 1e-9 there.
 _LOG_A_NORMAL_LIMIT = 20.0
-# Below this log-concentration a is treated as exp(-700) (float64's exp underflows near -745).
-_LOG_A_MIN = -700.0
+# Below this log-concentration a is treated as exp(-300), so that the gradient -log(U)/a stays finite.
+_LOG_A_MIN = -300.0
 
 
 def _fill_value(dtype: torch.dtype) -> float:
@@ -59,7 +59,8 @@ def sample_log_gamma(log_concentration: Tensor) -> Tensor:
     * ``log a <= 20``: ``g = X * U**(1/a)`` with ``X ~ Gamma(a + 1)`` drawn by
       ``torch.distributions.Gamma.rsample`` (implicit reparameterisation gradients) and
       ``U ~ Uniform(0, 1)`` (the standard boost for small shapes, Marsaglia & Tsang 2000); in log
-      space ``log g = log X + log(U) / a``, which stays finite even for ``a = 1e-300``.
+      space ``log g = log X + log(U) / a``, finite for any ``a``; ``log a`` is floored at -300
+      (``a ~ 5e-131``: such a component's weight is 0 in any dtype) so gradients stay finite.
     * ``log a > 20``: ``log g = log a + eps / sqrt(a)``, ``eps ~ N(0, 1)``: the log-normal limit of
       a Gamma with ``a > 4.8e8`` (the bias ``-1/(2a)`` is below 1e-9), with pathwise gradients.
     * ``-inf`` entries (masked components) stay ``-inf``.

@@ -1,0 +1,104 @@
+"""Empirical priors for the NV attention modules of a model (MATH.md section 4).
+
+Because a converted model at the identity initialisation computes exactly what the original
+did, the priors can be estimated *after* conversion: forward pre-hooks on every
+:class:`~nvformer.NVMultiheadAttention` stream its key/value input into a
+:class:`~nvformer.PriorEstimator` (non-pad vectors only), then each module gets its prior.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attention import NVMultiheadAttention
+from .prior import Prior, PriorEstimator
+
+__all__ = ["estimate_prior", "progress"]
+
+
+def progress(iterable: Iterable, desc: str, enabled: bool = True, total: int | None = None) -> Iterable:
+    """Wrap ``iterable`` in a tqdm progress bar when tqdm is installed and ``enabled``."""
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # the core depends on torch only
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+def _call(model: nn.Module, batch: Any) -> None:
+    if isinstance(batch, dict):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        model(batch)
+
+
+@torch.no_grad()
+def estimate_prior(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    forward: Callable[[nn.Module, Any], None] | None = None,
+    apply: bool = True,
+    show_progress: bool = True,
+) -> dict[str, Prior]:
+    """Estimate the empirical prior of every NV attention module of ``model`` on ``batches``.
+
+    Args:
+        model: a model containing :class:`NVMultiheadAttention` modules (e.g. from
+            :func:`nvformer.convert_mha`), best at the identity initialisation so that the
+            vectors seen are those of the original model.
+        batches: an iterable of model inputs: a dict is passed as keyword arguments, a tuple or
+            list as positional arguments, anything else as the single argument.
+        forward: ``forward(model, batch)`` to call instead of the rule above.
+        apply: set each module's prior (and re-apply its identity initialisation).
+        show_progress: a progress bar (if tqdm is installed).
+
+    Returns:
+        ``{module name: Prior}``. Memory is O(width) per module whatever the data size.
+    """
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, NVMultiheadAttention)}
+    if not modules:
+        raise ValueError(f"estimate_prior: {type(model).__name__} has no NVMultiheadAttention module (convert it first)")
+    estimators = {name: PriorEstimator(m.kdim, m.nvib.scale) for name, m in modules.items()}
+    handles = []
+
+    def make_hook(est: PriorEstimator, mod: NVMultiheadAttention):
+        def hook(module, args, kwargs):
+            key = args[1] if len(args) > 1 else kwargs["key"]
+            kpm = args[3] if len(args) > 3 else kwargs.get("key_padding_mask")
+            if key.dim() == 2:
+                key = key.unsqueeze(0)
+                kpm = kpm.unsqueeze(0) if kpm is not None else None
+            elif not mod.batch_first:
+                key = key.transpose(0, 1)
+            if kpm is not None and kpm.dtype != torch.bool:
+                kpm = torch.isneginf(kpm)
+            est.update(key, kpm)
+
+        return hook
+
+    was_training = model.training
+    model.eval()
+    try:
+        for name, m in modules.items():
+            handles.append(m.register_forward_pre_hook(make_hook(estimators[name], m), with_kwargs=True))
+        call = forward or _call
+        for batch in progress(batches, "estimating priors", show_progress):
+            call(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    priors = {name: est.prior() for name, est in estimators.items()}
+    if apply:
+        for name, m in modules.items():
+            m.nvib.set_prior(priors[name])
+    return priors
