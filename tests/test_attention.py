@@ -173,3 +173,16 @@ def test_bad_arguments_raise_clear_errors():
         nv.denoising_attention(_query()[0], lat, Wk, bk, Wv, bv)
     with pytest.raises(ValueError, match="k_weight"):
         nv.denoising_attention(_query(), lat, Wk[:, :3], bk, Wv, bv)
+
+
+def test_functional_is_causal_keeps_the_prior_column_and_equals_an_explicit_mask():
+    lat = make_latent(B, Nt + 1, P)
+    Wk, bk, Wv, bv = _weights()
+    out, w = nv.denoising_attention(_query(), lat, Wk, bk, Wv, bv, is_causal=True)
+    explicit = torch.zeros(Nt, Nt + 1, dtype=torch.bool)
+    explicit[:, 1:] = torch.ones(Nt, Nt, dtype=torch.bool).triu(1)
+    out2, w2 = nv.denoising_attention(_query(), lat, Wk, bk, Wv, bv, attn_mask=explicit)
+    torch.testing.assert_close(out, out2)
+    assert (w[..., 0] > 0).all() and (w[:, :, explicit] == 0).all()
+    with pytest.raises(ValueError, match="is_causal"):
+        nv.denoising_attention(_query(), make_latent(B, 7, P), Wk, bk, Wv, bv, is_causal=True)

@@ -68,6 +68,7 @@ def denoising_attention(
     v_bias: Tensor | None,
     *,
     attn_mask: Tensor | None = None,
+    is_causal: bool = False,
     formula: str = "paper",
     form: str | None = None,
     dropout_p: float = 0.0,
@@ -92,6 +93,9 @@ def denoising_attention(
         k_bias, v_bias: ``[H*d]`` or None.
         attn_mask: broadcastable to ``[B, H, Nt, K]`` over latent columns; bool (True = masked
             out) or float (additive). Latent padding is applied on top.
+        is_causal: self-attention over the latent of the queries' own sequence: query ``t``
+            sees token components ``1..t+1`` (all copies) and the prior column, which is always
+            visible. Needs ``K = (Nt + 1) * latent.copies``.
         formula: ``"paper"`` (default; the publications) or ``"exact"`` (the true posterior);
             evaluation form only.
         form: ``"train"`` or ``"eval"``; default ``"train"`` if ``latent.sampled`` else ``"eval"``.
@@ -149,6 +153,11 @@ def denoising_attention(
     extra = additive_mask(attn_mask, cd)
     if extra is not None:
         logits = logits + extra
+    if is_causal:
+        if logits.shape[-1] != (Nt + 1) * latent.copies:
+            raise ValueError(f"{where}: `is_causal` needs a latent of the queries' sequence ({Nt} + 1 components), got {logits.shape[-1] // latent.copies}")
+        future = torch.ones(Nt, Nt, dtype=torch.bool, device=logits.device).triu(1)
+        logits = logits + latent_columns_mask(additive_mask(future, cd), latent.copies)
     weights = safe_softmax(logits, dim=-1)
     w = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
 
