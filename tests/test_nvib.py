@@ -133,3 +133,19 @@ def test_estimate_prior_matches_direct_statistics_of_module_inputs():
     torch.testing.assert_close(m.nvib.alpha_bias, 1000.0 * pr.log_alpha_std)
     with pytest.raises(ValueError, match="no NVMultiheadAttention"):
         nv.estimate_prior(nn.Linear(2, 2), [torch.randn(2)])
+
+
+def test_empty_token_set_gives_the_prior_component_alone():
+    nvib = nv.NVIB(8, 2, prior=nv.Prior(8, mean=0.5))
+    for mode in (True, False):
+        lat = nvib.train(mode)(torch.randn(3, 0, 8))
+        assert lat.mu.shape == (3, 1, 8)
+        torch.testing.assert_close(lat.log_pi, torch.zeros(3, 1, dtype=torch.float64))
+
+
+def test_log_w_is_the_unnormalised_log_pi():
+    nvib = nv.NVIB(8, 2, stdev_tau=0.3, alpha_tau=0.5)
+    pad = torch.tensor([[False, True, False], [False, False, False]])
+    for mode in (True, False):
+        lat = nvib.train(mode)(torch.randn(2, 3, 8), key_padding_mask=pad)
+        torch.testing.assert_close(lat.log_pi, lat.log_w - torch.logsumexp(lat.log_w, -1, keepdim=True))

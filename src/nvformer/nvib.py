@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ._checks import check_float, check_knob, check_mask, check_tensor
 from .prior import Prior
-from .sampling import masked_log_softmax, sample_log_dirichlet
+from .sampling import masked_log_softmax, sample_log_gamma
 
 __all__ = ["NVLatent", "NVIB"]
 
@@ -35,6 +35,9 @@ class NVLatent:
         z: ``[B, K, P]`` the vectors attention reads: Gaussian samples in training, ``mu`` otherwise.
         log_pi: ``[B, K]`` log mixture weights (float64, ``-inf`` where masked): a Dirichlet
             sample in training, ``log(a / sum a)`` otherwise.
+        log_w: ``[B, K]`` the unnormalised ``log_pi`` (``log g``, ``g_i ~ Gamma(a_i)``, in training;
+            ``log a`` otherwise): a per-component quantity that does not depend on the other
+            components, which is what a key/value cache needs (``log_pi = log_w - logsumexp``).
         kappa: the layer's ``kappa`` (number of samples per component), used by the KL terms.
         copies: columns per component in ``z`` / ``log_pi``.
         sampled: True if ``z`` / ``log_pi`` are samples (training form of attention applies).
@@ -46,6 +49,7 @@ class NVLatent:
     pad_mask: Tensor
     z: Tensor
     log_pi: Tensor
+    log_w: Tensor | None = None
     kappa: int = 1
     copies: int = 1
     sampled: bool = False
@@ -277,8 +281,9 @@ class NVIB(nn.Module):
         z = mu_k + torch.exp(0.5 * lv_k) * torch.randn_like(mu_k)
         la_k = log_alpha.repeat_interleave(k, dim=1) - math.log(k) if k > 1 else log_alpha
         pad_k = pad_mask.repeat_interleave(k, dim=1) if k > 1 else pad_mask
-        log_pi = sample_log_dirichlet(la_k, pad_k)
-        return NVLatent(mu, logvar, log_alpha, pad_mask, z, log_pi, kappa=k, copies=k, sampled=True)
+        log_g = sample_log_gamma(la_k.masked_fill(pad_k, float("-inf")))
+        log_pi = masked_log_softmax(log_g, pad_k)
+        return NVLatent(mu, logvar, log_alpha, pad_mask, z, log_pi, log_w=log_g, kappa=k, copies=k, sampled=True)
 
     def _mean_latent(self, mu: Tensor, logvar: Tensor, log_alpha: Tensor, pad_mask: Tensor) -> NVLatent:
         keep_pad = pad_mask
@@ -289,7 +294,8 @@ class NVIB(nn.Module):
             drop[:, 0] = False
             keep_pad = pad_mask | drop
         log_pi = masked_log_softmax(log_alpha, keep_pad)
-        return NVLatent(mu, logvar, log_alpha, pad_mask, mu, log_pi, kappa=self.kappa, copies=1, sampled=False)
+        log_w = log_alpha.masked_fill(keep_pad, float("-inf"))
+        return NVLatent(mu, logvar, log_alpha, pad_mask, mu, log_pi, log_w=log_w, kappa=self.kappa, copies=1, sampled=False)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
