@@ -7,7 +7,9 @@ The public API (see README.md):
 * :func:`kl_gaussian`, :func:`kl_dirichlet` -- the KL regularisers;
 * :func:`denoising_attention`, :class:`NVMultiheadAttention`, :func:`convert_mha`,
   :func:`kl_terms` -- denoising attention and its ``nn.MultiheadAttention`` drop-in;
-* :func:`estimate_prior` -- empirical priors of a converted model's NV modules.
+* :func:`estimate_prior` -- empirical priors of a model's attention inputs;
+* :func:`convert`, :func:`set_knobs`, :func:`get_knobs` -- NV reinterpretation of pretrained
+  Hugging Face models (identity initialisation, empirical prior, knobs).
 """
 
 from .attention import (
@@ -18,6 +20,7 @@ from .attention import (
     kl_terms,
 )
 from .empirical import estimate_prior
+from .hf.convert import convert, get_knobs, set_knobs
 from .kl import kl_dirichlet, kl_gaussian, kl_symmetric_dirichlet
 from .nvib import NVIB, NVLatent
 from .prior import Prior, PriorEstimator
@@ -32,13 +35,16 @@ __all__ = [
     "NVMultiheadAttention",
     "Prior",
     "PriorEstimator",
+    "convert",
     "convert_mha",
     "denoising_attention",
     "estimate_prior",
+    "get_knobs",
     "kl_dirichlet",
     "kl_gaussian",
     "kl_symmetric_dirichlet",
     "kl_terms",
     "sample_log_dirichlet",
     "sample_log_gamma",
+    "set_knobs",
 ]

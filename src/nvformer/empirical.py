@@ -52,9 +52,10 @@ def estimate_prior(
     """Estimate the empirical prior of every NV attention module of ``model`` on ``batches``.
 
     Args:
-        model: a model containing :class:`NVMultiheadAttention` modules (e.g. from
-            :func:`nvformer.convert_mha`), best at the identity initialisation so that the
-            vectors seen are those of the original model.
+        model: a Hugging Face model (converted or not: see
+            :func:`nvformer.hf.convert.estimate_hf_prior`), or a PyTorch model containing
+            :class:`NVMultiheadAttention` modules (e.g. from :func:`nvformer.convert_mha`), best at
+            the identity initialisation so that the vectors seen are those of the original model.
         batches: an iterable of model inputs: a dict is passed as keyword arguments, a tuple or
             list as positional arguments, anything else as the single argument.
         forward: ``forward(model, batch)`` to call instead of the rule above.
@@ -64,6 +65,10 @@ def estimate_prior(
     Returns:
         ``{module name: Prior}``. Memory is O(width) per module whatever the data size.
     """
+    from .hf.convert import estimate_hf_prior, is_hf_model
+
+    if is_hf_model(model):
+        return estimate_hf_prior(model, batches, forward=forward, apply=apply, show_progress=show_progress)
     modules = {name: m for name, m in model.named_modules() if isinstance(m, NVMultiheadAttention)}
     if not modules:
         raise ValueError(f"estimate_prior: {type(model).__name__} has no NVMultiheadAttention module (convert it first)")

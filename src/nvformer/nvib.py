@@ -175,6 +175,7 @@ class NVIB(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Apply the identity initialisation of MATH.md section 4 with the current knobs and prior."""
+        self.version = getattr(self, "version", 0) + 1  # lets callers invalidate derived caches
         p = self.prior
         if p.mean.device.type == "meta" or self.mu_proj.weight.device.type == "meta":
             return

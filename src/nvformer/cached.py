@@ -1,0 +1,135 @@
+"""Denoising attention in key/value-cache form (MATH.md section 3, HF_INTEGRATION.md).
+
+Both forms of denoising attention can be written with one vector ``m_i`` (``[P]``) and one
+scalar ``b_i`` per latent component, which is what a KV cache can hold:
+
+* training (``z`` sampled): ``m_i = z_i``, ``b_i = log g_i - scale/2 ||z_i||^2``;
+* evaluation: ``m_i = sigma2 mu_i / S_i`` (``sigma2 = 1/scale``, ``S_i = var_i + sigma2``),
+  ``b_i = log a_i - 1/2 sum_p mu_ip^2 / S_ip - 1/2 sum_p log S_ip``.
+
+Keys are ``k_i = W_k m_i + b_k`` and values ``v_i = W_v m_i + b_v``; the logits are
+``scale q.k_i + b_i``. ``b_i`` uses the unnormalised weights (``log g`` or ``log a``): the
+normaliser is the same for every column of a softmax, so cached columns stay valid as the
+sequence grows. The evaluation form adds, per head, the value interpolation
+``W_v,h sum_i w_i (r_i * u_i)`` with ``r_i = var_i / S_i`` and ``u_i = W_k,h^T q`` (rotated
+queries under RoPE); when all token components share one variance (always so after the
+identity initialisation) this is ``M_tok (sum_i w_i R_i^T) q + w_0 M_0 q`` with per-head
+``d x d`` matrices ``M = W_v,h diag(r) W_k,h^T``. The ``"exact"`` formula's extra term
+``-1/2 sum_p u_p^2 / S_ip`` is then constant over token columns and moves to the prior column
+as ``-1/2 q^T G q`` with ``G = W_k,h diag(1/S_0 - 1/S_tok) W_k,h^T``.
+
+Everything here is pure tensor maths, tested against :func:`nvformer.denoising_attention`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .sampling import safe_softmax
+
+__all__ = [
+    "key_terms",
+    "head_matrices",
+    "rotate_half",
+    "apply_rope",
+    "inverse_rope_combine",
+    "repeat_kv",
+    "attend",
+]
+
+
+def key_terms(
+    mu: Tensor, logvar: Tensor, log_w: Tensor, z: Tensor | None, scale: float, shift: Tensor | float = 0.0, ref_log_s: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per-component ``m [B, C, P]`` and ``b [B, C]`` (float64) of the module docstring.
+
+    Args:
+        mu, logvar: ``[B, C, P]``.
+        log_w: ``[B, C]`` unnormalised log weights (``-inf`` = excluded).
+        z: ``[B, C, P]`` samples for the training form, or None for the evaluation form.
+        scale: attention logit scale.
+        shift: subtracted from ``b`` (a constant over columns: softmax-invariant), so that the
+            float32 logits stay accurate; e.g. the layer's ``alpha_tau * s_alpha``.
+        ref_log_s: ``[P]`` ``log S`` of a reference component; ``-1/2 sum_p (log S_ip - ref)`` is
+            used instead of ``-1/2 sum_p log S_ip`` (another softmax-invariant constant).
+    """
+    if z is not None:
+        b = log_w.double() - shift - 0.5 * scale * z.double().pow(2).sum(-1)
+        return z, b
+    sigma2 = 1.0 / scale
+    S = logvar.double().exp() + sigma2
+    log_s = S.log()
+    if ref_log_s is not None:
+        log_s = log_s - ref_log_s.double()
+    b = log_w.double() - shift - 0.5 * (mu.double().pow(2) / S).sum(-1) - 0.5 * log_s.sum(-1)
+    m = (mu.double() * (sigma2 / S)).to(mu.dtype)
+    return m, b
+
+
+def head_matrices(w_k: Tensor, w_v: Tensor | None, diag: Tensor, head_dim: int) -> Tensor:
+    """Per-head ``A diag(r) W_k,h^T``: ``[H, d, d]`` with ``A = W_v,h`` (or ``W_k,h`` if ``w_v`` is None).
+
+    ``w_k``, ``w_v``: ``[H*d, P]``; ``diag``: ``[P]``.
+    """
+    H = w_k.shape[0] // head_dim
+    wk = w_k.reshape(H, head_dim, -1)
+    left = wk if w_v is None else w_v.reshape(H, head_dim, -1)
+    return (left * diag.to(left.dtype)) @ wk.transpose(1, 2)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """``[x1, x2] -> [-x2, x1]`` over the last dim (the rotary convention of Llama-like models)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding ``x cos + rotate_half(x) sin``; ``x [B, H, N, d]``, ``cos/sin [B, N, d]``."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+def inverse_rope_combine(q: Tensor, c_cos: Tensor, c_sin: Tensor) -> Tensor:
+    """``(sum_i w_i R_i^T) q`` from the weighted sums of ``cos_i``/``sin_i``: ``q C_cos - rotate_half(q) C_sin``."""
+    return q * c_cos - rotate_half(q) * c_sin
+
+
+def repeat_kv(x: Tensor, groups: int) -> Tensor:
+    """``[B, Hkv, K, c] -> [B, Hkv*groups, K, c]`` (grouped-query attention)."""
+    if groups == 1:
+        return x
+    B, H, K, c = x.shape
+    return x[:, :, None].expand(B, H, groups, K, c).reshape(B, H * groups, K, c)
+
+
+def attend(
+    q: Tensor,
+    keys: Tensor,
+    b: Tensor,
+    values: Tensor,
+    *,
+    scale: float,
+    bias: Tensor | None = None,
+    prior_logit: Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """Softmax attention with per-key scalars: ``softmax(scale q.k + b + bias) @ values``.
+
+    Args:
+        q: ``[B, H, Nt, d]``; keys ``[B, H, K, d]``; b ``[B, H|1, K]``; values ``[B, H, K, c]``.
+        bias: additive, broadcastable to ``[B, H, Nt, K]`` (``-inf`` = masked).
+        prior_logit: ``[B, H, Nt]`` added to column 0 (the prior component).
+        dropout_p: dropout on the weights.
+
+    Returns:
+        ``(out [B, H, Nt, c], weights [B, H, Nt, K])``; rows with nothing visible give zeros.
+    """
+    logits = scale * (q @ keys.transpose(-1, -2)) + b.unsqueeze(-2)
+    if bias is not None:
+        logits = logits + bias
+    if prior_logit is not None:
+        logits = torch.cat([logits[..., :1] + prior_logit.unsqueeze(-1), logits[..., 1:]], dim=-1)
+    w = safe_softmax(logits, dim=-1)
+    wd = F.dropout(w, p=dropout_p) if dropout_p > 0 else w
+    return wd @ values, w

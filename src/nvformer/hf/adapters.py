@@ -1,0 +1,207 @@
+"""The adapter table: how nvformer reads each Hugging Face attention family.
+
+ONE table (:data:`ADAPTERS`). An entry says, for a family of attention classes, where the
+query/key/value/output projections are (in ``nn.Linear`` convention), the head size, the
+attention dropout, which forward arguments carry the cross-attention input, the mask, the KV
+cache, rotary embeddings and a position bias, and what the forward returns. Families whose
+modeling code is "Copied from" another share an entry. The NV forward itself
+(:mod:`nvformer.hf.forward`) is shared by all.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+Linear = tuple[Tensor, Tensor | None]  # (weight [out, in], bias [out] or None)
+
+
+def _linear(module: nn.Module, name: str) -> Linear:
+    lin = getattr(module, name)
+    return lin.weight, lin.bias
+
+
+def _named_qkv(q: str, k: str, v: str) -> Callable[[nn.Module], tuple[Linear, Linear, Linear]]:
+    def get(module: nn.Module) -> tuple[Linear, Linear, Linear]:
+        return _linear(module, q), _linear(module, k), _linear(module, v)
+
+    return get
+
+
+def _gpt2_qkv(module: nn.Module) -> tuple[Linear, Linear, Linear]:
+    """GPT-2 packs projections in ``Conv1D`` (weight ``[in, out]``): ``c_attn`` = q|k|v, or k|v plus ``q_attn``."""
+    E = module.embed_dim
+    w, b = module.c_attn.weight, module.c_attn.bias
+    if module.is_cross_attention:
+        q = (module.q_attn.weight.t(), module.q_attn.bias)
+        return q, (w[:, :E].t(), b[:E]), (w[:, E:].t(), b[E:])
+    return (w[:, :E].t(), b[:E]), (w[:, E : 2 * E].t(), b[E : 2 * E]), (w[:, 2 * E :].t(), b[2 * E :])
+
+
+def _out_proj(name: str | None) -> Callable[[nn.Module, Tensor], Tensor]:
+    if name is None:
+        return lambda module, x: x
+    return lambda module, x: getattr(module, name)(x)
+
+
+def _gpt2_out(module: nn.Module, x: Tensor) -> Tensor:
+    return module.resid_dropout(module.c_proj(x))
+
+
+def _dropout_p(value) -> float:
+    return float(value.p) if isinstance(value, nn.Dropout) else float(value)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """How to read one family of attention modules. See the module docstring."""
+
+    family: str
+    classes: tuple[str, ...]
+    qkv: Callable[[nn.Module], tuple[Linear, Linear, Linear]]
+    out: Callable[[nn.Module, Tensor], Tensor]
+    head_dim: str
+    dropout: str
+    is_cross: Callable[[nn.Module, str], bool]
+    arg_kv: str | None = None
+    arg_mask: str = "attention_mask"
+    arg_kv_mask: str | None = None
+    arg_cache: str | None = None
+    arg_rope: str | None = None
+    arg_position_bias: str | None = None
+    returns_position_bias: bool = False
+    notes: str = ""
+    _params: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def positional_names(self, cls: type) -> list[str]:
+        """Names of the original forward's parameters after ``self`` (computed once per class)."""
+        if cls not in self._params:
+            params = list(inspect.signature(cls.forward).parameters.values())[1:]
+            self._params[cls] = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        return self._params[cls]
+
+    def dropout_p(self, module: nn.Module) -> float:
+        return _dropout_p(getattr(module, self.dropout))
+
+    def head_size(self, module: nn.Module) -> int:
+        return int(getattr(module, self.head_dim))
+
+
+def _class_is_cross(module: nn.Module, name: str) -> bool:
+    return type(module).__name__.endswith("CrossAttention")
+
+
+ADAPTERS: tuple[Adapter, ...] = (
+    Adapter(
+        family="bert",
+        classes=("BertSelfAttention", "BertCrossAttention", "RobertaSelfAttention", "RobertaCrossAttention"),
+        qkv=_named_qkv("query", "key", "value"),
+        out=_out_proj(None),  # the output dense layer lives in BertSelfOutput
+        head_dim="attention_head_size",
+        dropout="dropout",
+        is_cross=_class_is_cross,
+        arg_kv="encoder_hidden_states",
+        arg_cache="past_key_values",
+        notes="BERT, RoBERTa (incl. all-MiniLM-L6-v2) and BERT decoders in EncoderDecoderModel",
+    ),
+    Adapter(
+        family="distilbert",
+        classes=("DistilBertSelfAttention",),
+        qkv=_named_qkv("q_lin", "k_lin", "v_lin"),
+        out=_out_proj("out_lin"),
+        head_dim="attention_head_size",
+        dropout="dropout",
+        is_cross=lambda m, n: False,
+    ),
+    Adapter(
+        family="vit",
+        classes=("ViTAttention",),
+        qkv=_named_qkv("q_proj", "k_proj", "v_proj"),
+        out=_out_proj("o_proj"),
+        head_dim="head_dim",
+        dropout="attention_dropout",
+        is_cross=lambda m, n: False,
+    ),
+    Adapter(
+        family="gpt2",
+        classes=("GPT2Attention",),
+        qkv=_gpt2_qkv,
+        out=_gpt2_out,
+        head_dim="head_dim",
+        dropout="attn_dropout",
+        is_cross=lambda m, n: bool(m.is_cross_attention),
+        arg_kv="encoder_hidden_states",
+        arg_kv_mask="encoder_attention_mask",
+        arg_cache="past_key_values",
+        notes="packed Conv1D projections; `scaling` includes scale_attn_by_inverse_layer_idx",
+    ),
+    Adapter(
+        family="llama",
+        classes=("LlamaAttention", "Qwen2Attention"),
+        qkv=_named_qkv("q_proj", "k_proj", "v_proj"),
+        out=_out_proj("o_proj"),
+        head_dim="head_dim",
+        dropout="attention_dropout",
+        is_cross=lambda m, n: False,
+        arg_cache="past_key_values",
+        arg_rope="position_embeddings",
+        notes="grouped-query attention and rotary embeddings (rotate_half convention); incl. SmolLM2",
+    ),
+    Adapter(
+        family="bart",
+        classes=("BartAttention", "MarianAttention"),
+        qkv=_named_qkv("q_proj", "k_proj", "v_proj"),
+        out=_out_proj("out_proj"),
+        head_dim="head_dim",
+        dropout="dropout",
+        is_cross=lambda m, n: n.rsplit(".", 1)[-1] == "encoder_attn",
+        arg_kv="key_value_states",
+        arg_cache="past_key_values",
+    ),
+    Adapter(
+        family="t5",
+        classes=("T5Attention",),
+        qkv=_named_qkv("q", "k", "v"),
+        out=_out_proj("o"),
+        head_dim="key_value_proj_dim",
+        dropout="dropout",
+        is_cross=lambda m, n: ".EncDecAttention" in f".{n}",
+        arg_kv="key_value_states",
+        arg_mask="mask",
+        arg_cache="past_key_values",
+        arg_position_bias="position_bias",
+        returns_position_bias=True,
+        notes="no logit scaling; relative position bias computed once and reused by later layers",
+    ),
+)
+
+_BY_CLASS = {cls: a for a in ADAPTERS for cls in a.classes}
+
+
+def adapter_for(module: nn.Module) -> Adapter | None:
+    """The adapter of ``module``'s class (also after conversion, via ``_nv_base_class``)."""
+    cls = getattr(type(module), "_nv_base_class", type(module))
+    return _BY_CLASS.get(cls.__name__)
+
+
+def supported_classes() -> list[str]:
+    return sorted(_BY_CLASS)
+
+
+def looks_like_attention(module: nn.Module) -> bool:
+    """A leaf-level attention module: class name contains "Attention" and no child does."""
+    if "Attention" not in type(module).__name__:
+        return False
+    return not any("Attention" in type(c).__name__ for c in module.modules() if c is not module)
+
+
+def layer_index(module: nn.Module, name: str) -> int | None:
+    idx = getattr(module, "layer_idx", None)
+    if isinstance(idx, int):
+        return idx
+    m = re.search(r"\.(\d+)\.", f".{name}.")
+    return int(m.group(1)) if m else None

@@ -1,0 +1,226 @@
+"""The NV forward shared by every converted Hugging Face attention module.
+
+A converted module's class is a dynamic subclass of its original class whose ``forward`` is
+:func:`nv_attention_forward`: it reads the original arguments through the family's
+:class:`~nvformer.hf.adapters.Adapter`, builds the NV latent of the key/value input with the
+module's :class:`~nvformer.NVIB` child, and computes denoising attention in the cache form of
+:mod:`nvformer.cached`. KV caches hold ``[k, b]`` (one extra key channel) and ``[v, extras]``
+for the token components; the prior component is never cached and is prepended at attention
+time, so ``cache.get_seq_length()``, beam reordering and cropping work unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._checks import compute_dtype
+from ..cached import apply_rope, attend, head_matrices, inverse_rope_combine, key_terms, repeat_kv
+from ..nvib import NVLatent
+from .adapters import Adapter
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    if mask.dtype == torch.bool:  # SDPA convention: True = attend
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _mask_bias(mask: Tensor | None, B: int, Nt: int, Nk: int, causal: bool, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+    """The module's mask as an additive ``[B|1, 1|H, Nt, Nk]`` bias over token columns (or None).
+
+    Accepts the 4D masks of the ``eager`` (additive float) and ``sdpa`` (bool, True = attend)
+    implementations, a 2D ``[B, Nk]`` padding mask (1 = attend), or None, which for a causal
+    module means a causal mask aligned to the last query (as ``is_causal``).
+    """
+    if mask is None:
+        if not causal or Nt == 1:
+            return None
+        t = torch.arange(Nt, device=device)[:, None] + (Nk - Nt)
+        future = torch.arange(Nk, device=device)[None, :] > t
+        return torch.zeros(Nt, Nk, dtype=dtype, device=device).masked_fill(future, float("-inf"))[None, None]
+    if mask.dim() == 2:
+        if mask.shape != (B, Nk):
+            raise ValueError(f"NV attention: a 2D attention mask must have shape [{B}, {Nk}], got {list(mask.shape)}")
+        return _additive(mask.bool() if mask.dtype != torch.bool else mask, dtype)[:, None, None, :]
+    if mask.dim() != 4:
+        raise ValueError(f"NV attention: expected a 4D attention mask [B, 1, Nt, Nk], got shape {list(mask.shape)}")
+    return _additive(mask[..., -Nt:, :Nk], dtype)
+
+
+def _key_padding(bias: Tensor | None, B: int, n_new: int) -> Tensor | None:
+    """``[B, n_new]`` True where a new key is masked for every query (padding)."""
+    if bias is None:
+        return None
+    blocked = bias[..., -n_new:] <= torch.finfo(bias.dtype).min / 2
+    kpm = blocked.all(dim=-2).all(dim=1)
+    return kpm.expand(B, n_new) if kpm.shape[0] == 1 else kpm
+
+
+def _shared_variance(nvib: nn.Module) -> None:
+    if bool(torch.any(nvib.logvar_proj.weight != 0)):
+        raise ValueError(
+            "NV attention on Hugging Face models supports token variances shared across tokens "
+            "(logvar projection weight = 0, as the identity initialisation sets it); this module's "
+            "logvar projection has non-zero weights"
+        )
+
+
+def _latent(self: nn.Module, kv_in: Tensor, kpm: Tensor | None, raw_mask: Tensor | None) -> NVLatent:
+    """The NVIB latent of ``kv_in``; one latent per forward for the shared cross-attention NVIB."""
+    nvib = self.nvib
+    if self._nv_site == "cross":
+        last = getattr(nvib, "_nv_last", None)
+        if last is not None and last[0] is kv_in and last[1] is raw_mask and last[2] == self.training and last[3] == nvib.version:
+            return last[4]
+        lat = nvib(kv_in, key_padding_mask=kpm)
+        nvib._nv_last = (kv_in, raw_mask, self.training, nvib.version, lat)
+        return lat
+    return nvib(kv_in, key_padding_mask=kpm)
+
+
+def _cache_for(self: nn.Module, cache, cross: bool):
+    """(the cache object this module updates or reads, whether the cross states are cached)."""
+    if cache is None:
+        return None, False
+    if hasattr(cache, "cross_attention_cache"):  # EncoderDecoderCache
+        if cross:
+            return cache.cross_attention_cache, bool(cache.is_updated.get(self.layer_idx))
+        return cache.self_attention_cache, False
+    return cache, False
+
+
+def nv_attention_forward(self: nn.Module, *args, **kwargs):
+    """Denoising attention with the original module's signature and return value."""
+    ad: Adapter = self._nv_adapter
+    names = ad.positional_names(self._nv_base_class)
+    call = dict(zip(names, args))
+    call.update(kwargs)
+    x = call[names[0]]
+    B, Nt, _ = x.shape
+    cross = self._nv_site == "cross"
+    nvib = self.nvib
+    if cross:
+        kv_in = call.get(ad.arg_kv) if ad.arg_kv else None
+        raw_mask = call.get(ad.arg_kv_mask) if ad.arg_kv_mask else call.get(ad.arg_mask)
+    else:
+        kv_in, raw_mask = x, call.get(ad.arg_mask)
+    cache_obj = call.get(ad.arg_cache) if ad.arg_cache else None
+    layer_cache, cached_cross = _cache_for(self, cache_obj, cross)
+    if cross and kv_in is None and not cached_cross:
+        raise ValueError(f"NV cross-attention ({type(self).__name__}) needs `{ad.arg_kv}`")
+
+    (q_w, q_b), (k_w, k_b), (v_w, v_b) = ad.qkv(self)
+    d = ad.head_size(self)
+    scale = float(self.scaling)
+    cd = compute_dtype(x.dtype)
+    Hq, Hkv = q_w.shape[0] // d, k_w.shape[0] // d
+    training = self.training
+    sampled = training
+    if not sampled:
+        _shared_variance(nvib)
+    interp = (not sampled) and nvib.stdev_tau > 0
+    rope = call.get(ad.arg_rope) if ad.arg_rope else None
+    if rope is not None and self._nv_formula == "exact" and not sampled:
+        raise ValueError("formula='exact' is not available for rotary-position models (its extra term is key-dependent under RoPE); use 'paper'")
+
+    q = F.linear(x, q_w, q_b).view(B, Nt, Hq, d).transpose(1, 2).to(cd)
+    if rope is not None:
+        cos, sin = (t.to(cd) for t in rope)
+        q = apply_rope(q, cos, sin)
+    past = cache_obj.get_seq_length(self.layer_idx) if (cache_obj is not None and not cross) else 0
+
+    shift = nvib.alpha_bias.detach().double()
+    sigma2 = 1.0 / scale
+    tok_log_s = (nvib.logvar_proj.bias.detach().double().clamp_min(torch.log(torch.tensor(nvib.min_var, dtype=torch.float64))).exp() + sigma2).log()
+    n_extra = d if (interp and rope is not None) else 0
+
+    if cross and cached_cross:
+        lat = nvib(x.new_zeros(B, 0, nvib.dim))  # the prior component alone
+        entry = layer_cache.layers[self.layer_idx]
+        k_ext, v_ext = entry.keys, entry.values
+    else:
+        n_new = kv_in.shape[1]
+        tok_bias = _mask_bias(raw_mask, B, Nt, past + n_new, self.is_causal and not cross, cd, x.device)
+        kpm = _key_padding(tok_bias, B, n_new)
+        lat = _latent(self, kv_in, kpm, raw_mask)
+        m, b = key_terms(lat.mu, lat.logvar, lat.log_w, lat.z if sampled else None, scale, shift, None if sampled else tok_log_s)
+        m_tok, b_tok = m[:, 1:], b[:, 1:]
+        k_tok = F.linear(m_tok, k_w, k_b).view(B, n_new, Hkv, d).transpose(1, 2).to(cd)
+        v_tok = F.linear(m_tok, v_w, v_b).view(B, n_new, Hkv, d).transpose(1, 2).to(cd)
+        if rope is not None:
+            k_tok = apply_rope(k_tok, cos, sin)
+        k_ext = torch.cat([k_tok, b_tok.to(cd)[:, None, :, None].expand(B, Hkv, n_new, 1)], dim=-1)
+        extras = []
+        if n_extra:
+            half = d // 2
+            extras = [cos[..., :half].unsqueeze(1).expand(B, Hkv, n_new, half), sin[..., :half].unsqueeze(1).expand(B, Hkv, n_new, half)]
+        v_ext = torch.cat([v_tok, *extras], dim=-1)
+        if layer_cache is not None:
+            k_ext, v_ext = layer_cache.update(k_ext, v_ext, self.layer_idx)
+            if cross:
+                cache_obj.is_updated[self.layer_idx] = True
+    if getattr(self, "_nv_store_latent", True):
+        self.last_latent = lat
+
+    # the prior component: column 0, recomputed at every call, never cached
+    m0, b0 = key_terms(lat.mu[:, :1], lat.logvar[:, :1], lat.log_w[:, :1], lat.z[:, :1] if sampled else None, scale, shift, None if sampled else tok_log_s)
+    k0 = F.linear(m0, k_w, k_b).view(B, 1, Hkv, d).transpose(1, 2).to(cd)
+    v0 = F.linear(m0, v_w, v_b).view(B, 1, Hkv, d).transpose(1, 2).to(cd)
+    if n_extra:
+        v0 = torch.cat([v0, v0.new_zeros(B, Hkv, 1, n_extra)], dim=-1)
+    Nk = k_ext.shape[2]
+    keys = torch.cat([k0, k_ext[..., :d].to(cd)], dim=2)
+    bvec = torch.cat([b0.to(cd)[:, None, :].expand(B, Hkv, 1), k_ext[..., d].to(cd)], dim=2)
+    values = torch.cat([v0, v_ext.to(cd)], dim=2)
+    groups = Hq // Hkv
+    keys, values = repeat_kv(keys, groups), repeat_kv(values, groups)
+    bvec = repeat_kv(bvec.unsqueeze(-1), groups).squeeze(-1)
+
+    bias = _mask_bias(raw_mask, B, Nt, Nk, self.is_causal and not cross, cd, x.device)
+    position_bias = None
+    if ad.arg_position_bias:
+        position_bias = call.get(ad.arg_position_bias)
+        if position_bias is None:
+            if getattr(self, "has_relative_attention_bias", False):
+                position_bias = self.compute_bias(Nt, Nk, device=x.device, past_seen_tokens=past)
+            else:
+                position_bias = torch.zeros(1, Hq, Nt, Nk, device=x.device, dtype=x.dtype)
+        pb = position_bias[..., -Nt:, :Nk].to(cd)
+        bias = pb if bias is None else bias + pb
+    if bias is not None:
+        bias = torch.cat([torch.zeros(bias.shape[:-1] + (1,), dtype=cd, device=x.device), bias], dim=-1)
+
+    S_tok = tok_log_s.exp()
+    S_0 = lat.logvar[0, 0].double().exp() + sigma2
+    prior_logit = None
+    if self._nv_formula == "exact" and not sampled:
+        G = head_matrices(k_w.double(), None, 1.0 / S_0 - 1.0 / S_tok, d).to(cd)
+        G = G.repeat_interleave(groups, 0) if groups > 1 else G
+        prior_logit = -0.5 * torch.einsum("bhti,hij,bhtj->bht", q, G, q)
+
+    dropout_p = ad.dropout_p(self) if training else 0.0
+    out, w = attend(q, keys, bvec, values, scale=scale, bias=bias, prior_logit=prior_logit, dropout_p=dropout_p)
+    ctx = out[..., :d]
+    if not sampled:
+        r_0 = (S_0 - sigma2) / S_0
+        M0 = head_matrices(k_w.double(), v_w.double(), r_0, d).to(cd)
+        M0 = M0.repeat_interleave(groups, 0) if groups > 1 else M0
+        ctx = ctx + w[..., :1] * torch.einsum("hij,bhtj->bhti", M0, q)
+        if interp:
+            r_tok = (S_tok - sigma2) / S_tok
+            Mt = head_matrices(k_w.double(), v_w.double(), r_tok, d).to(cd)
+            Mt = Mt.repeat_interleave(groups, 0) if groups > 1 else Mt
+            if rope is not None:
+                half = d // 2
+                c_cos, c_sin = out[..., d : d + half], out[..., d + half :]
+                qt = inverse_rope_combine(q, torch.cat([c_cos, c_cos], -1), torch.cat([c_sin, c_sin], -1))
+            else:
+                qt = w[..., 1:].sum(-1, keepdim=True) * q
+            ctx = ctx + torch.einsum("hij,bhtj->bhti", Mt, qt)
+    ctx = ctx.transpose(1, 2).reshape(B, Nt, Hq * d).to(x.dtype)
+    result = ad.out(self, ctx)
+    if ad.returns_position_bias:
+        return result, position_bias, w
+    return result, w
