@@ -429,15 +429,25 @@ class NVMultiheadAttention(nn.Module):
 
 
 def kl_terms(model: nn.Module, reduction: str = "mean") -> KLTerms:
-    """Sum the KL terms of the last forward of every :class:`NVMultiheadAttention` in ``model``."""
+    """Sum the KL terms of the last forward of every NV attention module in ``model``.
+
+    Covers :class:`NVMultiheadAttention` and converted Hugging Face attention modules; a latent
+    shared by several modules (the cross-attention NVIB) is counted once.
+    """
     g = d = None
     count = 0
+    seen: set[int] = set()
     for m in model.modules():
-        if isinstance(m, NVMultiheadAttention) and m.last_latent is not None:
-            kg, kd = m.kl(reduction)
-            g = kg if g is None else g + kg
-            d = kd if d is None else d + kd
-            count += 1
+        lat = getattr(m, "last_latent", None)
+        nvib = getattr(m, "nvib", None)
+        if lat is None or not isinstance(nvib, NVIB) or id(lat) in seen:
+            continue
+        seen.add(id(lat))
+        kg = kl_gaussian(lat, nvib.prior, reduction=reduction)
+        kd = kl_dirichlet(lat, nvib.prior, nvib.delta)
+        g = kg if g is None else g + kg
+        d = kd if d is None else d + kd
+        count += 1
     if g is None or d is None:
         raise RuntimeError("kl_terms: the model has no NV attention module with a stored latent (run a forward first)")
     return KLTerms(gaussian=g, dirichlet=d, modules=count)

@@ -143,7 +143,7 @@ def convert(
             if site == "cross":
                 shared_cross, cross_name = nvib, name
         module.__class__ = _nv_class(type(module))
-        module.add_module("nvib", nvib)
+        module.add_module("nvib", nvib.train(module.training))
         module._nv_adapter = ad
         module._nv_site = site
         module._nv_formula = formula

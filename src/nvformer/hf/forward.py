@@ -112,11 +112,15 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
         raise ValueError(f"NV cross-attention ({type(self).__name__}) needs `{ad.arg_kv}`")
 
     (q_w, q_b), (k_w, k_b), (v_w, v_b) = ad.qkv(self)
+    if x.dtype != q_w.dtype:
+        raise ValueError(f"NV attention ({type(self).__name__}): input dtype {x.dtype} does not match the module's weights ({q_w.dtype})")
     d = ad.head_size(self)
     scale = float(self.scaling)
     cd = compute_dtype(x.dtype)
     Hq, Hkv = q_w.shape[0] // d, k_w.shape[0] // d
     training = self.training
+    if nvib.training != training:  # e.g. a submodule's mode was set by hand
+        nvib.train(training)
     sampled = training
     if not sampled:
         _shared_variance(nvib)
