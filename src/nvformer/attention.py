@@ -86,7 +86,9 @@ def denoising_attention(
     form: str | None = None,
     dropout_p: float = 0.0,
     scale: float | None = None,
-) -> tuple[Tensor, Tensor]:
+    need_weights: bool = True,
+    impl: str = "auto",
+) -> tuple[Tensor, Tensor | None]:
     """Denoising attention of queries over an NV latent: the reference (slow, obvious) path.
 
     Training form (``latent.sampled``), per head:
@@ -114,10 +116,14 @@ def denoising_attention(
         form: ``"train"`` or ``"eval"``; default ``"train"`` if ``latent.sampled`` else ``"eval"``.
         dropout_p: dropout on the attention weights (apply only in training).
         scale: logit scale; default ``1/sqrt(d)``.
+        need_weights: return the attention weights (forces the reference path).
+        impl: ``"auto"`` (the fast path of :mod:`nvformer.fast` whenever it applies: weights not
+            needed and the prior column visible in every row), ``"fast"`` (error if it does not
+            apply) or ``"reference"`` (this function's own, obviously correct computation).
 
     Returns:
-        ``(out [B, H, Nt, d], weights [B, H, Nt, K])``; rows with nothing visible get zeros.
-        Computed in at least float32, returned in ``query``'s dtype.
+        ``(out [B, H, Nt, d], weights [B, H, Nt, K] or None)``; rows with nothing visible get
+        zeros. Computed in at least float32, returned in ``query``'s dtype.
     """
     where = "denoising_attention"
     check_tensor(query, "query", 4, where, "[B, H, Nt, d]")
@@ -139,6 +145,17 @@ def denoising_attention(
     if latent.z.shape[0] != B:
         raise ValueError(f"{where}: `latent` has batch {latent.z.shape[0]} but `query` has batch {B}")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if impl not in ("auto", "fast", "reference"):
+        raise ValueError(f"{where}: `impl` must be 'auto', 'fast' or 'reference', got {impl!r}")
+    if impl != "reference":
+        from .fast import fast_applicable, fast_denoising_attention
+
+        if fast_applicable(latent, attn_mask, need_weights, form, dropout_p):
+            out = fast_denoising_attention(query, latent, k_weight, k_bias, v_weight, v_bias, attn_mask=attn_mask, is_causal=is_causal,
+                                           formula=formula, form=form, dropout_p=dropout_p, scale=scale)
+            return out, None
+        if impl == "fast":
+            raise ValueError(f"{where}: impl='fast' does not apply (weights requested, a row without the prior column, or eval-form dropout)")
     cd = compute_dtype(query.dtype)
     q = query.to(cd)
     Wk, Wv = k_weight.to(cd), v_weight.to(cd)
@@ -390,7 +407,10 @@ class NVMultiheadAttention(nn.Module):
             raise ValueError(f"{where}: `key` must have shape [{B}, S, {self.kdim}], got {tuple(key.shape)}")
         S = key.shape[1]
         cd = compute_dtype(query.dtype)
-        pad, extra = self._token_mask(B, Nt, S, key_padding_mask, attn_mask, is_causal, cd, query.device)
+        # self-attention: the attention function applies causality itself (the fast path needs no
+        # mask for it); an attn_mask given as well is applied on top
+        own_causal = is_causal and Nt == S and latent is None
+        pad, extra = self._token_mask(B, Nt, S, key_padding_mask, attn_mask, is_causal and not own_causal, cd, query.device)
 
         if latent is None:
             skip = None
@@ -406,8 +426,8 @@ class NVMultiheadAttention(nn.Module):
         mask = latent_columns_mask(extra, latent.copies)
         out, weights = denoising_attention(
             q, latent, self.k_proj.weight, self.k_proj.bias, self.v_proj.weight, self.v_proj.bias,
-            attn_mask=mask, formula=self.formula, dropout_p=self.dropout if self.training else 0.0,
-            scale=self.nvib.scale,
+            attn_mask=mask, is_causal=own_causal, formula=self.formula, dropout_p=self.dropout if self.training else 0.0,
+            scale=self.nvib.scale, need_weights=need_weights,
         )
         out = self.out_proj(out.transpose(1, 2).reshape(B, Nt, self.embed_dim))
         if unbatched:

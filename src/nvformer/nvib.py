@@ -38,6 +38,9 @@ class NVLatent:
         log_w: ``[B, K]`` the unnormalised ``log_pi`` (``log g``, ``g_i ~ Gamma(a_i)``, in training;
             ``log a`` otherwise): a per-component quantity that does not depend on the other
             components, which is what a key/value cache needs (``log_pi = log_w - logsumexp``).
+        shared_logvar: ``[P]`` when every token component has this log-variance (the logvar
+            projection's weight is zero, as the identity initialisation sets it), else None; lets
+            the fast evaluation path use per-head ``d x d`` matrices instead of ``P``-wide maths.
         kappa: the layer's ``kappa`` (number of samples per component), used by the KL terms.
         copies: columns per component in ``z`` / ``log_pi``.
         sampled: True if ``z`` / ``log_pi`` are samples (training form of attention applies).
@@ -50,6 +53,7 @@ class NVLatent:
     z: Tensor
     log_pi: Tensor
     log_w: Tensor | None = None
+    shared_logvar: Tensor | None = None
     kappa: int = 1
     copies: int = 1
     sampled: bool = False
@@ -206,6 +210,27 @@ class NVIB(nn.Module):
         self.prior = prior.to(device=self.mu_proj.weight.device, dtype=self.mu_proj.weight.dtype)
         self.reset_parameters()
 
+    def _structure(self) -> tuple[float | None, bool]:
+        """``(c, zero)``: ``mu_proj.weight == c I`` (else None) and ``logvar_proj.weight == 0``.
+
+        Cached by the weights' in-place version counters, so an optimiser step or
+        ``load_state_dict`` is noticed and the check (one pass over two ``P x P`` matrices) reruns.
+        """
+        wm, ws = self.mu_proj.weight, self.logvar_proj.weight
+        key = (wm._version, ws._version, wm.data_ptr(), ws.data_ptr())
+        cached = getattr(self, "_structure_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if wm.device.type == "meta":
+            result: tuple[float | None, bool] = (None, False)
+        else:
+            with torch.no_grad():
+                c = float(wm[0, 0])
+                diag_ok = bool((wm.diagonal() == c).all()) and bool((wm.count_nonzero() == (self.dim if c != 0 else 0)))
+                result = (c if diag_ok else None, bool((ws == 0).all()))
+        self._structure_cache = (key, result)
+        return result
+
     def knobs(self) -> dict[str, float]:
         return {"mu_tau": self.mu_tau, "stdev_tau": self.stdev_tau, "alpha_tau": self.alpha_tau}
 
@@ -256,8 +281,19 @@ class NVIB(nn.Module):
         if alpha_skip is not None and tuple(alpha_skip.shape) != (B, N):
             raise ValueError(f"{where}: `alpha_skip` must have shape [{B}, {N}], got {tuple(alpha_skip.shape)}")
 
-        mu_tok = self.mu_proj(x)
-        lv_tok = self.logvar_proj(x).clamp_min(math.log(self.min_var))
+        c, zero_s = self._structure()
+        # structured shortcuts (no P x P matmul) when no gradient must reach the weights
+        no_weight_grad = not (torch.is_grad_enabled() and self.mu_proj.weight.requires_grad)
+        if c is not None and no_weight_grad:
+            mu_tok = torch.addcmul(self.mu_proj.bias, x, torch.full((), c, dtype=x.dtype, device=x.device)) if c != 1.0 else x + self.mu_proj.bias
+        else:
+            mu_tok = self.mu_proj(x)
+        shared = None
+        if zero_s and not (torch.is_grad_enabled() and self.logvar_proj.weight.requires_grad):
+            shared = self.logvar_proj.bias.clamp_min(math.log(self.min_var))
+            lv_tok = shared.expand(B, N, self.dim)
+        else:
+            lv_tok = self.logvar_proj(x).clamp_min(math.log(self.min_var))
         la_tok = self.log_alpha_tokens(x)
         if alpha_skip is not None:
             la_tok = la_tok + alpha_skip.to(la_tok.dtype)
@@ -272,8 +308,11 @@ class NVIB(nn.Module):
         log_alpha = log_alpha.masked_fill(pad_mask, float("-inf"))
 
         if self.training:
-            return self._sample(mu, logvar, log_alpha, pad_mask)
-        return self._mean_latent(mu, logvar, log_alpha, pad_mask)
+            lat = self._sample(mu, logvar, log_alpha, pad_mask)
+        else:
+            lat = self._mean_latent(mu, logvar, log_alpha, pad_mask)
+        lat.shared_logvar = shared
+        return lat
 
     def _sample(self, mu: Tensor, logvar: Tensor, log_alpha: Tensor, pad_mask: Tensor) -> NVLatent:
         k = self.kappa

@@ -1,0 +1,196 @@
+"""Fast denoising attention: one ``scaled_dot_product_attention`` (SDPA) call per form.
+
+Tested against the reference path (:func:`nvformer.attention.denoising_attention` with
+``impl="reference"``). The tricks, all exact (MATH.md section 3):
+
+* **Per-key scalars as a channel.** The logit term ``b_i`` of key ``i`` (``log pi_i - scale/2
+  ||z_i||^2`` in training; ``log a_i - 1/2 sum mu^2/S - 1/2 sum log S`` in evaluation) rides as one
+  extra key channel, with the constant ``1/scale`` as the matching query channel:
+  ``scale * [q, 1/scale] . [k_i, b_i] = scale q.k_i + b_i``. Padding is ``b_i = -1e30``: no mask.
+* **Causal with an always-visible prior column.** Keys are ``[prior, token_1..token_N]``; a dummy
+  query row is prepended so that SDPA's own ``is_causal`` (query ``r`` sees keys ``0..r``) gives
+  token query ``t`` exactly the prior and tokens ``1..t+1``. No mask is materialised.
+* **Evaluation form, shared token variance** (always so after the identity initialisation):
+  keys and values are projections of ``m_i = sigma2 mu_i / S_i``; the value interpolation is
+  ``M_tok (1 - w_0) q + M_0 w_0 q`` with per-head ``d x d`` matrices ``M = W_v,h diag(r) W_k,h^T``
+  and the prior weight ``w_0`` read from one extra value channel (1 on the prior column). The
+  ``"exact"`` term ``-1/2 q^T G q`` is a query channel against a key channel that is 1 on the
+  prior column only.
+* **Evaluation form, per-token variances** (a trained logvar projection): the interpolation needs
+  ``sum_i w_i r_i`` in ``P`` dimensions, carried as ``P`` extra value channels, and the ``"exact"``
+  term ``-1/2 (u*u).(1/S_i)`` as ``P`` extra query/key channels: about ``H`` times the work of
+  standard attention, which is what the maths asks for, still without materialising weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import compute_dtype
+from .cached import head_matrices, key_terms
+from .nvib import NVLatent
+
+__all__ = ["fast_denoising_attention", "sdpa_nv", "fast_applicable", "EXCLUDED"]
+
+EXCLUDED = -1e30  # per-key logit term of an excluded (padded) key
+
+
+def fast_applicable(latent: NVLatent, attn_mask: Tensor | None, need_weights: bool, form: str, dropout_p: float = 0.0) -> bool:
+    """Whether :func:`fast_denoising_attention` can serve this call (else use the reference)."""
+    if need_weights or (form == "eval" and dropout_p > 0):
+        return False
+    if latent.copies != 1 and form == "eval":
+        return False
+    if latent.z.device.type == "meta":
+        return False
+    # the prior column must be visible in every row: no fully masked rows, no NaN handling needed
+    if bool(latent.pad_mask[:, 0].any()):
+        return False
+    if attn_mask is not None:
+        first = attn_mask[..., : latent.copies]
+        blocked = first if first.dtype == torch.bool else torch.isneginf(first)
+        if bool(blocked.any()):
+            return False
+    return True
+
+
+def sdpa_nv(
+    q: Tensor,
+    keys: Tensor,
+    b: Tensor,
+    values: Tensor,
+    *,
+    scale: float,
+    attn_mask: Tensor | None = None,
+    causal_prior_first: bool = False,
+    q_extra: Tensor | None = None,
+    k_extra: Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """``softmax(scale q.k + b [+ q_extra.k_extra] + mask) @ values`` in one SDPA call.
+
+    Args:
+        q: ``[B, H, Nt, d]``; keys ``[B, H, K, d]``; b ``[B, H|1, K]`` (``EXCLUDED`` = masked);
+            values ``[B, H, K, c]``.
+        attn_mask: additive float or bool (True = attend, SDPA's convention) over ``[.., Nt, K]``.
+        causal_prior_first: column 0 is the prior, columns ``1..Nt`` the queries' own tokens; query
+            ``t`` sees columns ``0..t+1``.
+        q_extra, k_extra: ``[B, H, Nt, e]`` and ``[B, H, K, e]``; their dot product is added to the
+            logits (unscaled).
+    """
+    B, H, Nt, d = q.shape
+    K = keys.shape[2]
+    inv = 1.0 / scale
+    qs = [q, q.new_full((B, H, Nt, 1), inv)]
+    ks = [keys, b.to(keys.dtype).unsqueeze(-1).expand(B, H, K, 1)]
+    if q_extra is not None:
+        qs.append(q_extra * inv)
+        ks.append(k_extra)
+    q_ext, k_ext = torch.cat(qs, -1), torch.cat(ks, -1)
+    if causal_prior_first:
+        if K != Nt + 1 or attn_mask is not None:
+            raise ValueError("sdpa_nv: causal_prior_first needs K = Nt + 1 and no attn_mask")
+        q_ext = torch.cat([q_ext.new_zeros(B, H, 1, q_ext.shape[-1]), q_ext], dim=2)
+        out = F.scaled_dot_product_attention(q_ext, k_ext, values, dropout_p=dropout_p, is_causal=True, scale=scale)
+        return out[:, :, 1:]
+    return F.scaled_dot_product_attention(q_ext, k_ext, values, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+
+
+def _heads(t: Tensor, H: int) -> Tensor:
+    B, L, E = t.shape
+    return t.view(B, L, H, E // H).transpose(1, 2)
+
+
+def fast_denoising_attention(
+    query: Tensor,
+    latent: NVLatent,
+    k_weight: Tensor,
+    k_bias: Tensor | None,
+    v_weight: Tensor,
+    v_bias: Tensor | None,
+    *,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    formula: str = "paper",
+    form: str = "eval",
+    dropout_p: float = 0.0,
+    scale: float,
+) -> Tensor:
+    """The fast path of :func:`nvformer.denoising_attention` (same arguments; returns ``out`` only).
+
+    ``attn_mask`` is an additive float mask over latent columns (``-inf`` = masked) or None.
+    Check :func:`fast_applicable` first.
+    """
+    B, H, Nt, d = query.shape
+    cd = compute_dtype(query.dtype)
+    q = query.to(cd)
+    pad = latent.sample_pad_mask
+    sampled = form == "train"
+    if sampled:
+        m, b = key_terms(latent.mu, latent.logvar, latent.log_pi, latent.z, scale)
+    else:
+        ref = latent.shared_logvar
+        ref_log_s = None if ref is None else (ref.double().exp() + 1.0 / scale).log()
+        m, b = key_terms(latent.mu, latent.logvar, latent.log_pi, None, scale, ref_log_s=ref_log_s)
+    # shift by the row maximum (softmax-invariant) so that float32 keeps the small differences
+    finite = torch.isfinite(b) & ~pad
+    row_max = b.masked_fill(~finite, float("-inf")).amax(-1, keepdim=True).nan_to_num(0.0, neginf=0.0)
+    b = (b - row_max.detach()).masked_fill(~finite, EXCLUDED).to(cd)
+    m = m.to(cd)
+    keys = _heads(F.linear(m, k_weight.to(cd), None if k_bias is None else k_bias.to(cd)), H)
+    values = _heads(F.linear(m, v_weight.to(cd), None if v_bias is None else v_bias.to(cd)), H)
+    Kc = keys.shape[2]
+    from .attention import additive_mask, latent_columns_mask
+
+    mask = additive_mask(attn_mask, cd)  # ours: bool True = masked; SDPA gets an additive mask
+    causal_trick = False
+    if is_causal:
+        if latent.copies == 1 and mask is None and Kc == Nt + 1:
+            causal_trick = True
+        else:
+            future = latent_columns_mask(additive_mask(torch.ones(Nt, Nt, dtype=torch.bool, device=q.device).triu(1), cd), latent.copies)
+            mask = future if mask is None else mask + future
+    b = b[:, None, :]
+
+    if sampled:
+        out = sdpa_nv(q, keys, b, values, scale=scale, attn_mask=mask, causal_prior_first=causal_trick, dropout_p=dropout_p)
+        return out.to(query.dtype)
+
+    sigma2 = 1.0 / scale
+    prior_col = torch.zeros(B, H, Kc, 1, dtype=cd, device=q.device)
+    prior_col[:, :, 0] = 1.0
+    P = m.shape[-1]
+    S0 = latent.logvar[0, 0].double().exp() + sigma2  # [P]; the prior is component 0 of every row
+    if latent.shared_logvar is not None:
+        S_tok = latent.shared_logvar.double().exp() + sigma2
+        q_extra = k_extra = None
+        if formula == "exact":
+            G = head_matrices(k_weight.double(), None, 1.0 / S0 - 1.0 / S_tok, d).to(cd)  # [H, d, d]
+            q_extra = (-0.5 * torch.einsum("bhti,hij,bhtj->bht", q, G, q)).unsqueeze(-1)
+            k_extra = prior_col
+        out = sdpa_nv(q, keys, b, torch.cat([values, prior_col], -1), scale=scale, attn_mask=mask,
+                      causal_prior_first=causal_trick, q_extra=q_extra, k_extra=k_extra)
+        ctx, w0 = out[..., :d], out[..., d:]
+        M0 = head_matrices(k_weight.double(), v_weight.double(), (S0 - sigma2) / S0, d).to(cd)
+        ctx = ctx + w0 * torch.einsum("hij,bhtj->bhti", M0, q)
+        r_tok = (S_tok - sigma2) / S_tok
+        if bool((r_tok > 0).any()):
+            Mt = head_matrices(k_weight.double(), v_weight.double(), r_tok, d).to(cd)
+            ctx = ctx + (1.0 - w0) * torch.einsum("hij,bhtj->bhti", Mt, q)
+        return ctx.to(query.dtype)
+
+    # per-token variances: P extra value channels (and P extra q/k channels for "exact")
+    S = latent.logvar.to(cd).exp() + sigma2  # [B, K, P]
+    r = ((S - sigma2) / S)[:, None].expand(B, H, Kc, P)
+    u = q @ k_weight.to(cd).view(H, d, P)[None]  # [B, H, Nt, P]
+    q_extra = k_extra = None
+    if formula == "exact":
+        q_extra = -0.5 * u * u
+        k_extra = (1.0 / S)[:, None].expand(B, H, Kc, P)
+    out = sdpa_nv(q, keys, b, torch.cat([values, r], -1), scale=scale, attn_mask=mask,
+                  causal_prior_first=causal_trick, q_extra=q_extra, k_extra=k_extra)
+    ctx, c = out[..., :d], out[..., d:]
+    ctx = ctx + (c * u) @ v_weight.to(cd).view(H, d, P).transpose(-1, -2)[None]
+    return ctx.to(query.dtype)
