@@ -342,3 +342,16 @@ def test_errors_for_unsupported_models_dtypes_and_double_conversion():
     with pytest.raises(ValueError, match="set_knobs|convert it first"):
         nv.set_knobs(build("gpt2"), alpha_tau=1.0)
 
+
+
+@pytest.mark.parametrize("family", ["bart", "llama", "t5", "gpt2"])
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_sdpa_fast_path_equals_eager_reference_path_away_from_identity(family, padding):
+    """With attn_implementation='sdpa' the NV forward uses one SDPA call; 'eager' uses the reference."""
+    kw, valid = inputs(family, padding)
+    outs = []
+    for attn in ("sdpa", "eager"):
+        m = nv.convert(build(family, attn=attn), **AWAY)
+        with torch.no_grad():
+            outs.append(output(m, kw))
+    _compare(outs[0], outs[1], valid, 1e-5)

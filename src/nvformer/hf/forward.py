@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .._checks import compute_dtype
 from ..cached import apply_rope, attend, head_matrices, inverse_rope_combine, key_terms, repeat_kv
+from ..fast import EXCLUDED, sdpa_nv
 from ..nvib import NVLatent
 from .adapters import Adapter
 
@@ -155,6 +156,7 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
         v_tok = F.linear(m_tok, v_w, v_b).view(B, n_new, Hkv, d).transpose(1, 2).to(cd)
         if rope is not None:
             k_tok = apply_rope(k_tok, cos, sin)
+        b_tok = b_tok.masked_fill(~torch.isfinite(b_tok), EXCLUDED)  # padded keys: finite, so SDPA's GEMM stays NaN-free
         k_ext = torch.cat([k_tok, b_tok.to(cd)[:, None, :, None].expand(B, Hkv, n_new, 1)], dim=-1)
         extras = []
         if n_extra:
@@ -205,23 +207,42 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
         prior_logit = -0.5 * torch.einsum("bhti,hij,bhtj->bht", q, G, q)
 
     dropout_p = ad.dropout_p(self) if training else 0.0
-    out, w = attend(q, keys, bvec, values, scale=scale, bias=bias, prior_logit=prior_logit, dropout_p=dropout_p)
+    if getattr(self.config, "_attn_implementation", "sdpa") == "eager":
+        # the reference computation, which also returns the weights (prior column first)
+        out, w = attend(q, keys, bvec, values, scale=scale, bias=bias, prior_logit=prior_logit, dropout_p=dropout_p)
+        w0 = w[..., :1]
+    else:
+        # fast path: one SDPA call; per-key terms as a key channel, the prior weight as a value channel
+        w = None
+        if not sampled:
+            ind = torch.zeros(B, Hq, Nk + 1, 1, dtype=cd, device=x.device)
+            ind[:, :, 0] = 1.0
+            values = torch.cat([values, ind], dim=-1)
+        causal_trick = raw_mask is None and self.is_causal and not cross and Nt == Nk and Nt > 1 and position_bias is None
+        q_extra = k_extra = None
+        if prior_logit is not None:
+            q_extra = prior_logit.unsqueeze(-1)
+            k_extra = torch.zeros(B, Hq, Nk + 1, 1, dtype=cd, device=x.device)
+            k_extra[:, :, 0] = 1.0
+        out = sdpa_nv(q, keys, bvec, values, scale=scale, attn_mask=None if causal_trick else bias,
+                      causal_prior_first=causal_trick, q_extra=q_extra, k_extra=k_extra, dropout_p=dropout_p)
+        w0 = out[..., -1:] if not sampled else None
     ctx = out[..., :d]
     if not sampled:
         r_0 = (S_0 - sigma2) / S_0
         M0 = head_matrices(k_w.double(), v_w.double(), r_0, d).to(cd)
         M0 = M0.repeat_interleave(groups, 0) if groups > 1 else M0
-        ctx = ctx + w[..., :1] * torch.einsum("hij,bhtj->bhti", M0, q)
+        ctx = ctx + w0 * torch.einsum("hij,bhtj->bhti", M0, q)
         if interp:
             r_tok = (S_tok - sigma2) / S_tok
             Mt = head_matrices(k_w.double(), v_w.double(), r_tok, d).to(cd)
             Mt = Mt.repeat_interleave(groups, 0) if groups > 1 else Mt
             if rope is not None:
                 half = d // 2
-                c_cos, c_sin = out[..., d : d + half], out[..., d + half :]
+                c_cos, c_sin = out[..., d : d + half], out[..., d + half : d + 2 * half]
                 qt = inverse_rope_combine(q, torch.cat([c_cos, c_cos], -1), torch.cat([c_sin, c_sin], -1))
             else:
-                qt = w[..., 1:].sum(-1, keepdim=True) * q
+                qt = (1.0 - w0) * q  # the prior is visible in every row, so token weights sum to 1 - w0
             ctx = ctx + torch.einsum("hij,bhtj->bhti", Mt, qt)
     ctx = ctx.transpose(1, 2).reshape(B, Nt, Hq * d).to(x.dtype)
     result = ad.out(self, ctx)
