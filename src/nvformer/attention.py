@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_float, check_mask, check_tensor, compute_dtype
+from .cached import weighted_sq_sum
 from .kl import kl_dirichlet, kl_gaussian
 from .nvib import NVIB, NVLatent
 from .prior import Prior
@@ -166,7 +167,7 @@ def denoising_attention(
         z = latent.z.to(cd)
         k = _heads(F.linear(z, Wk, bk), H)  # [B, H, K, d]
         v = _heads(F.linear(z, Wv, bv), H)
-        per_key = latent.log_pi.double() - 0.5 * scale * latent.z.double().pow(2).sum(-1)  # [B, K]
+        per_key = latent.log_pi.double() - weighted_sq_sum(z, 0.5 * scale)  # [B, K]
         logits = scale * (q @ k.transpose(-1, -2)) + _stable(per_key, cd)[:, None, None, :]
     else:
         mu = latent.mu.to(cd)  # [B, K, P]
@@ -174,7 +175,7 @@ def denoising_attention(
         S = latent.logvar.to(cd).exp() + sigma2  # [B, K, P]
         u = q @ Wk.view(H, d, P)[None]  # [B, H, Nt, P]
         S64 = latent.logvar.double().exp() + sigma2
-        per_key = latent.log_pi.double() - 0.5 * (latent.mu.double().pow(2) / S64).sum(-1) - 0.5 * S64.log().sum(-1)
+        per_key = latent.log_pi.double() - weighted_sq_sum(mu, 0.5 / S) - 0.5 * S64.log().sum(-1)
         logits = u @ (mu / S)[:, None].transpose(-1, -2) + _stable(per_key, cd)[:, None, None, :]
         if formula == "exact":
             logits = logits - 0.5 * (u.pow(2) @ (1.0 / S)[:, None].transpose(-1, -2))

@@ -30,6 +30,7 @@ from torch import Tensor
 from .sampling import safe_softmax
 
 __all__ = [
+    "weighted_sq_sum",
     "key_terms",
     "head_matrices",
     "rotate_half",
@@ -38,6 +39,16 @@ __all__ = [
     "repeat_kv",
     "attend",
 ]
+
+
+def weighted_sq_sum(v: Tensor, w: Tensor | float) -> Tensor:
+    """``sum_p v_p^2 w_p`` over the last dim, products in ``v``'s dtype, accumulated in float64.
+
+    Every place that computes such a quadratic term (the NVIB's ``log a``, the per-key logit
+    terms of both attention paths) uses this one function, so that at the identity
+    initialisation ``log a_i`` and ``-1/2 sum mu^2 / S`` cancel exactly, with float32 memory.
+    """
+    return (v * v * w).sum(-1, dtype=torch.float64)
 
 
 def key_terms(
@@ -55,16 +66,19 @@ def key_terms(
         ref_log_s: ``[P]`` ``log S`` of a reference component; ``-1/2 sum_p (log S_ip - ref)`` is
             used instead of ``-1/2 sum_p log S_ip`` (another softmax-invariant constant).
     """
+    cd = torch.promote_types(mu.dtype, torch.float32)
     if z is not None:
-        b = log_w.double() - shift - 0.5 * scale * z.double().pow(2).sum(-1)
+        z = z.to(cd)
+        b = log_w.double() - shift - weighted_sq_sum(z, 0.5 * scale)
         return z, b
     sigma2 = 1.0 / scale
-    S = logvar.double().exp() + sigma2
-    log_s = S.log()
+    mu = mu.to(cd)
+    S = logvar.to(cd).exp() + sigma2
+    log_s = logvar.double().exp().add(sigma2).log()
     if ref_log_s is not None:
         log_s = log_s - ref_log_s.double()
-    b = log_w.double() - shift - 0.5 * (mu.double().pow(2) / S).sum(-1) - 0.5 * log_s.sum(-1)
-    m = (mu.double() * (sigma2 / S)).to(mu.dtype)
+    b = log_w.double() - shift - weighted_sq_sum(mu, 0.5 / S) - 0.5 * log_s.sum(-1)
+    m = mu * (sigma2 / S)
     return m, b
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import compute_dtype
-from .cached import head_matrices, key_terms
+from .cached import head_matrices, key_terms, weighted_sq_sum
 from .nvib import NVLatent
 
 __all__ = ["fast_denoising_attention", "sdpa_nv", "fast_applicable", "EXCLUDED"]
@@ -89,18 +89,49 @@ def sdpa_nv(
         qs.append(q_extra * inv)
         ks.append(k_extra)
     q_ext, k_ext = torch.cat(qs, -1), torch.cat(ks, -1)
+    # CPU flash attention needs equal query/key and value widths; zero channels change nothing
+    c_v = values.shape[-1]
+    gap = q_ext.shape[-1] - c_v
+    if 0 < gap <= 16:
+        values = F.pad(values, (0, gap))
+    elif -16 <= gap < 0:
+        q_ext, k_ext = F.pad(q_ext, (0, -gap)), F.pad(k_ext, (0, -gap))
     if causal_prior_first:
         if K != Nt + 1 or attn_mask is not None:
             raise ValueError("sdpa_nv: causal_prior_first needs K = Nt + 1 and no attn_mask")
         q_ext = torch.cat([q_ext.new_zeros(B, H, 1, q_ext.shape[-1]), q_ext], dim=2)
         out = F.scaled_dot_product_attention(q_ext, k_ext, values, dropout_p=dropout_p, is_causal=True, scale=scale)
-        return out[:, :, 1:]
-    return F.scaled_dot_product_attention(q_ext, k_ext, values, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+        return out[:, :, 1:, :c_v]
+    return F.scaled_dot_product_attention(q_ext, k_ext, values, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)[..., :c_v]
 
 
 def _heads(t: Tensor, H: int) -> Tensor:
     B, L, E = t.shape
     return t.view(B, L, H, E // H).transpose(1, 2)
+
+
+def _aug_linear(m: Tensor, weight: Tensor, bias: Tensor | None, H: int, extra: int) -> Tensor:
+    """``F.linear(m, W, b)`` with ``extra`` zero output channels appended per head: ``[B, C, H, d + extra]``.
+
+    Extra channels (per-key logit terms, indicators) are then written in place, so no
+    concatenated copy of the keys or values is ever made.
+    """
+    B, C, P = m.shape
+    d = weight.shape[0] // H
+    wa = weight.new_zeros(H, d + extra, P)
+    wa[:, :d] = weight.view(H, d, P)
+    ba = weight.new_zeros(H, d + extra)
+    if bias is not None:
+        ba[:, :d] = bias.view(H, d)
+    return F.linear(m, wa.view(-1, P), ba.view(-1)).view(B, C, H, d + extra)
+
+
+def _sdpa(q_ext: Tensor, k_ext: Tensor, v_ext: Tensor, *, scale: float, mask: Tensor | None, causal_trick: bool, dropout_p: float) -> Tensor:
+    if causal_trick:
+        B, H, _, c = q_ext.shape
+        q_ext = torch.cat([q_ext.new_zeros(B, H, 1, c), q_ext], dim=2)
+        return F.scaled_dot_product_attention(q_ext, k_ext, v_ext, dropout_p=dropout_p, is_causal=True, scale=scale)[:, :, 1:]
+    return F.scaled_dot_product_attention(q_ext, k_ext, v_ext, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
 
 def fast_denoising_attention(
@@ -120,31 +151,25 @@ def fast_denoising_attention(
 ) -> Tensor:
     """The fast path of :func:`nvformer.denoising_attention` (same arguments; returns ``out`` only).
 
-    ``attn_mask`` is an additive float mask over latent columns (``-inf`` = masked) or None.
+    ``attn_mask`` is a bool (True = masked) or additive float mask over latent columns, or None.
     Check :func:`fast_applicable` first.
     """
+    from .attention import additive_mask, latent_columns_mask
+
     B, H, Nt, d = query.shape
     cd = compute_dtype(query.dtype)
     q = query.to(cd)
     pad = latent.sample_pad_mask
     sampled = form == "train"
-    if sampled:
-        m, b = key_terms(latent.mu, latent.logvar, latent.log_pi, latent.z, scale)
-    else:
-        ref = latent.shared_logvar
-        ref_log_s = None if ref is None else (ref.double().exp() + 1.0 / scale).log()
-        m, b = key_terms(latent.mu, latent.logvar, latent.log_pi, None, scale, ref_log_s=ref_log_s)
-    # shift by the row maximum (softmax-invariant) so that float32 keeps the small differences
-    finite = torch.isfinite(b) & ~pad
-    row_max = b.masked_fill(~finite, float("-inf")).amax(-1, keepdim=True).nan_to_num(0.0, neginf=0.0)
-    b = (b - row_max.detach()).masked_fill(~finite, EXCLUDED).to(cd)
-    m = m.to(cd)
-    keys = _heads(F.linear(m, k_weight.to(cd), None if k_bias is None else k_bias.to(cd)), H)
-    values = _heads(F.linear(m, v_weight.to(cd), None if v_bias is None else v_bias.to(cd)), H)
-    Kc = keys.shape[2]
-    from .attention import additive_mask, latent_columns_mask
+    Kc = latent.z.shape[1] if sampled else latent.mu.shape[1]
+    Wk, Wv = k_weight.to(cd), v_weight.to(cd)
+    bk = None if k_bias is None else k_bias.to(cd)
+    bv = None if v_bias is None else v_bias.to(cd)
+    sigma2 = 1.0 / scale
+    shared = (not sampled) and latent.shared_logvar is not None
+    exact = formula == "exact" and not sampled
 
-    mask = additive_mask(attn_mask, cd)  # ours: bool True = masked; SDPA gets an additive mask
+    mask = additive_mask(attn_mask, cd)  # SDPA gets an additive mask
     causal_trick = False
     if is_causal:
         if latent.copies == 1 and mask is None and Kc == Nt + 1:
@@ -152,27 +177,47 @@ def fast_denoising_attention(
         else:
             future = latent_columns_mask(additive_mask(torch.ones(Nt, Nt, dtype=torch.bool, device=q.device).triu(1), cd), latent.copies)
             mask = future if mask is None else mask + future
-    b = b[:, None, :]
 
-    if sampled:
-        out = sdpa_nv(q, keys, b, values, scale=scale, attn_mask=mask, causal_prior_first=causal_trick, dropout_p=dropout_p)
-        return out.to(query.dtype)
-
-    sigma2 = 1.0 / scale
-    prior_col = torch.zeros(B, H, Kc, 1, dtype=cd, device=q.device)
-    prior_col[:, :, 0] = 1.0
-    P = m.shape[-1]
-    S0 = latent.logvar[0, 0].double().exp() + sigma2  # [P]; the prior is component 0 of every row
-    if latent.shared_logvar is not None:
-        S_tok = latent.shared_logvar.double().exp() + sigma2
-        q_extra = k_extra = None
-        if formula == "exact":
+    if sampled or shared:
+        if sampled:
+            m = latent.z.to(cd)
+            b = latent.log_pi.double() - weighted_sq_sum(m, 0.5 * scale)
+        else:
+            mu = latent.mu.to(cd)
+            S_tok = latent.shared_logvar.double().exp() + sigma2
+            S0 = latent.logvar[0, 0].double().exp() + sigma2  # the prior is component 0 of every row
+            sq = weighted_sq_sum(mu, (0.5 / S_tok).to(cd))
+            sq[:, 0] = weighted_sq_sum(mu[:, 0], (0.5 / S0).to(cd)) + 0.5 * (S0.log() - S_tok.log()).sum()
+            b = latent.log_pi.double() - sq
+            f_tok = sigma2 / S_tok
+            m = mu if bool((f_tok == 1.0).all()) else mu * f_tok.to(cd)
+        # shift by the row maximum (softmax-invariant) so that float32 keeps the small differences
+        finite = torch.isfinite(b) & ~pad
+        row_max = b.masked_fill(~finite, float("-inf")).amax(-1, keepdim=True).nan_to_num(0.0, neginf=0.0)
+        b = (b - row_max.detach()).masked_fill(~finite, EXCLUDED).to(cd)
+        n_k = 2 if exact else 1  # key channels: b (and the prior indicator for "exact")
+        n_v = 0 if sampled else 1  # value channel: the prior indicator (its weight w_0)
+        width = d + max(n_k, n_v)
+        keys = _aug_linear(m, Wk, bk, H, width - d)
+        values = _aug_linear(m, Wv, bv, H, width - d)
+        if not sampled:
+            m0 = latent.mu[:, :1].to(cd) * (sigma2 / S0).to(cd)
+            keys[:, :1] = _aug_linear(m0, Wk, bk, H, width - d)
+            values[:, :1] = _aug_linear(m0, Wv, bv, H, width - d)
+            values[:, 0, :, d] = 1.0
+        keys[..., d] = b[:, :, None]
+        q_parts = [q, q.new_full((B, H, Nt, 1), sigma2)]
+        if exact:
+            keys[:, 0, :, d + 1] = 1.0
             G = head_matrices(k_weight.double(), None, 1.0 / S0 - 1.0 / S_tok, d).to(cd)  # [H, d, d]
-            q_extra = (-0.5 * torch.einsum("bhti,hij,bhtj->bht", q, G, q)).unsqueeze(-1)
-            k_extra = prior_col
-        out = sdpa_nv(q, keys, b, torch.cat([values, prior_col], -1), scale=scale, attn_mask=mask,
-                      causal_prior_first=causal_trick, q_extra=q_extra, k_extra=k_extra)
-        ctx, w0 = out[..., :d], out[..., d:]
+            q_parts.append(-0.5 * sigma2 * torch.einsum("bhti,hij,bhtj->bht", q, G, q).unsqueeze(-1))
+        if width - d > len(q_parts) - 1:
+            q_parts.append(q.new_zeros(B, H, Nt, width - d - (len(q_parts) - 1)))
+        out = _sdpa(torch.cat(q_parts, -1), keys.transpose(1, 2), values.transpose(1, 2), scale=scale, mask=mask,
+                    causal_trick=causal_trick, dropout_p=dropout_p if sampled else 0.0)
+        if sampled:
+            return out[..., :d].to(query.dtype)
+        ctx, w0 = out[..., :d], out[..., d : d + 1]
         M0 = head_matrices(k_weight.double(), v_weight.double(), (S0 - sigma2) / S0, d).to(cd)
         ctx = ctx + w0 * torch.einsum("hij,bhtj->bhti", M0, q)
         r_tok = (S_tok - sigma2) / S_tok
@@ -182,15 +227,24 @@ def fast_denoising_attention(
         return ctx.to(query.dtype)
 
     # per-token variances: P extra value channels (and P extra q/k channels for "exact")
+    ref = latent.logvar[:, 1:2].double().exp().add(sigma2).log()[:, 0] if latent.logvar.shape[1] > 1 else None
+    m, b = key_terms(latent.mu, latent.logvar, latent.log_pi, None, scale, ref_log_s=None if ref is None else ref[0])
+    finite = torch.isfinite(b) & ~pad
+    row_max = b.masked_fill(~finite, float("-inf")).amax(-1, keepdim=True).nan_to_num(0.0, neginf=0.0)
+    b = (b - row_max.detach()).masked_fill(~finite, EXCLUDED).to(cd)[:, None, :]
+    m = m.to(cd)
+    keys = _heads(F.linear(m, Wk, bk), H)
+    values = _heads(F.linear(m, Wv, bv), H)
+    P = m.shape[-1]
     S = latent.logvar.to(cd).exp() + sigma2  # [B, K, P]
     r = ((S - sigma2) / S)[:, None].expand(B, H, Kc, P)
-    u = q @ k_weight.to(cd).view(H, d, P)[None]  # [B, H, Nt, P]
+    u = q @ Wk.view(H, d, P)[None]  # [B, H, Nt, P]
     q_extra = k_extra = None
-    if formula == "exact":
+    if exact:
         q_extra = -0.5 * u * u
         k_extra = (1.0 / S)[:, None].expand(B, H, Kc, P)
     out = sdpa_nv(q, keys, b, torch.cat([values, r], -1), scale=scale, attn_mask=mask,
                   causal_prior_first=causal_trick, q_extra=q_extra, k_extra=k_extra)
     ctx, c = out[..., :d], out[..., d:]
-    ctx = ctx + (c * u) @ v_weight.to(cd).view(H, d, P).transpose(-1, -2)[None]
+    ctx = ctx + (c * u) @ Wv.view(H, d, P).transpose(-1, -2)[None]
     return ctx.to(query.dtype)

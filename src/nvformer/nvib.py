@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_float, check_knob, check_mask, check_tensor
+from ._checks import check_float, check_knob, check_mask, check_tensor, compute_dtype
+from .cached import weighted_sq_sum
 from .prior import Prior
 from .sampling import masked_log_softmax, sample_log_gamma
 
@@ -246,10 +247,13 @@ class NVIB(nn.Module):
 
         float64 because the quadratic term must cancel ``-scale ||z||^2 / 2`` in the attention
         logits after a large bias ``alpha_tau * s_alpha`` has been added (in float32 a bias of
-        1000 would leave only 1e-4 of resolution). These are per-token scalars: cheap.
+        1000 would leave only 1e-4 of resolution). Products stay in the input's dtype (at least
+        float32) and only the sums are float64 (:func:`nvformer.cached.weighted_sq_sum`).
         """
-        xd = x.to(torch.float64)
-        return xd @ self.alpha_lin.to(torch.float64) + (xd * xd) @ self.alpha_quad.to(torch.float64) + self.alpha_bias.to(torch.float64)
+        cd = compute_dtype(x.dtype)
+        xf = x.to(cd)
+        lin = (xf * self.alpha_lin.to(cd)).sum(-1, dtype=torch.float64)
+        return lin + weighted_sq_sum(xf, self.alpha_quad.to(cd)) + self.alpha_bias.to(torch.float64)
 
     def _prior_rows(self, batch: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         p = self.prior
@@ -299,7 +303,10 @@ class NVIB(nn.Module):
             la_tok = la_tok + alpha_skip.to(la_tok.dtype)
         mu0, lv0, la0 = self._prior_rows(B, mu_tok)
         mu = torch.cat([mu0, mu_tok], dim=1)
-        logvar = torch.cat([lv0, lv_tok], dim=1)
+        if shared is not None:  # one [1, C, P] tensor, expanded over the batch (no B x C x P copy)
+            logvar = torch.cat([lv0[:1], shared.to(lv0.dtype).expand(1, N, self.dim)], dim=1).expand(B, N + 1, self.dim)
+        else:
+            logvar = torch.cat([lv0, lv_tok], dim=1)
         log_alpha = torch.cat([la0, la_tok], dim=1)
 
         prior_pad = torch.full((B, 1), not self.prior_component, dtype=torch.bool, device=x.device)
