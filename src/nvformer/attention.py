@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_float, check_mask, check_tensor, compute_dtype
-from .cached import weighted_sq_sum
+from .cached import shift_rows, weighted_sq_sum
 from .kl import kl_dirichlet, kl_gaussian
 from .nvib import NVIB, NVLatent
 from .prior import Prior
@@ -58,19 +58,6 @@ def _heads(t: Tensor, num_heads: int) -> Tensor:
     """``[B, L, H*d] -> [B, H, L, d]``."""
     B, L, E = t.shape
     return t.view(B, L, num_heads, E // num_heads).transpose(1, 2)
-
-
-def _stable(per_key: Tensor, dtype: torch.dtype) -> Tensor:
-    """Per-key logit terms ``[B, K]`` (float64) shifted by their row maximum, then cast.
-
-    The terms are large (``-1/2 sum_p log S_ip`` alone is ~ -600 at width 576) and cancel
-    between ``log a`` and the norm of the mean; a per-row shift leaves the softmax unchanged and
-    keeps float32 logits accurate to ~1e-7 instead of ~1e-4.
-    """
-    finite = torch.isfinite(per_key)
-    row_max = per_key.masked_fill(~finite, float("-inf")).amax(-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    return (per_key - row_max.detach()).to(dtype)
 
 
 def denoising_attention(
@@ -168,7 +155,7 @@ def denoising_attention(
         k = _heads(F.linear(z, Wk, bk), H)  # [B, H, K, d]
         v = _heads(F.linear(z, Wv, bv), H)
         per_key = latent.log_pi.double() - weighted_sq_sum(z, 0.5 * scale)  # [B, K]
-        logits = scale * (q @ k.transpose(-1, -2)) + _stable(per_key, cd)[:, None, None, :]
+        logits = scale * (q @ k.transpose(-1, -2)) + shift_rows(per_key, None, cd)[:, None, None, :]
     else:
         mu = latent.mu.to(cd)  # [B, K, P]
         sigma2 = 1.0 / scale
@@ -176,7 +163,7 @@ def denoising_attention(
         u = q @ Wk.view(H, d, P)[None]  # [B, H, Nt, P]
         S64 = latent.logvar.double().exp() + sigma2
         per_key = latent.log_pi.double() - weighted_sq_sum(mu, 0.5 / S) - 0.5 * S64.log().sum(-1)
-        logits = u @ (mu / S)[:, None].transpose(-1, -2) + _stable(per_key, cd)[:, None, None, :]
+        logits = u @ (mu / S)[:, None].transpose(-1, -2) + shift_rows(per_key, None, cd)[:, None, None, :]
         if formula == "exact":
             logits = logits - 0.5 * (u.pow(2) @ (1.0 / S)[:, None].transpose(-1, -2))
 

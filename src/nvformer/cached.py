@@ -31,6 +31,7 @@ from .sampling import safe_softmax
 
 __all__ = [
     "weighted_sq_sum",
+    "shift_rows",
     "key_terms",
     "head_matrices",
     "rotate_half",
@@ -49,6 +50,20 @@ def weighted_sq_sum(v: Tensor, w: Tensor | float) -> Tensor:
     initialisation ``log a_i`` and ``-1/2 sum mu^2 / S`` cancel exactly, with float32 memory.
     """
     return (v * v * w).sum(-1, dtype=torch.float64)
+
+
+def shift_rows(b: Tensor, exclude: Tensor | None, dtype: torch.dtype, fill: float = float("-inf")) -> Tensor:
+    """Per-key logit terms ``[B, K]`` (float64) minus their row maximum over included keys, cast.
+
+    The terms are large (``-1/2 sum_p log S_ip`` alone is ~ -600 at width 576) and cancel
+    between ``log a`` and the norm of the mean; a per-row shift leaves the softmax unchanged and
+    keeps float32 logits accurate to ~1e-7 instead of ~1e-4. Excluded (or non-finite) keys get
+    ``fill``.
+    """
+    keep = torch.isfinite(b) if exclude is None else torch.isfinite(b) & ~exclude
+    row_max = b.masked_fill(~keep, float("-inf")).amax(-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    return (b - row_max).masked_fill(~keep, fill).to(dtype)
 
 
 def key_terms(

@@ -31,6 +31,24 @@ def progress(iterable: Iterable, desc: str, enabled: bool = True, total: int | N
     return tqdm(iterable, desc=desc, total=total, leave=False)
 
 
+def run_with_pre_hooks(model: nn.Module, hooks: list[tuple[nn.Module, Callable]], batches: Iterable[Any],
+                       forward: Callable[[nn.Module, Any], None] | None, show_progress: bool) -> None:
+    """Run ``batches`` through ``model`` in eval mode with forward pre-hooks (with kwargs) attached."""
+    handles = []
+    was_training = model.training
+    model.eval()
+    try:
+        for module, hook in hooks:
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        call = forward or _call
+        for batch in progress(batches, "estimating priors", show_progress):
+            call(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
 def _call(model: nn.Module, batch: Any) -> None:
     if isinstance(batch, dict):
         model(**batch)
@@ -73,7 +91,6 @@ def estimate_prior(
     if not modules:
         raise ValueError(f"estimate_prior: {type(model).__name__} has no NVMultiheadAttention module (convert it first)")
     estimators = {name: PriorEstimator(m.kdim, m.nvib.scale) for name, m in modules.items()}
-    handles = []
 
     def make_hook(est: PriorEstimator, mod: NVMultiheadAttention):
         def hook(module, args, kwargs):
@@ -90,18 +107,7 @@ def estimate_prior(
 
         return hook
 
-    was_training = model.training
-    model.eval()
-    try:
-        for name, m in modules.items():
-            handles.append(m.register_forward_pre_hook(make_hook(estimators[name], m), with_kwargs=True))
-        call = forward or _call
-        for batch in progress(batches, "estimating priors", show_progress):
-            call(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    run_with_pre_hooks(model, [(m, make_hook(estimators[name], m)) for name, m in modules.items()], batches, forward, show_progress)
     priors = {name: est.prior() for name, est in estimators.items()}
     if apply:
         for name, m in modules.items():

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import compute_dtype
-from .cached import head_matrices, key_terms, weighted_sq_sum
+from .cached import head_matrices, key_terms, shift_rows, weighted_sq_sum
 from .nvib import NVLatent
 
 __all__ = ["fast_denoising_attention", "sdpa_nv", "fast_applicable", "EXCLUDED"]
@@ -191,10 +191,7 @@ def fast_denoising_attention(
             b = latent.log_pi.double() - sq
             f_tok = sigma2 / S_tok
             m = mu if bool((f_tok == 1.0).all()) else mu * f_tok.to(cd)
-        # shift by the row maximum (softmax-invariant) so that float32 keeps the small differences
-        finite = torch.isfinite(b) & ~pad
-        row_max = b.masked_fill(~finite, float("-inf")).amax(-1, keepdim=True).nan_to_num(0.0, neginf=0.0)
-        b = (b - row_max.detach()).masked_fill(~finite, EXCLUDED).to(cd)
+        b = shift_rows(b, pad, cd, EXCLUDED)
         n_k = 2 if exact else 1  # key channels: b (and the prior indicator for "exact")
         n_v = 0 if sampled else 1  # value channel: the prior indicator (its weight w_0)
         width = d + max(n_k, n_v)
@@ -229,9 +226,7 @@ def fast_denoising_attention(
     # per-token variances: P extra value channels (and P extra q/k channels for "exact")
     ref = latent.logvar[:, 1:2].double().exp().add(sigma2).log()[:, 0] if latent.logvar.shape[1] > 1 else None
     m, b = key_terms(latent.mu, latent.logvar, latent.log_pi, None, scale, ref_log_s=None if ref is None else ref[0])
-    finite = torch.isfinite(b) & ~pad
-    row_max = b.masked_fill(~finite, float("-inf")).amax(-1, keepdim=True).nan_to_num(0.0, neginf=0.0)
-    b = (b - row_max.detach()).masked_fill(~finite, EXCLUDED).to(cd)[:, None, :]
+    b = shift_rows(b, pad, cd, EXCLUDED)[:, None, :]
     m = m.to(cd)
     keys = _heads(F.linear(m, Wk, bk), H)
     values = _heads(F.linear(m, Wv, bv), H)

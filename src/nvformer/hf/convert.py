@@ -220,13 +220,12 @@ def estimate_hf_prior(model: nn.Module, batches: Iterable[Any], *, forward=None,
     non-pad vectors stream into a :class:`PriorEstimator`. The cross site is estimated once (on
     the final encoder output) under the name of the first cross-attention module.
     """
-    from ..empirical import _call, progress
+    from ..empirical import run_with_pre_hooks
 
     targets = attention_modules(model)
     if not targets:
         raise ValueError(f"estimate_prior: {type(model).__name__} has no supported attention module")
     estimators: dict[str, PriorEstimator] = {}
-    handles = []
     seen_cross = False
 
     def make_hook(name: str, ad: Adapter, cross: bool):
@@ -249,21 +248,14 @@ def estimate_hf_prior(model: nn.Module, batches: Iterable[Any], *, forward=None,
 
         return hook
 
-    was_training = model.training
-    model.eval()
-    try:
-        for name, module, ad, site in targets:
-            if site == "cross":
-                if seen_cross:
-                    continue
-                seen_cross = True
-            handles.append(module.register_forward_pre_hook(make_hook(name, ad, site == "cross"), with_kwargs=True))
-        for batch in progress(batches, "estimating priors", show_progress):
-            (forward or _call)(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    hooks = []
+    for name, module, ad, site in targets:
+        if site == "cross":
+            if seen_cross:
+                continue
+            seen_cross = True
+        hooks.append((module, make_hook(name, ad, site == "cross")))
+    run_with_pre_hooks(model, hooks, batches, forward, show_progress)
     priors = {name: est.prior() for name, est in estimators.items()}
     if apply:
         for name, module, _, site in targets:
