@@ -33,6 +33,7 @@ __all__ = [
     "weighted_sq_sum",
     "shift_rows",
     "key_terms",
+    "shared_key_terms",
     "head_matrices",
     "rotate_half",
     "apply_rope",
@@ -95,6 +96,32 @@ def key_terms(
     b = log_w.double() - shift - weighted_sq_sum(mu, 0.5 / S) - 0.5 * log_s.sum(-1)
     m = mu * (sigma2 / S)
     return m, b
+
+
+def shared_key_terms(
+    mu: Tensor, log_w: Tensor, tok_logvar: Tensor, prior_logvar: Tensor, scale: float, shift: Tensor | float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Evaluation-form :func:`key_terms` when all token components share one variance.
+
+    Column 0 is the prior component (variance ``exp(prior_logvar)``), columns ``1..`` tokens
+    (``exp(tok_logvar)``); only ``[P]`` vectors are exponentiated, never ``[B, C, P]`` tensors.
+
+    Returns:
+        ``(m, m0, b)``: ``m [B, C, P]`` is right for the token columns (it may be ``mu`` itself,
+        do not modify it in place), ``m0 [B, 1, P]`` is the prior column's, ``b [B, C]`` float64
+        with ``-1/2 sum_p log S_tok`` taken as the reference (a constant shift).
+    """
+    cd = torch.promote_types(mu.dtype, torch.float32)
+    mu = mu.to(cd)
+    sigma2 = 1.0 / scale
+    S_tok = tok_logvar.double().exp() + sigma2
+    S0 = prior_logvar.double().exp() + sigma2
+    sq = weighted_sq_sum(mu, (0.5 / S_tok).to(cd))
+    sq[:, 0] = weighted_sq_sum(mu[:, 0], (0.5 / S0).to(cd)) + 0.5 * (S0.log() - S_tok.log()).sum()
+    b = log_w.double() - shift - sq
+    f_tok = sigma2 / S_tok
+    m = mu if bool((f_tok == 1.0).all()) else mu * f_tok.to(cd)
+    return m, mu[:, :1] * (sigma2 / S0).to(cd), b
 
 
 def head_matrices(w_k: Tensor, w_v: Tensor | None, diag: Tensor, head_dim: int) -> Tensor:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import compute_dtype
-from .cached import head_matrices, key_terms, shift_rows, weighted_sq_sum
+from .cached import head_matrices, key_terms, shared_key_terms, shift_rows, weighted_sq_sum
 from .nvib import NVLatent
 
 __all__ = ["fast_denoising_attention", "sdpa_nv", "fast_applicable", "EXCLUDED"]
@@ -183,14 +183,9 @@ def fast_denoising_attention(
             m = latent.z.to(cd)
             b = latent.log_pi.double() - weighted_sq_sum(m, 0.5 * scale)
         else:
-            mu = latent.mu.to(cd)
             S_tok = latent.shared_logvar.double().exp() + sigma2
             S0 = latent.logvar[0, 0].double().exp() + sigma2  # the prior is component 0 of every row
-            sq = weighted_sq_sum(mu, (0.5 / S_tok).to(cd))
-            sq[:, 0] = weighted_sq_sum(mu[:, 0], (0.5 / S0).to(cd)) + 0.5 * (S0.log() - S_tok.log()).sum()
-            b = latent.log_pi.double() - sq
-            f_tok = sigma2 / S_tok
-            m = mu if bool((f_tok == 1.0).all()) else mu * f_tok.to(cd)
+            m, m0, b = shared_key_terms(latent.mu, latent.log_pi, latent.shared_logvar, latent.logvar[0, 0], scale)
         b = shift_rows(b, pad, cd, EXCLUDED)
         n_k = 2 if exact else 1  # key channels: b (and the prior indicator for "exact")
         n_v = 0 if sampled else 1  # value channel: the prior indicator (its weight w_0)
@@ -198,7 +193,6 @@ def fast_denoising_attention(
         keys = _aug_linear(m, Wk, bk, H, width - d)
         values = _aug_linear(m, Wv, bv, H, width - d)
         if not sampled:
-            m0 = latent.mu[:, :1].to(cd) * (sigma2 / S0).to(cd)
             keys[:, :1] = _aug_linear(m0, Wk, bk, H, width - d)
             values[:, :1] = _aug_linear(m0, Wv, bv, H, width - d)
             values[:, 0, :, d] = 1.0

@@ -11,12 +11,14 @@ time, so ``cache.get_seq_length()``, beam reordering and cropping work unchanged
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import compute_dtype
-from ..cached import apply_rope, attend, head_matrices, inverse_rope_combine, key_terms, repeat_kv
+from ..cached import apply_rope, attend, head_matrices, inverse_rope_combine, key_terms, repeat_kv, shared_key_terms
 from ..fast import EXCLUDED, sdpa_nv
 from ..nvib import NVLatent
 from .adapters import Adapter
@@ -153,9 +155,23 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
 
     shift = nvib.alpha_bias.detach().double()
     sigma2 = 1.0 / scale
-    tok_log_s = (nvib.logvar_proj.bias.detach().double().clamp_min(torch.log(torch.tensor(nvib.min_var, dtype=torch.float64))).exp() + sigma2).log()
+    tok_logvar = nvib.logvar_proj.bias.detach().double().clamp_min(math.log(nvib.min_var))  # [P], floored like the NVIB's
+    tok_log_s = (tok_logvar.exp() + sigma2).log()
     n_extra = d if (interp and rope is not None) else 0
 
+    groups = Hq // Hkv
+
+    def terms(lat):
+        """(m for token columns, m for the prior column, b [B, C]) of a latent."""
+        if sampled:
+            m, b = key_terms(lat.mu, lat.logvar, lat.log_w, lat.z, scale, shift)
+            return m, m[:, :1], b
+        return shared_key_terms(lat.mu, lat.log_w, tok_logvar, lat.logvar[0, 0], scale, shift)
+
+    def project(m, w, bias, n):
+        return F.linear(m, w, bias).view(B, n, Hkv, d).transpose(1, 2).to(cd)
+
+    padding_only = False
     if cross and cached_cross:
         lat = nvib(x.new_zeros(B, 0, nvib.dim))  # the prior component alone
         entry = layer_cache.layers[self.layer_idx]
@@ -165,41 +181,54 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
         tok_bias = _mask_bias(raw_mask, B, Nt, past + n_new, self.is_causal and not cross, cd, x.device)
         kpm = _key_padding(tok_bias, B, n_new)
         lat = _latent(self, kv_in, kpm, raw_mask)
-        m, b = key_terms(lat.mu, lat.logvar, lat.log_w, lat.z if sampled else None, scale, shift, None if sampled else tok_log_s)
-        m_tok, b_tok = m[:, 1:], b[:, 1:]
-        k_tok = F.linear(m_tok, k_w, k_b).view(B, n_new, Hkv, d).transpose(1, 2).to(cd)
-        v_tok = F.linear(m_tok, v_w, v_b).view(B, n_new, Hkv, d).transpose(1, 2).to(cd)
-        if rope is not None:
-            k_tok = apply_rope(k_tok, cos, sin)
-        b_tok = b_tok.masked_fill(~torch.isfinite(b_tok), EXCLUDED)  # padded keys: finite, so SDPA's GEMM stays NaN-free
-        k_ext = torch.cat([k_tok, b_tok.to(cd)[:, None, :, None].expand(B, Hkv, n_new, 1)], dim=-1)
-        extras = []
-        if n_extra:
-            half = d // 2
-            extras = [cos[..., :half].unsqueeze(1).expand(B, Hkv, n_new, half), sin[..., :half].unsqueeze(1).expand(B, Hkv, n_new, half)]
-        v_ext = torch.cat([v_tok, *extras], dim=-1)
-        if layer_cache is not None:
-            k_ext, v_ext = layer_cache.update(k_ext, v_ext, self.layer_idx)
-            if cross:
-                cache_obj.is_updated[self.layer_idx] = True
+        m, m0, b = terms(lat)
+        b = b.masked_fill(~torch.isfinite(b), EXCLUDED)  # padded keys: finite, so SDPA's GEMM stays NaN-free
+        if layer_cache is None and not n_extra:
+            # no KV cache: every column (prior first) in one projection, no concatenation
+            keys = project(m, k_w, k_b, n_new + 1)
+            values = project(m, v_w, v_b, n_new + 1)
+            if not sampled:
+                keys[:, :, :1] = project(m0, k_w, k_b, 1)
+                values[:, :, :1] = project(m0, v_w, v_b, 1)
+            if rope is not None:
+                keys[:, :, 1:] = apply_rope(keys[:, :, 1:], cos, sin)
+            bvec = b.to(cd)[:, None, :].expand(B, Hkv, n_new + 1)
+            Nk = n_new
+            # a mask that only hides padded keys is already in b: SDPA then needs no mask at all
+            padding_only = tok_bias is not None and not (self.is_causal and not cross) and ad.arg_position_bias is None and bool(
+                ((tok_bias <= torch.finfo(cd).min / 2) == kpm[:, None, None, :]).all())
+        else:
+            k_tok = project(m[:, 1:], k_w, k_b, n_new)
+            v_tok = project(m[:, 1:], v_w, v_b, n_new)
+            if rope is not None:
+                k_tok = apply_rope(k_tok, cos, sin)
+            k_ext = torch.cat([k_tok, b[:, 1:].to(cd)[:, None, :, None].expand(B, Hkv, n_new, 1)], dim=-1)
+            extras = []
+            if n_extra:
+                half = d // 2
+                extras = [cos[..., :half].unsqueeze(1).expand(B, Hkv, n_new, half), sin[..., :half].unsqueeze(1).expand(B, Hkv, n_new, half)]
+            v_ext = torch.cat([v_tok, *extras], dim=-1)
+            if layer_cache is not None:
+                k_ext, v_ext = layer_cache.update(k_ext, v_ext, self.layer_idx)
+                if cross:
+                    cache_obj.is_updated[self.layer_idx] = True
     if getattr(self, "_nv_store_latent", True):
         self.last_latent = lat
 
-    # the prior component: column 0, recomputed at every call, never cached
-    m0, b0 = key_terms(lat.mu[:, :1], lat.logvar[:, :1], lat.log_w[:, :1], lat.z[:, :1] if sampled else None, scale, shift, None if sampled else tok_log_s)
-    k0 = F.linear(m0, k_w, k_b).view(B, 1, Hkv, d).transpose(1, 2).to(cd)
-    v0 = F.linear(m0, v_w, v_b).view(B, 1, Hkv, d).transpose(1, 2).to(cd)
-    if n_extra:
-        v0 = torch.cat([v0, v0.new_zeros(B, Hkv, 1, n_extra)], dim=-1)
-    Nk = k_ext.shape[2]
-    keys = torch.cat([k0, k_ext[..., :d].to(cd)], dim=2)
-    bvec = torch.cat([b0.to(cd)[:, None, :].expand(B, Hkv, 1), k_ext[..., d].to(cd)], dim=2)
-    values = torch.cat([v0, v_ext.to(cd)], dim=2)
-    groups = Hq // Hkv
+    if layer_cache is not None or n_extra or (cross and cached_cross):
+        # the prior component: column 0, recomputed at every call, never cached
+        _, m0, b_all = terms(lat)
+        k0, v0 = project(m0, k_w, k_b, 1), project(m0, v_w, v_b, 1)
+        if n_extra:
+            v0 = torch.cat([v0, v0.new_zeros(B, Hkv, 1, n_extra)], dim=-1)
+        Nk = k_ext.shape[2]
+        keys = torch.cat([k0, k_ext[..., :d].to(cd)], dim=2)
+        bvec = torch.cat([b_all[:, :1].to(cd)[:, None, :].expand(B, Hkv, 1), k_ext[..., d].to(cd)], dim=2)
+        values = torch.cat([v0, v_ext.to(cd)], dim=2)
     keys, values = repeat_kv(keys, groups), repeat_kv(values, groups)
     bvec = repeat_kv(bvec.unsqueeze(-1), groups).squeeze(-1)
 
-    bias = _mask_bias(raw_mask, B, Nt, Nk, self.is_causal and not cross, cd, x.device)
+    bias = None if padding_only else _mask_bias(raw_mask, B, Nt, Nk, self.is_causal and not cross, cd, x.device)
     position_bias = None
     if ad.arg_position_bias:
         position_bias = call.get(ad.arg_position_bias)
