@@ -217,7 +217,9 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
 
     if layer_cache is not None or n_extra or (cross and cached_cross):
         # the prior component: column 0, recomputed at every call, never cached
-        _, m0, b_all = terms(lat)
+        if cross and cached_cross:
+            _, m0, b = terms(lat)
+        b_all = b
         k0, v0 = project(m0, k_w, k_b, 1), project(m0, v_w, v_b, 1)
         if n_extra:
             v0 = torch.cat([v0, v0.new_zeros(B, Hkv, 1, n_extra)], dim=-1)
