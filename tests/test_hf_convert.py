@@ -355,3 +355,22 @@ def test_sdpa_fast_path_equals_eager_reference_path_away_from_identity(family, p
         with torch.no_grad():
             outs.append(output(m, kw))
     _compare(outs[0], outs[1], valid, 1e-5)
+
+
+def test_custom_4d_masks_are_applied_not_mistaken_for_padding():
+    """A 4D mask that hides query-specific keys must reach the attention (the fast path drops a
+    mask only when it encodes key padding alone, which the per-key channel already carries)."""
+    model = build("bert")
+    nvm = nv.convert(copy.deepcopy(model), **IDENTITY)
+    kw, _ = inputs("bert", None)
+    ids = kw["input_ids"]
+    B, N = ids.shape
+    allowed = torch.ones(B, 1, N, N, dtype=torch.bool)
+    allowed[:, :, 0, 3:] = False  # query 0 sees keys 0..2 only
+    allowed[1, :, :, -2:] = False  # and a padding-like pattern in row 1
+    enc = model.bert.encoder
+    emb = model.bert.embeddings(input_ids=ids)
+    with torch.no_grad():
+        ref = enc(emb, attention_mask=allowed).last_hidden_state
+        out = nvm.bert.encoder(emb, attention_mask=allowed).last_hidden_state
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
