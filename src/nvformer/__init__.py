@@ -25,11 +25,14 @@ from .kl import kl_dirichlet, kl_gaussian, kl_symmetric_dirichlet
 from .nvib import NVIB, NVLatent
 from .prior import Prior, PriorEstimator
 from .sampling import sample_log_dirichlet, sample_log_gamma
+from .tune import KnobSpace, TuneResult, tune
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KLTerms",
+    "KnobSpace",
+    "TuneResult",
     "NVIB",
     "NVLatent",
     "NVMultiheadAttention",
@@ -47,4 +50,5 @@ __all__ = [
     "sample_log_dirichlet",
     "sample_log_gamma",
     "set_knobs",
+    "tune",
 ]
