@@ -209,7 +209,7 @@ def tune(
 
 
 def write_outputs(result: TuneResult, out: Path) -> None:
-    """``trials.csv``, ``best.json`` and, with matplotlib installed, ``history.png`` and ``knobs.png``."""
+    """``trials.csv``, ``best.json``, ``history.png`` and ``knobs.png`` (the plots need matplotlib, part of ``nvformer[hf]``)."""
     out.mkdir(parents=True, exist_ok=True)
     keys: list[str] = []
     for t in result.trials:
@@ -228,7 +228,10 @@ def write_outputs(result: TuneResult, out: Path) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:  # plots are optional output
+    except ImportError:
+        import warnings
+
+        warnings.warn("nvformer.tune: matplotlib is not installed (pip install 'nvformer[hf]'); no plots written", stacklevel=2)
         return
     done = [t for t in result.trials if t["state"] == "COMPLETE"]
     if not done:
