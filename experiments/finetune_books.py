@@ -3,8 +3,8 @@
     .venv/bin/python experiments/finetune_books.py            # ~10-15 min on 2 CPU cores; cached
 
 Data: ../shared/data/reviews/books (Blitzer et al. 2007), 2000 reviews, split with
-``nvformer.data.stratified_split(labels, (0.7, 0.1, 0.2), seed=SPLIT_SEED)`` into train /
-validation / test. Training: ``nvformer.train.FinetuneConfig`` defaults (3 epochs, AdamW 5e-5,
+``nvformer.sentiment.domain_splits("books", seed=0)`` (stratified, 0.7 / 0.1 / 0.2) into train /
+validation / test, the same splits ``nvformer tune`` uses. Training: ``nvformer.train.FinetuneConfig`` defaults (3 epochs, AdamW 5e-5,
 batch 16, max 256 tokens, seed 0). The checkpoint and its config go to ``runs/minilm-books/``
 (ignored by git); an existing checkpoint with the same config is reused. Writes the "Source
 model" section of docs/RESULTS.md (books validation and test accuracy of the checkpoint).
@@ -25,27 +25,26 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "experiments"))
 
 from identity import write_section  # noqa: E402
-from nvformer.data import read_reviews, stratified_split  # noqa: E402
+from nvformer.sentiment import FRACTIONS, domain_splits  # noqa: E402
 from nvformer.evaluate import TokenizedSet, predict_logits  # noqa: E402
 from nvformer.hf.checkpoints import load_minilm  # noqa: E402
 from nvformer.metrics import classification_metrics  # noqa: E402
 from nvformer.train import FinetuneConfig, finetune_classifier  # noqa: E402
 
 SPLIT_SEED = 0
-FRACTIONS = (0.7, 0.1, 0.2)
 
 
 def books_splits():
-    r = read_reviews("books")
-    parts = stratified_split(r.labels, FRACTIONS, seed=SPLIT_SEED)
-    return [([r.texts[i] for i in p], [r.labels[i] for i in p]) for p in parts]
+    """(train, validation, test) of books: the same splits `nvformer tune` uses."""
+    s = domain_splits("books", SPLIT_SEED)
+    return s["train"], s["validation"], s["test"]
 
 
 def load_or_train(out: Path, config: FinetuneConfig, force: bool = False):
     """The fine-tuned model and tokenizer (trained once, then loaded from ``out``)."""
     from transformers import AutoModelForSequenceClassification
 
-    meta = {"config": asdict(config), "split_seed": SPLIT_SEED, "fractions": FRACTIONS, "base": "all-MiniLM-L6-v2"}
+    meta = {"config": asdict(config), "split_seed": SPLIT_SEED, "fractions": list(FRACTIONS), "base": "all-MiniLM-L6-v2"}
     _, tok = load_minilm()
     if not force and (out / "nvformer_finetune.json").exists() and json.loads((out / "nvformer_finetune.json").read_text())["meta"] == meta:
         return AutoModelForSequenceClassification.from_pretrained(out).eval(), tok, json.loads((out / "nvformer_finetune.json").read_text())

@@ -68,6 +68,6 @@ def accuracy_objective(data: TokenizedSet):
     return objective
 
 
-def test_report(data: TokenizedSet):
+def metrics_report(data: TokenizedSet):
     """``report(model) -> {accuracy, macro_f1, nll, ece}`` on the test split."""
     return lambda model: classification_metrics(predict_logits(model, data), data.labels)
