@@ -96,13 +96,9 @@ def sdpa_nv(
         values = F.pad(values, (0, gap))
     elif -16 <= gap < 0:
         q_ext, k_ext = F.pad(q_ext, (0, -gap)), F.pad(k_ext, (0, -gap))
-    if causal_prior_first:
-        if K != Nt + 1 or attn_mask is not None:
-            raise ValueError("sdpa_nv: causal_prior_first needs K = Nt + 1 and no attn_mask")
-        q_ext = torch.cat([q_ext.new_zeros(B, H, 1, q_ext.shape[-1]), q_ext], dim=2)
-        out = F.scaled_dot_product_attention(q_ext, k_ext, values, dropout_p=dropout_p, is_causal=True, scale=scale)
-        return out[:, :, 1:, :c_v]
-    return F.scaled_dot_product_attention(q_ext, k_ext, values, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)[..., :c_v]
+    if causal_prior_first and (K != Nt + 1 or attn_mask is not None):
+        raise ValueError("sdpa_nv: causal_prior_first needs K = Nt + 1 and no attn_mask")
+    return _sdpa(q_ext, k_ext, values, scale=scale, mask=attn_mask, causal_trick=causal_prior_first, dropout_p=dropout_p)[..., :c_v]
 
 
 def _heads(t: Tensor, H: int) -> Tensor:
@@ -218,8 +214,7 @@ def fast_denoising_attention(
         return ctx.to(query.dtype)
 
     # per-token variances: P extra value channels (and P extra q/k channels for "exact")
-    ref = latent.logvar[:, 1:2].double().exp().add(sigma2).log()[:, 0] if latent.logvar.shape[1] > 1 else None
-    m, b = key_terms(latent.mu, latent.logvar, latent.log_pi, None, scale, ref_log_s=None if ref is None else ref[0])
+    m, b = key_terms(latent.mu, latent.logvar, latent.log_pi, None, scale)  # shift_rows removes the large common part
     b = shift_rows(b, pad, cd, EXCLUDED)[:, None, :]
     m = m.to(cd)
     keys = _heads(F.linear(m, Wk, bk), H)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import compute_dtype
+from ..attention import additive_mask
 from ..cached import apply_rope, attend, head_matrices, inverse_rope_combine, key_terms, repeat_kv, shared_key_terms
 from ..fast import EXCLUDED, sdpa_nv
 from ..nvib import NVLatent
@@ -25,9 +26,8 @@ from .adapters import Adapter
 
 
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    if mask.dtype == torch.bool:  # SDPA convention: True = attend
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
-    return mask.to(dtype)
+    # Hugging Face's bool masks follow SDPA (True = attend); nvformer's own are True = masked out
+    return additive_mask(~mask if mask.dtype == torch.bool else mask, dtype)
 
 
 def _mask_bias(mask: Tensor | None, B: int, Nt: int, Nk: int, causal: bool, dtype: torch.dtype, device: torch.device) -> Tensor | None:
@@ -172,6 +172,7 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
         return F.linear(m, w, bias).view(B, n, Hkv, d).transpose(1, 2).to(cd)
 
     padding_only = False
+    tok_bias = None
     if cross and cached_cross:
         lat = nvib(x.new_zeros(B, 0, nvib.dim))  # the prior component alone
         entry = layer_cache.layers[self.layer_idx]
@@ -230,7 +231,12 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
     keys, values = repeat_kv(keys, groups), repeat_kv(values, groups)
     bvec = repeat_kv(bvec.unsqueeze(-1), groups).squeeze(-1)
 
-    bias = None if padding_only else _mask_bias(raw_mask, B, Nt, Nk, self.is_causal and not cross, cd, x.device)
+    if padding_only:
+        bias = None
+    elif cross and cached_cross:
+        bias = _mask_bias(raw_mask, B, Nt, Nk, False, cd, x.device)
+    else:
+        bias = tok_bias  # already built over the past + new keys, which are all Nk key columns
     position_bias = None
     if ad.arg_position_bias:
         position_bias = call.get(ad.arg_position_bias)
