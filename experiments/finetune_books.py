@@ -13,7 +13,6 @@ model" section of docs/RESULTS.md (books validation and test accuracy of the che
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -25,11 +24,10 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "experiments"))
 
 from identity import write_section  # noqa: E402
-from nvformer.sentiment import FRACTIONS, domain_splits  # noqa: E402
+from nvformer.sentiment import FRACTIONS, domain_splits, load_or_finetune  # noqa: E402
 from nvformer.evaluate import TokenizedSet, predict_logits  # noqa: E402
-from nvformer.hf.checkpoints import load_minilm  # noqa: E402
 from nvformer.metrics import classification_metrics  # noqa: E402
-from nvformer.train import FinetuneConfig, finetune_classifier  # noqa: E402
+from nvformer.train import FinetuneConfig  # noqa: E402
 
 SPLIT_SEED = 0
 
@@ -40,25 +38,6 @@ def books_splits():
     return s["train"], s["validation"], s["test"]
 
 
-def load_or_train(out: Path, config: FinetuneConfig, force: bool = False):
-    """The fine-tuned model and tokenizer (trained once, then loaded from ``out``)."""
-    from transformers import AutoModelForSequenceClassification
-
-    meta = {"config": asdict(config), "split_seed": SPLIT_SEED, "fractions": list(FRACTIONS), "base": "all-MiniLM-L6-v2"}
-    _, tok = load_minilm()
-    if not force and (out / "nvformer_finetune.json").exists() and json.loads((out / "nvformer_finetune.json").read_text())["meta"] == meta:
-        return AutoModelForSequenceClassification.from_pretrained(out).eval(), tok, json.loads((out / "nvformer_finetune.json").read_text())
-    (train, val, _) = books_splits()
-    model, tok = load_minilm(head="classification")
-    hist = finetune_classifier(model, tok, *train, *val, config=config)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    info = {"meta": meta, "train_loss": hist.train_loss, "val_accuracy": hist.val_accuracy, "best_epoch": hist.best_epoch}
-    (out / "nvformer_finetune.json").write_text(json.dumps(info, indent=2))
-    return model.eval(), tok, info
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "runs" / "minilm-books"))
@@ -67,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
     config = FinetuneConfig()
-    model, tok, info = load_or_train(Path(args.out), config, args.force)
+    model, tok, info = load_or_finetune(Path(args.out), "books", SPLIT_SEED, config, force=args.force)
     _, val, test = books_splits()
     rows = []
     for name, (texts, labels) in (("validation", val), ("test", test)):

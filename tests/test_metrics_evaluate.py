@@ -72,3 +72,30 @@ def test_tokenized_set_restores_order_and_matches_unbatched_predictions():
             one = model(**tok(texts[i], truncation=True, max_length=64, return_tensors="pt")).logits[0]
             torch.testing.assert_close(logits[i], one, rtol=0, atol=1e-5)
     assert math.isfinite(classification_metrics(logits, data.labels)["nll"])
+
+
+def test_paired_bootstrap_mean_matches_the_single_group_bootstrap_and_a_loop():
+    from nvformer.metrics import paired_bootstrap_mean, per_example_scores
+
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 2, (300,), generator=g)
+    a, b = torch.randn(300, 2, generator=g), torch.randn(300, 2, generator=g) + torch.nn.functional.one_hot(labels, 2)
+    sa, sb = per_example_scores(a, labels), per_example_scores(b, labels)
+    ref = classification_metrics(a, labels)
+    assert sa["accuracy"].mean().item() == pytest.approx(ref["accuracy"]) and sa["nll"].mean().item() == pytest.approx(ref["nll"], abs=1e-6)
+    one = paired_bootstrap_mean([sa["accuracy"]], [sb["accuracy"]], n_resamples=300, seed=5)
+    assert one == pytest.approx(paired_bootstrap(a, b, labels, n_resamples=300, seed=5), abs=1e-6)  # same draws (float32 there)
+    # two groups: the statistic is the mean of the per-group differences; compare with an explicit loop
+    l2 = torch.randint(0, 2, (120,), generator=g)
+    a2, b2 = torch.randn(120, 2, generator=g), torch.randn(120, 2, generator=g)
+    s2a, s2b = per_example_scores(a2, l2)["nll"], per_example_scores(b2, l2)["nll"]
+    got = paired_bootstrap_mean([sa["nll"], s2a], [sb["nll"], s2b], n_resamples=200, seed=1)
+    gen = torch.Generator().manual_seed(1)
+    i1 = torch.randint(0, 300, (200, 300), generator=gen)
+    i2 = torch.randint(0, 120, (200, 120), generator=gen)
+    stats = [((sb["nll"] - sa["nll"])[i1[r]].mean() + (s2b - s2a)[i2[r]].mean()).item() / 2 for r in range(200)]
+    assert got["diff"] == pytest.approx(((sb["nll"] - sa["nll"]).mean() + (s2b - s2a).mean()).item() / 2)
+    assert got["low"] == pytest.approx(torch.quantile(torch.tensor(stats, dtype=torch.float64), 0.025).item())
+    assert got["low"] < got["diff"] < got["high"]
+    with pytest.raises(ValueError, match="same non-zero number"):
+        paired_bootstrap_mean([], [])

@@ -81,3 +81,26 @@ def test_bad_arguments():
         nv.tune(build("bert"), lambda m: 0.0, n_trials=1)
     with pytest.raises(ValueError, match="direction"):
         nv.tune(nv.convert(build("bert")), lambda m: 0.0, n_trials=1, direction="up")
+
+
+def test_layer_restricted_spaces_tune_only_those_layers():
+    model = nv.convert(build("bart"), alpha_tau=1e4)
+    assert [g for g, *_ in nv.KnobSpace(layers=(1,)).groups(model)] == ["encoder.1", "decoder.1"]
+    assert [g for g, *_ in nv.KnobSpace(sites=("decoder",), layers=(0, 1)).groups(model)] == ["decoder.0+1"]
+    assert [g for g, *_ in nv.KnobSpace(sites=("encoder",), layers=(0, 1), per_layer=True).groups(model)] == ["encoder.0", "encoder.1"]
+    with pytest.raises(ValueError, match="no layer"):
+        nv.KnobSpace(layers=(7,)).groups(model)
+    with pytest.raises(ValueError, match="layer indices"):
+        nv.KnobSpace(layers=())
+    kw, _ = inputs("bart", "right")
+
+    @torch.no_grad()
+    def objective(m):
+        return float(m(**kw).logits.std())
+
+    space = nv.KnobSpace(sites=("encoder",), layers=(1,), alpha_tau=(-3.0, 3.0))
+    res = nv.tune(model, objective, space=space, n_trials=3, seed=0, show_progress=False)
+    assert set(res.best_params) == {"encoder.1/alpha_tau", "encoder.1/stdev_tau"}
+    for k in nv.get_knobs(model).values():
+        want = res.best_params["encoder.1/alpha_tau"] if (k["site"], k["layer"]) == ("encoder", 1) else 1e4
+        assert k["alpha_tau"] == want

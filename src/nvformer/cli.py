@@ -27,6 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite file in --out)")
     tune.add_argument("--study", default=None, help="study name (default: SOURCE-to-TARGET)")
     tune.add_argument("--out", required=True, help="output folder: study.db, trials.csv, best.json, plots")
+    study = sub.add_parser("study", help="the out-of-domain sentiment study (fine-tunes MiniLM on books once, then no training)")
+    study.add_argument("--budget", choices=("demo", "full"), default="demo", help="demo: minutes; full: the docs/RESULTS.md budget")
+    study.add_argument("--model", default="runs/minilm-books", help="fine-tuned classifier folder (created by fine-tuning if missing)")
+    study.add_argument("--data", default=None, help="folder holding reviews/ (default: ../shared/data or $NVFORMER_DATA)")
+    study.add_argument("--targets", default=None, help="comma list of target domains (default: all six)")
+    study.add_argument("--out", default=None, help="output folder (default: runs/study-BUDGET)")
+    study.add_argument("--seed", type=int, default=0, help="sampler seed")
+    study.add_argument("--split-seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run
@@ -34,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if run(seed=args.seed, steps=args.steps) else 1
     if args.command == "tune":
         return _tune(args)
+    if args.command == "study":
+        return _study(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
@@ -51,6 +61,35 @@ def _tune(args) -> int:
                out_dir=args.out, report=metrics_report(prep.test))
     print(json.dumps({"target": args.target, "identity_val_accuracy": res.identity_value, "best_val_accuracy": res.best_value,
                       "best_params": res.best_params, "test_metrics_of_best": res.best_report}, indent=2))
+    return 0
+
+
+def _study(args) -> int:
+    import sys
+    from pathlib import Path
+
+    from .data import default_data_dir
+    from .study import StudyConfig, headline, run_study, summary_markdown
+
+    try:
+        data = Path(args.data) if args.data else default_data_dir()
+    except FileNotFoundError:
+        data = Path("../shared/data")
+    if not (data / "reviews").is_dir():
+        print(f"nvformer study: no reviews/ folder under {data}. Point --data (or $NVFORMER_DATA) at the data folder "
+              "that holds reviews/ (see ../shared/data/README.md).", file=sys.stderr)
+        return 2
+    kw = {"model_dir": args.model, "data_dir": str(data), "seed": args.seed, "split_seed": args.split_seed}
+    if args.targets:
+        kw["targets"] = tuple(t.strip() for t in args.targets.split(","))
+    cfg = StudyConfig.demo(**kw) if args.budget == "demo" else StudyConfig.full(**kw)
+    out = Path(args.out or f"runs/study-{args.budget}")
+    result = run_study(cfg, out)
+    print(summary_markdown(result))
+    if cfg.frozen:
+        print(summary_markdown(result, "frozen"))
+    print(headline(result))
+    print(f"({result.info['seconds']:.0f} s; tables, plots, results.json and logits.pt in {out}/)")
     return 0
 
 

@@ -71,3 +71,43 @@ def paired_bootstrap(
         "low": float(torch.quantile(d, alpha)),
         "high": float(torch.quantile(d, 1 - alpha)),
     }
+
+
+def per_example_scores(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """``{"accuracy": [N] 0/1 correct, "nll": [N] -log p(label)}`` (their means are the metrics)."""
+    _check(logits, labels)
+    logp = torch.log_softmax(logits.double(), -1)
+    return {"accuracy": (logits.argmax(-1) == labels).double(), "nll": -logp.gather(-1, labels[:, None]).squeeze(-1)}
+
+
+def paired_bootstrap_mean(
+    scores_a: list[Tensor],
+    scores_b: list[Tensor],
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Paired bootstrap of the difference of a *mean over groups* of per-example scores.
+
+    ``scores_a[g]`` and ``scores_b[g]`` are ``[N_g]`` per-example scores of two systems on group
+    ``g`` (e.g. one target domain; see :func:`per_example_scores`). The statistic is
+    ``mean_g (mean(scores_b[g]) - mean(scores_a[g]))``; each resample redraws every group's examples
+    (with replacement, within the group), the same draws for both systems. With one group this
+    is :func:`paired_bootstrap` for a per-example metric. Returns ``{"diff", "low", "high"}``.
+    """
+    if len(scores_a) != len(scores_b) or not scores_a:
+        raise ValueError(f"paired_bootstrap_mean: need the same non-zero number of groups, got {len(scores_a)} and {len(scores_b)}")
+    g = torch.Generator().manual_seed(seed)
+    total = torch.zeros(n_resamples, dtype=torch.float64)
+    diff = 0.0
+    for a, b in zip(scores_a, scores_b):
+        if a.shape != b.shape or a.dim() != 1:
+            raise ValueError(f"paired_bootstrap_mean: group scores must be equal-length vectors, got {tuple(a.shape)} and {tuple(b.shape)}")
+        d = (b.double() - a.double())
+        idx = torch.randint(0, d.numel(), (n_resamples, d.numel()), generator=g)
+        total += d[idx].mean(1)
+        diff += float(d.mean())
+    k = len(scores_a)
+    alpha = (1.0 - confidence) / 2
+    total /= k
+    return {"diff": diff / k, "low": float(torch.quantile(total, alpha)), "high": float(torch.quantile(total, 1 - alpha))}

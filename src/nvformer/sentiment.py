@@ -71,3 +71,39 @@ def accuracy_objective(data: TokenizedSet):
 def metrics_report(data: TokenizedSet):
     """``report(model) -> {accuracy, macro_f1, nll, ece}`` on the test split."""
     return lambda model: classification_metrics(predict_logits(model, data), data.labels)
+
+
+def load_or_finetune(out: str | Path, source: str = "books", split_seed: int = 0, config=None, *, force: bool = False,
+                     data_dir=None, show_progress: bool = True):
+    """``(model, tokenizer, info)``: all-MiniLM-L6-v2 with a classification head fine-tuned on the
+    ``source`` train split (validation split for the best epoch), trained once and then loaded
+    from ``out`` as long as the recorded training settings match.
+
+    ``info`` holds the settings (``meta``), the per-epoch loss / validation accuracy and the best epoch.
+    """
+    import json
+    from dataclasses import asdict
+
+    from transformers import AutoModelForSequenceClassification
+
+    from .hf.checkpoints import load_minilm
+    from .train import FinetuneConfig, finetune_classifier
+
+    config = config or FinetuneConfig()
+    out = Path(out)
+    meta = {"config": asdict(config), "split_seed": split_seed, "fractions": list(FRACTIONS), "base": "all-MiniLM-L6-v2"}
+    if source != "books":
+        meta["source"] = source
+    info_file = out / "nvformer_finetune.json"
+    if not force and info_file.exists() and json.loads(info_file.read_text())["meta"] == meta:
+        _, tok = load_minilm()
+        return AutoModelForSequenceClassification.from_pretrained(out).eval(), tok, json.loads(info_file.read_text())
+    splits = domain_splits(source, split_seed, data_dir)
+    model, tok = load_minilm(head="classification")
+    hist = finetune_classifier(model, tok, *splits["train"], *splits["validation"], config=config, show_progress=show_progress)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    info = {"meta": meta, "train_loss": hist.train_loss, "val_accuracy": hist.val_accuracy, "best_epoch": hist.best_epoch}
+    info_file.write_text(json.dumps(info, indent=2))
+    return model.eval(), tok, info

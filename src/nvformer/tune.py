@@ -37,6 +37,9 @@ class KnobSpace:
         alpha_tau, stdev_tau: ``(low, high)`` ranges (the authors searched ``[-15, 10]`` and
             ``[0, 0.5]``).
         mu_tau: a range to search, or None to keep ``mu_tau = 1``.
+        layers: tune only these layer indices (the others keep their knobs); with
+            ``per_layer=False`` they share one setting. The cross site has no layers and is
+            skipped when ``layers`` is given.
     """
 
     sites: tuple[str, ...] | None = None
@@ -44,6 +47,7 @@ class KnobSpace:
     alpha_tau: tuple[float, float] = (-15.0, 10.0)
     stdev_tau: tuple[float, float] = (0.0, 0.5)
     mu_tau: tuple[float, float] | None = None
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("alpha_tau", "stdev_tau", "mu_tau"):
@@ -54,6 +58,8 @@ class KnobSpace:
             raise ValueError(f"KnobSpace: `stdev_tau` must be >= 0, got {self.stdev_tau}")
         if self.sites is not None and not set(self.sites) <= set(SITES):
             raise ValueError(f"KnobSpace: unknown site(s) in {self.sites}; sites are {SITES}")
+        if self.layers is not None and (not self.layers or any(not isinstance(i, int) or i < 0 for i in self.layers)):
+            raise ValueError(f"KnobSpace: `layers` must be a non-empty tuple of layer indices, got {self.layers!r}")
 
     def groups(self, model: nn.Module) -> list[tuple[str, str | None, int | None]]:
         """``(group name, site, layer)`` of every group of modules that shares one knob setting."""
@@ -63,6 +69,8 @@ class KnobSpace:
             if site not in present:
                 present.append(site)
         sites = [s for s in (self.sites or []) if s in present]
+        if self.layers is not None:
+            return self._layer_groups(model, sites if self.sites is not None else [s for s in present if s != "cross"])
         if self.sites is None:
             if not self.per_layer:
                 return [("all", None, None)]
@@ -74,6 +82,19 @@ class KnobSpace:
                 out += [(f"{site}.{layer}", site, layer) for layer in layers]
             else:
                 out.append((str(site), site, None))
+        return out
+
+    def _layer_groups(self, model: nn.Module, sites: list) -> list[tuple[str, str | None, Any]]:
+        out = []
+        for site in sites:
+            have = {k["layer"] for k in get_knobs(model).values() if k["site"] == site and k["layer"] is not None}
+            missing = set(self.layers) - have
+            if missing:
+                raise ValueError(f"KnobSpace: site {site!r} has no layer(s) {sorted(missing)} (it has {sorted(have)})")
+            if self.per_layer:
+                out += [(f"{site}.{layer}", site, layer) for layer in self.layers]
+            else:
+                out.append((f"{site}.{'+'.join(map(str, self.layers))}", site, tuple(self.layers)))
         return out
 
     def identity(self) -> dict[str, float]:
