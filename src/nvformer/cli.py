@@ -50,15 +50,17 @@ def main(argv: list[str] | None = None) -> int:
 def _tune(args) -> int:
     import json
 
+    from .evaluate import KnobCache
     from .sentiment import accuracy_objective, metrics_report, prepare
     from .tune import KnobSpace, tune
 
     prep = prepare(args.model, args.source, args.target, seed=args.split_seed, max_length=args.max_length)
+    cache = KnobCache(prep.model)  # memoised; layers before the first changed one are replayed
     sites = None if args.sites == "all" else tuple(s.strip() for s in args.sites.split(","))
     space = KnobSpace(sites=sites, per_layer=args.per_layer, alpha_tau=tuple(args.alpha_range), stdev_tau=tuple(args.stdev_range))
-    res = tune(prep.model, accuracy_objective(prep.validation), space=space, n_trials=args.trials, storage=args.storage,
+    res = tune(prep.model, accuracy_objective(prep.validation, cache), space=space, n_trials=args.trials, storage=args.storage,
                study_name=args.study or f"{args.source}-to-{args.target}", seed=args.seed, sampler=args.sampler,
-               out_dir=args.out, report=metrics_report(prep.test))
+               out_dir=args.out, report=metrics_report(prep.test, cache))
     print(json.dumps({"target": args.target, "identity_val_accuracy": res.identity_value, "best_val_accuracy": res.best_value,
                       "best_params": res.best_params, "test_metrics_of_best": res.best_report}, indent=2))
     return 0

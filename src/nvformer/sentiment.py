@@ -58,19 +58,24 @@ def prepare(model_dir: str | Path, source: str, target: str, *, seed: int = 0, m
     )
 
 
-def accuracy_objective(data: TokenizedSet):
-    """``objective(model) -> accuracy`` on a tokenised split (forward passes only)."""
+def _logits(model: nn.Module, data: TokenizedSet, cache) -> torch.Tensor:
+    return predict_logits(model, data) if cache is None else cache.logits(data)
+
+
+def accuracy_objective(data: TokenizedSet, cache=None):
+    """``objective(model) -> accuracy`` on a tokenised split (forward passes only; through a
+    :class:`nvformer.evaluate.KnobCache` of the same model if given)."""
 
     @torch.no_grad()
     def objective(model: nn.Module) -> float:
-        return classification_metrics(predict_logits(model, data), data.labels)["accuracy"]
+        return classification_metrics(_logits(model, data, cache), data.labels)["accuracy"]
 
     return objective
 
 
-def metrics_report(data: TokenizedSet):
+def metrics_report(data: TokenizedSet, cache=None):
     """``report(model) -> {accuracy, macro_f1, nll, ece}`` on the test split."""
-    return lambda model: classification_metrics(predict_logits(model, data), data.labels)
+    return lambda model: classification_metrics(_logits(model, data, cache), data.labels)
 
 
 def load_or_finetune(out: str | Path, source: str = "books", split_seed: int = 0, config=None, *, force: bool = False,
