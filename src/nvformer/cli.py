@@ -35,7 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     study.add_argument("--out", default=None, help="output folder (default: runs/study-BUDGET)")
     study.add_argument("--seed", type=int, default=0, help="sampler seed")
     study.add_argument("--split-seed", type=int, default=0)
+    ts = sub.add_parser("translate-study", help="the cross-domain translation study (trains the koran Marian model once, ~1 h on 2 cores)")
+    ts.add_argument("--model", default="runs/marian-koran", help="checkpoint folder (trained and cached there if missing)")
+    ts.add_argument("--out", default="runs/translation-study", help="output folder: results.json, summary.md, Optuna studies")
+    ts.add_argument("--domains", default=None, help="comma list of target domains (default: koran,law,medical,it)")
+    ts.add_argument("--sites", default=None, help="comma list of sites tuned separately (default: encoder,cross,decoder)")
+    ts.add_argument("--n-dev", type=int, default=None, help="dev pairs per domain for the knob search")
+    ts.add_argument("--n-test", type=int, default=None, help="test pairs per domain")
+    ts.add_argument("--trials", type=int, default=None, help="Optuna trials per (domain, site)")
+    ts.add_argument("--seed", type=int, default=0, help="sampler seed")
     args = parser.parse_args(argv)
+    if args.command == "translate-study":
+        return _translate_study(args)
     if args.command == "demo":
         from .demo import run
 
@@ -92,6 +103,23 @@ def _study(args) -> int:
         print(summary_markdown(result, "frozen"))
     print(headline(result))
     print(f"({result.info['seconds']:.0f} s; tables, plots, results.json and logits.pt in {out}/)")
+    return 0
+
+
+def _translate_study(args) -> int:
+    from dataclasses import replace
+
+    from .mt import TranslationStudyConfig, run_translation_study, study_markdown
+
+    over = {k: v for k, v in (("n_dev", args.n_dev), ("n_test", args.n_test), ("trials", args.trials)) if v is not None}
+    if args.domains:
+        over["domains"] = tuple(d.strip() for d in args.domains.split(","))
+    if args.sites:
+        over["sites"] = tuple(s.strip() for s in args.sites.split(","))
+    cfg = replace(TranslationStudyConfig(tune_seed=args.seed), **over)
+    res = run_translation_study(cfg, args.out, model_dir=args.model)
+    print(study_markdown(res))
+    print(f"({res['seconds'] / 60:.1f} min; results.json and summary.md in {args.out}/)")
     return 0
 
 
