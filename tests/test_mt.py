@@ -241,3 +241,5 @@ def test_tiny_end_to_end_translation_study(koran, tmp_path):
             assert (nvm(**batch).logits[valid] - ref).abs().max() > max(1e-3, 100 * id_err), site
     with pytest.raises(ValueError, match="no sentences"):
         mt.translate(nvm, tok, [])
+    with pytest.raises(ValueError, match="positions"):
+        mt.translate(nvm, tok, ["Und"], max_length=TINY.max_positions + 1)

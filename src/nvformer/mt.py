@@ -313,6 +313,9 @@ def translate(model: nn.Module, tok, sentences: Sequence[str], batch_size: int =
         raise ValueError("translate: no sentences")
     if batch_size < 1 or num_beams < 1 or max_new_tokens < 1:
         raise ValueError(f"translate: batch_size, num_beams and max_new_tokens must be >= 1, got {batch_size}, {num_beams}, {max_new_tokens}")
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if positions is not None and max(max_length, max_new_tokens + 1) > positions:
+        raise ValueError(f"translate: max_length {max_length} / max_new_tokens {max_new_tokens} exceed the model's {positions} positions")
     device = next(model.parameters()).device
     ids = _encode(tok, sentences, max_length)
     order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
