@@ -104,3 +104,20 @@ def test_layer_restricted_spaces_tune_only_those_layers():
     for k in nv.get_knobs(model).values():
         want = res.best_params["encoder.1/alpha_tau"] if (k["site"], k["layer"]) == ("encoder", 1) else 1e4
         assert k["alpha_tau"] == want
+
+
+def test_log_scale_alpha_space():
+    with pytest.raises(ValueError, match="log-scale"):
+        nv.KnobSpace(alpha_tau=(-1.0, 10.0), log_alpha=True)
+    model = nv.convert(build("gpt2"), alpha_tau=1e4)
+    kw, _ = inputs("gpt2", "right")
+
+    @torch.no_grad()
+    def objective(m):
+        return float(m(**kw).logits.std())
+
+    space = nv.KnobSpace(alpha_tau=(0.1, 1000.0), stdev_tau=(0.0, 0.0), log_alpha=True)
+    res = nv.tune(model, objective, space=space, n_trials=12, seed=0, show_progress=False)
+    alphas = sorted(t["all/alpha_tau"] for t in res.trials)
+    assert alphas[-1] == 1000.0  # the identity corner
+    assert sum(a < 10.0 for a in alphas) >= 3  # a log scale puts about a third of the samples below 10

@@ -37,6 +37,9 @@ class KnobSpace:
         alpha_tau, stdev_tau: ``(low, high)`` ranges (the authors searched ``[-15, 10]`` and
             ``[0, 0.5]``).
         mu_tau: a range to search, or None to keep ``mu_tau = 1``.
+        log_alpha: sample ``alpha_tau`` on a log scale (the range must then be positive); for
+            models whose pseudo-count scale ``s_alpha`` is small (SmolLM2: identity needs
+            ``alpha_tau`` ~ 1000, yet ``alpha_tau`` ~ 10 already moves the outputs).
         layers: tune only these layer indices (the others keep their knobs); with
             ``per_layer=False`` they share one setting. The cross site has no layers and is
             skipped when ``layers`` is given.
@@ -48,12 +51,15 @@ class KnobSpace:
     stdev_tau: tuple[float, float] = (0.0, 0.5)
     mu_tau: tuple[float, float] | None = None
     layers: tuple[int, ...] | None = None
+    log_alpha: bool = False
 
     def __post_init__(self) -> None:
         for name in ("alpha_tau", "stdev_tau", "mu_tau"):
             r = getattr(self, name)
             if r is not None and not (len(r) == 2 and math.isfinite(r[0]) and math.isfinite(r[1]) and r[0] <= r[1]):
                 raise ValueError(f"KnobSpace: `{name}` must be a finite (low, high) pair with low <= high, got {r!r}")
+        if self.log_alpha and self.alpha_tau[0] <= 0:
+            raise ValueError(f"KnobSpace: a log-scale `alpha_tau` range must be positive, got {self.alpha_tau}")
         if self.stdev_tau[0] < 0:
             raise ValueError(f"KnobSpace: `stdev_tau` must be >= 0, got {self.stdev_tau}")
         if self.sites is not None and not set(self.sites) <= set(SITES):
@@ -196,7 +202,7 @@ def tune(
     def run(trial: "optuna.Trial") -> float:
         params = {}
         for g, *_ in groups:
-            params[f"{g}/alpha_tau"] = trial.suggest_float(f"{g}/alpha_tau", *space.alpha_tau)
+            params[f"{g}/alpha_tau"] = trial.suggest_float(f"{g}/alpha_tau", *space.alpha_tau, log=space.log_alpha)
             params[f"{g}/stdev_tau"] = trial.suggest_float(f"{g}/stdev_tau", *space.stdev_tau)
             if space.mu_tau is not None:
                 params[f"{g}/mu_tau"] = trial.suggest_float(f"{g}/mu_tau", *space.mu_tau)
