@@ -9,7 +9,7 @@
    defaults: d_model 256, 3+3 layers, 4 heads, FFN 1024, tied shared embeddings, dropout 0.1; byte-level
    BPE, 8000 subwords shared by German and English, trained on the training pairs with ``tokenizers``),
    trained on ``../shared/data/mt-domains/koran/train.{de,en}`` German-to-English (17,982 pairs; the
-   1.5% with a side longer than 96 tokens are left out; 5 epochs, AdamW 1e-3 with 500 warm-up
+   1.5% with a side longer than 96 tokens are left out; 3 epochs, AdamW 1e-3 with 500 warm-up
    steps then inverse square root, label smoothing 0.1, ~2048 padded tokens per batch, seed 0;
    checkpoint chosen by greedy BLEU on 500 koran dev pairs, a seeded permutation with seed 0). Cached in ``runs/marian-koran/`` (ignored by
    git) with ``nvformer_translation.json``; reused while the config matches.
