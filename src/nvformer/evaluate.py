@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["KnobCache", "TokenizedSet", "layer_stack", "predict_logits"]
+__all__ = ["KnobCache", "TokenizedSet", "in_original_order", "layer_stack", "predict_logits"]
 
 
 @dataclass
@@ -51,6 +51,13 @@ class TokenizedSet:
         return int(self.order.numel())
 
 
+def in_original_order(rows: Tensor, order: Tensor) -> Tensor:
+    """Undo a length sort: ``rows[i]`` belongs to example ``order[i]``; returns them by example index."""
+    out = torch.empty_like(rows)
+    out[order] = rows
+    return out
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, data: TokenizedSet) -> Tensor:
     """``[N, C]`` logits of a sequence classifier, in the original example order."""
@@ -60,9 +67,7 @@ def predict_logits(model: nn.Module, data: TokenizedSet) -> Tensor:
         out = torch.cat([model(**b).logits.float() for b in data.batches])
     finally:
         model.train(was_training)
-    logits = torch.empty_like(out)
-    logits[data.order] = out
-    return logits
+    return in_original_order(out, data.order)
 
 
 def layer_stack(model: nn.Module) -> tuple[nn.ModuleList, list[list[nn.Module]]]:
@@ -196,8 +201,6 @@ class KnobCache:
             self.outputs.pop(next(iter(self.outputs)))
         self.calls["full" if start == 0 else "replayed_layers"] += 1
         self.calls["run_layers"] += n - start
-        out = torch.cat(outs)
-        logits = torch.empty_like(out)
-        logits[data.order] = out
+        logits = in_original_order(torch.cat(outs), data.order)
         self.memo[key] = logits
         return logits

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .data import read_parallel, read_wikitext
+from .evaluate import in_original_order
 
 __all__ = ["LM_DOMAINS", "TextSet", "lm_texts", "unit_nll", "perplexity", "bootstrap_log_ppl", "LMStudyConfig", "run_lm_study"]
 
@@ -125,10 +126,7 @@ def unit_nll(model: nn.Module, data: TextSet) -> Tensor:
             out.append(-(logp * valid).sum(-1))
     finally:
         model.train(was_training)
-    flat = torch.cat(out)
-    nll = torch.empty_like(flat)
-    nll[data.order] = flat
-    return nll
+    return in_original_order(torch.cat(out), data.order)
 
 
 def perplexity(nll: Tensor, n_tokens: Tensor) -> float:

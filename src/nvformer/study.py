@@ -49,8 +49,8 @@ import torch
 from torch import Tensor, nn
 
 from .data import stratified_split
-from .evaluate import KnobCache, TokenizedSet
-from .hf.convert import set_knobs
+from .evaluate import KnobCache, TokenizedSet, in_original_order
+from .hf.convert import nv_modules, set_knobs
 from .metrics import classification_metrics, paired_bootstrap_mean, per_example_scores
 from .sentiment import domain_splits
 from .tune import KnobSpace, apply_knobs, tune
@@ -184,10 +184,7 @@ class MeanPoolClassifier(nn.Module):
         self.eval()
 
         def feats(data):
-            f = torch.cat([self.features(**b) for b in data.batches])
-            out = torch.empty_like(f)
-            out[data.order] = f
-            return out
+            return in_original_order(torch.cat([self.features(**b) for b in data.batches]), data.order)
 
         xt, xv = feats(train), feats(val)
         best = None
@@ -240,9 +237,6 @@ class StudyResult:
     labels: dict[str, Tensor] = field(default_factory=dict)
     wise_curve: list[dict[str, Any]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
-
-    def row(self, setting: str, method: str, target: str) -> dict[str, Any] | None:
-        return next((r for r in self.rows if (r["setting"], r["method"], r["target"]) == (setting, method, target)), None)
 
     @classmethod
     def load(cls, out: str | Path) -> StudyResult:
@@ -422,8 +416,8 @@ def run_study(cfg: StudyConfig, out_dir: str | Path | None = None, show_progress
         (1 + len(targets) * (1 + n_layers + 1)) if cfg.frozen else 0)
     with _bar(total, show_progress) as bar:
         # --- the fine-tuned model, NV knobs --------------------------------------------------
-        priors = {1.0: estimate_prior(model, prior_set.batches, show_progress=False)}
-        convert(model, prior=priors[1.0], **REFERENCE)
+        source_prior = estimate_prior(model, prior_set.batches, show_progress=False)
+        convert(model, prior=source_prior, **REFERENCE)
         run = _Runner(model, cfg, sets, "fine-tuned", result, bar)
         run.knob_methods(targets)
         # --- WiSE-FT and NV on top -----------------------------------------------------------
@@ -432,12 +426,21 @@ def run_study(cfg: StudyConfig, out_dir: str | Path | None = None, show_progress
         finetuned = {k: v.detach().clone() for k, v in model.base_model.named_parameters() if k in pre}
         if not finetuned:
             raise ValueError("run_study: the pretrained encoder shares no parameter names with the fine-tuned model")
+
+        def interpolate(lam: float) -> None:
+            """WiSE weights ``lam`` with their own prior (the fine-tuned model's at 1); a fresh cache."""
+            _wise_set(model, pre, finetuned, lam)
+            if lam == 1.0:
+                for name, m in nv_modules(model):
+                    m.nvib.set_prior(source_prior[name])
+            else:
+                _estimate_prior(model, prior_set)
+            run.cache.clear(tag=lam)
+
         domains = [cfg.source, *targets]
         curve = {1.0: {d: run.accuracy(d)(model) for d in domains}}
         for lam in sorted(cfg.wise):
-            _wise_set(model, pre, finetuned, lam)
-            _estimate_prior(model, prior_set)
-            run.cache.clear(tag=lam)
+            interpolate(lam)
             curve[lam] = {d: run.accuracy(d)(model) for d in domains}
             result.wise_curve += [{"lam": lam, "domain": d, "val_accuracy": curve[lam][d],
                                    "test_accuracy": classification_metrics(run.logits(d, "test"), sets[(d, "test")].labels)["accuracy"]}
@@ -448,13 +451,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path | None = None, show_progress
         lams = [1.0, *sorted(cfg.wise, reverse=True)]  # ties keep the weight closest to the fine-tuned model
         pick = {d: max(lams, key=lambda lam: curve[lam][d]) for d in domains}
         for lam in sorted(set(pick.values())):
-            _wise_set(model, pre, finetuned, lam)
-            if lam == 1.0:
-                for name, m in _nv_named(model):
-                    m.nvib.set_prior(priors[1.0][name])
-            else:
-                _estimate_prior(model, prior_set)
-            run.cache.clear(tag=lam)
+            interpolate(lam)
             if pick[cfg.source] == lam:
                 run.record(Choice("wise-source", cfg.source, lam, val=curve[lam][cfg.source]), test_domains=[cfg.source, *targets])
             for t in targets:
@@ -463,9 +460,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path | None = None, show_progress
                 run.record(Choice("wise-target", t, lam, val=curve[lam][t]), test_domains=[t, cfg.source])
                 both = run.search("wise+nv-target", t, run.space(), run.accuracy(t), cfg.trials, lam=lam)
                 run.record(both, test_domains=[t, cfg.source])
-        _wise_set(model, pre, finetuned, 1.0)
-        for name, m in _nv_named(model):
-            m.nvib.set_prior(priors[1.0][name])
+        interpolate(1.0)
         result.info["wise_pick"] = pick
         result.info["cache_calls"] = dict(run.cache.calls)
         # --- frozen features -----------------------------------------------------------------
@@ -501,12 +496,6 @@ def _bar(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="study")
-
-
-def _nv_named(model: nn.Module):
-    from .hf.convert import nv_modules
-
-    return nv_modules(model)
 
 
 # ---------------------------------------------------------------------------------------------
