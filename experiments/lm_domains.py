@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 from identity import write_section  # noqa: E402
 
+from nvformer.plots import interval_panels  # noqa: E402
 from nvformer.lm import LMStudyConfig, LMStudyResult, lm_markdown, run_lm_study  # noqa: E402
 
 
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{res.info['identity_max_abs_nll_diff']:.2e} nats; greedy `generate()` continuations identical: {res.info['identity_samples_equal']}.",
         "",
         lm_markdown(res),
+        f"![test perplexity ratio per domain](figures/{figure(res, ROOT / 'docs' / 'figures' / 'lm_domains.png').name})",
+        "",
         reading(res),
         "",
         "Greedy continuations (24 new tokens) of the original model and under each domain's chosen knobs:",
@@ -67,6 +70,15 @@ def main(argv: list[str] | None = None) -> None:
     ])
     print(text)
     write_section(text, "lm-domains", Path(args.results))
+
+
+def figure(res, path: Path) -> Path:
+    """Test perplexity ratio (regularised / identity) per domain with its bootstrap interval."""
+    series = {m: [(r["domain"], r["ratio"], r["ratio_low"], r["ratio_high"]) for r in res.rows if r["method"] == m]
+              for m in ("target", "source")}
+    names = {"target": "tuned on the target's validation text", "source": "tuned on WikiText only"}
+    return interval_panels({"SmolLM2-135M, decoder knobs": {names[m]: v for m, v in series.items() if v}}, path,
+                           xlabel="test perplexity ratio, regularised / identity (95% CI)", reference=1.0, width=6.0)
 
 
 def reading(res) -> str:

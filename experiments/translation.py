@@ -42,11 +42,25 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 from identity import write_section  # noqa: E402
 from nvformer import mt  # noqa: E402
+from nvformer.plots import interval_panels  # noqa: E402
 
 COMMAND = ".venv/bin/python experiments/translation.py"
 
 
-def section(res: dict, train_info: dict, command: str) -> str:
+def figure(res: dict, path: Path) -> Path:
+    """Test BLEU and chrF differences (NV minus unregularised, 95% CI) per domain and site."""
+    panels = {}
+    for metric in ("bleu", "chrf"):
+        series: dict[str, list] = {}
+        for d, sites in res["tuned"].items():
+            for site, r in sites.items():
+                b = r["bootstrap"][metric]
+                series.setdefault(f"{site} knobs", []).append((d, b["diff"], b["low"], b["high"]))
+        panels[f"test {'BLEU' if metric == 'bleu' else 'chrF'}"] = series
+    return interval_panels(panels, path, xlabel="NV - unregularised (95% CI)")
+
+
+def section(res: dict, train_info: dict, command: str, figure_name: str | None = None) -> str:
     cfg, tcfg = res["config"], res["config"]["train"]
     hist = train_info["history"]
     it = res["data"].get("it")
@@ -78,6 +92,8 @@ def section(res: dict, train_info: dict, command: str) -> str:
                       "UTF-8 and are repaired on reading (`nvformer.data.read_parallel`)."]
     lines += ["", "Equivalence check of the pipeline (NV model at `alpha_tau = 1e4` vs the original model, greedy test output):", "",
               mt.study_markdown(res)]
+    if figure_name:
+        lines += ["", f"![test BLEU / chrF differences per domain and site](figures/{figure_name})"]
     return "\n".join(lines)
 
 
@@ -116,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--domains", default=None, help="comma list (default: koran,law,medical,it)")
     parser.add_argument("--sites", default=None, help="comma list (default: encoder,cross,decoder)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model and study (seconds; checks the command end to end)")
+    parser.add_argument("--reuse", action="store_true", help="rewrite the section and figure from OUT/results.json without rerunning")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -136,6 +153,11 @@ def main(argv: list[str] | None = None) -> None:
         r["wall_seconds"] = time.time() - t0
         print(json.dumps(r, indent=2))
         return
+    if args.reuse:
+        res = json.loads((Path(args.out) / "results.json").read_text())
+        info = json.loads((Path(res["model_dir"]) / mt.INFO_FILE).read_text())
+        write(res, info, res.get("command", COMMAND), args)
+        return
     model, _, info = mt.load_or_train(args.model, cfg.train, force=args.force)
     print(f"model: {info['parameters'] / 1e6:.1f}M parameters, best epoch {info['history']['best_epoch'] + 1}, "
           f"dev BLEU per epoch {info['history']['val_bleu']}")
@@ -143,12 +165,21 @@ def main(argv: list[str] | None = None) -> None:
         return
     del model
     res = mt.run_translation_study(cfg, args.out, model_dir=args.model)
-    command = " ".join([COMMAND, *_relevant_args(argv if argv is not None else sys.argv[1:])])
-    text = section(res, info, command)
+    res["command"] = " ".join([COMMAND, *_relevant_args(argv if argv is not None else sys.argv[1:])])
+    (Path(args.out) / "results.json").write_text(json.dumps(res, indent=2, default=str))
+    write(res, info, res["command"], args)
+    print(f"config: {json.dumps(asdict(cfg))}")
+
+
+def write(res: dict, info: dict, command: str, args) -> None:
+    """Print the section; unless ``--no-results``, draw the figure and write the section to the results file."""
+    name = None
+    if not args.no_results:
+        name = figure(res, ROOT / "docs" / "figures" / "translation.png").name
+    text = section(res, info, command, name)
     print(text)
     if not args.no_results:
         write_section(text, "translation", Path(args.results))
-    print(f"config: {json.dumps(asdict(cfg))}")
 
 
 if __name__ == "__main__":

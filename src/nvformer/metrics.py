@@ -8,12 +8,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["classification_metrics", "paired_bootstrap", "METRICS"]
+__all__ = ["METRICS", "classification_metrics", "fit_temperature", "mutual_information", "ood_auroc", "paired_bootstrap",
+           "predictive_entropy", "reliability_bins", "uncertainty_metrics"]
 
 METRICS = ("accuracy", "macro_f1", "nll", "ece")
 
@@ -111,3 +113,98 @@ def paired_bootstrap_mean(
     alpha = (1.0 - confidence) / 2
     total /= k
     return {"diff": diff / k, "low": float(torch.quantile(total, alpha)), "high": float(torch.quantile(total, 1 - alpha))}
+
+
+# ---------------------------------------------------------------------------------------------- predictive uncertainty
+
+
+def _check_samples(probs: Tensor) -> Tensor:
+    if probs.dim() != 3:
+        raise ValueError(f"metrics: need predictive samples [S, N, C], got {tuple(probs.shape)}")
+    return probs.double()
+
+
+def predictive_entropy(probs: Tensor) -> Tensor:
+    """``[N]`` entropy (nats) of the mean predictive ``p = mean_s probs[s]`` of samples ``[S, N, C]``."""
+    p = _check_samples(probs).mean(0)
+    return -(p * p.clamp_min(1e-300).log()).sum(-1)
+
+
+def mutual_information(probs: Tensor) -> Tensor:
+    """``[N]`` mutual information between prediction and parameters/attention (BALD):
+    entropy of the mean predictive minus the mean entropy of the samples; 0 for one sample."""
+    p = _check_samples(probs)
+    mean_h = -(p * p.clamp_min(1e-300).log()).sum(-1).mean(0)
+    return (predictive_entropy(probs) - mean_h).clamp_min(0.0)
+
+
+def uncertainty_metrics(probs: Tensor, labels: Tensor, n_bins: int = 15) -> dict[str, float]:
+    """Accuracy, NLL, Brier score and ECE of the mean predictive of samples ``[S, N, C]``.
+
+    NLL and Brier are means over examples (Brier: ``sum_c (p_c - 1[y = c])^2``); accuracy and ECE
+    (``n_bins`` equal-width confidence bins, L1) come from ``torchmetrics``.
+    """
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_calibration_error
+
+    p = _check_samples(probs).mean(0)
+    C = _check(p, labels)
+    labels = labels.long()
+    onehot = torch.nn.functional.one_hot(labels, C).double()
+    return {
+        "accuracy": float(multiclass_accuracy(p.float(), labels, num_classes=C, average="micro")),
+        "nll": float(-(p.gather(1, labels[:, None]).clamp_min(1e-300).log()).mean()),
+        "brier": float(((p - onehot) ** 2).sum(-1).mean()),
+        "ece": float(multiclass_calibration_error(p.float(), labels, num_classes=C, n_bins=n_bins, norm="l1")),
+    }
+
+
+def reliability_bins(probs: Tensor, labels: Tensor, n_bins: int = 10) -> dict[str, list[float]]:
+    """Reliability diagram of the mean predictive: per equal-width confidence bin (non-empty
+    bins only) the mean confidence, the accuracy and the count."""
+    p = _check_samples(probs).mean(0)
+    _check(p, labels)
+    conf, pred = p.max(-1)
+    correct = (pred == labels).double()
+    idx = (conf * n_bins).long().clamp_max(n_bins - 1)
+    out: dict[str, list[float]] = {"confidence": [], "accuracy": [], "count": []}
+    for b in range(n_bins):
+        m = idx == b
+        if bool(m.any()):
+            out["confidence"].append(float(conf[m].mean()))
+            out["accuracy"].append(float(correct[m].mean()))
+            out["count"].append(float(m.sum()))
+    return out
+
+
+def ood_auroc(score_in: Tensor, score_out: Tensor) -> float:
+    """AUROC of telling out-of-domain (positive) from in-domain examples by an uncertainty
+    score (higher = more uncertain), via ``torchmetrics``; 0.5 = chance."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    scores = torch.cat([score_in, score_out]).double()
+    target = torch.cat([torch.zeros(len(score_in)), torch.ones(len(score_out))]).long()
+    return float(binary_auroc(scores, target))
+
+
+def fit_temperature(logits: Tensor, labels: Tensor, grid: Tensor | None = None) -> float:
+    """Temperature ``T`` minimising the NLL of ``softmax(logits / T)`` (Guo et al. 2017): a
+    log-spaced grid search (0.05 to 20) refined by golden-section search on ``log T``."""
+    _check(logits, labels)
+    x, y = logits.double(), labels.long()
+
+    def nll(log_t: float) -> float:
+        return float(torch.nn.functional.cross_entropy(x / math.exp(log_t), y))
+
+    grid = torch.linspace(math.log(0.05), math.log(20.0), 61) if grid is None else grid.log()
+    vals = [nll(float(g)) for g in grid]
+    k = int(torch.tensor(vals).argmin())
+    lo, hi = float(grid[max(k - 1, 0)]), float(grid[min(k + 1, len(grid) - 1)])
+    g = (math.sqrt(5) - 1) / 2
+    a, b = lo, hi
+    for _ in range(40):
+        c, d = b - g * (b - a), a + g * (b - a)
+        if nll(c) < nll(d):
+            b = d
+        else:
+            a = c
+    return math.exp((a + b) / 2)

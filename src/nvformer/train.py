@@ -8,6 +8,7 @@ reviews of 256 tokens takes a few minutes per epoch on 2 cores.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -39,10 +40,13 @@ class FinetuneHistory:
 
 
 def finetune_classifier(model: nn.Module, tokenizer, train_texts: list[str], train_labels: list[int], val_texts: list[str],
-                        val_labels: list[int], config: FinetuneConfig = FinetuneConfig(), show_progress: bool = True) -> FinetuneHistory:
+                        val_labels: list[int], config: FinetuneConfig = FinetuneConfig(), show_progress: bool = True,
+                        extra_loss: Callable[[nn.Module], torch.Tensor] | None = None) -> FinetuneHistory:
     """Fine-tune ``model`` (a ``*ForSequenceClassification``) in place; returns the history.
 
-    The weights of the epoch with the best validation accuracy are restored at the end.
+    ``extra_loss(model)``, if given, is added to the classification loss after every forward
+    (e.g. the KL term of an ELBO). The weights of the epoch with the best validation accuracy
+    are restored at the end.
     """
     g = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
@@ -60,12 +64,13 @@ def finetune_classifier(model: nn.Module, tokenizer, train_texts: list[str], tra
         losses = []
         for i in progress(torch.randperm(len(train.batches), generator=g).tolist(), f"epoch {epoch + 1}/{config.epochs}", show_progress):
             out = model(**train.batches[i], labels=labels_by_batch[i])
+            loss = out.loss if extra_loss is None else out.loss + extra_loss(model)
             opt.zero_grad()
-            out.loss.backward()
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            losses.append(float(out.loss.detach()))
+            losses.append(float(loss.detach()))
         hist.train_loss.append(sum(losses) / len(losses))
         acc = classification_metrics(predict_logits(model, val), val.labels)["accuracy"]
         hist.val_accuracy.append(acc)
