@@ -10,7 +10,8 @@ files we have), shuffled with split seed 0 into 500 validation, 1000 test and th
 sentences (``nvformer.vae.wikitext_sentences``); out-of-domain: English sentences (5-30 words) of
 ``mt-domains/law/test.en`` (seed 0). Tokenizer: byte-level BPE, 4000 subwords, trained on the
 training sentences. Models (``NVAEConfig`` defaults: d_model 128, 4 heads, 2+2 layers, FFN 512,
-dropout 0.1; KL weights 1 with monotonic annealing over 400 steps) trained with
+dropout 0.1; KL weights lambda_G = lambda_D = 0.1 with monotonic annealing over 400 steps, posteriors
+starting at 0.1 of the prior standard deviation) trained with
 ``nvformer.vae.train`` (``TrainConfig`` defaults: 6 epochs, batch 64, AdamW 1e-3, seed 0).
 """
 
@@ -133,6 +134,8 @@ def run(args, out: Path) -> dict | None:
                           "forward_ppl": vae.lm_perplexity(lm, tok, nonempty), "reverse_ppl": vae.lm_perplexity(rev, tok, test),
                           "examples": samples[:8]}
         r["interpolation"] = vae.interpolation_curve(model, tok, test[: st["n_pairs"]], test[half : half + st["n_pairs"]], TS)
+        h = len(ood) // 2
+        r["interpolation_ood"] = vae.interpolation_curve(model, tok, ood[: st["n_pairs"]], ood[h : h + st["n_pairs"]], TS)
         res["models"][name] = r
     res["seconds"] = time.time() - t0
     (out / "results.json").write_text(json.dumps(res, indent=2))
@@ -145,8 +148,8 @@ def _fmt(v, spec=".2f") -> str:
 
 def figures(res: dict, out: Path, fig_dir: Path) -> list[str]:
     names = []
-    panels = {name: {"BLEU to sentence a": (r["interpolation"]["t"], r["interpolation"]["bleu_a"]),
-                     "BLEU to sentence b": (r["interpolation"]["t"], r["interpolation"]["bleu_b"])} for name, r in res["models"].items()}
+    panels = {name: {f"BLEU to {end}{' (law)' if key.endswith('ood') else ''}": (r[key]["t"], r[key][f"bleu_{end}"])
+                     for key in ("interpolation", "interpolation_ood") for end in ("a", "b")} for name, r in res["models"].items()}
     names.append(line_panels(panels, fig_dir / "nvae_interpolation.png", xlabel="t", ylabel="corpus BLEU").name)
     curves = {}
     for name in res["models"]:
@@ -160,6 +163,18 @@ def figures(res: dict, out: Path, fig_dir: Path) -> list[str]:
     return names
 
 
+def _config_line(res: dict) -> str:
+    c = next(iter(res["models"].values()))["config"]
+    t = next(iter(res["models"].values()))["train"]["train"]
+    return (f"Models: d_model {c['d_model']}, {c['heads']} heads, {c['encoder_layers']}+{c['decoder_layers']} layers, FFN {c['ffn']}, "
+            f"dropout {c['dropout']}, max {c['max_length']} tokens; KL weights lambda_G = {c['lambda_g']}, lambda_D = {c['lambda_d']} "
+            f"({c['schedule']} annealing over {c['warmup']} steps; KL_G and the pooled KL averaged over dimensions, reconstruction = "
+            f"token-mean cross-entropy); NVIB delta {c['delta']}, kappa {c['kappa']}, prior N(0, {c['prior_var']} I) with log alpha_p "
+            f"{c['prior_log_alpha']}, posteriors initialised at {c['init_stdev']} of the prior standard deviation. Training: "
+            f"{t['epochs']} epochs, batch {t['batch_size']}, AdamW {t['lr']} (warm-up {t['warmup_steps']} steps, linear decay), seed {t['seed']}, "
+            "one process, 1 thread.")
+
+
 def section(res: dict, out: Path, fig_dir: Path) -> str:
     ref = res["reference"]
     d = res["data"]
@@ -170,6 +185,7 @@ def section(res: dict, out: Path, fig_dir: Path) -> str:
              f"used here; out of domain: {d['ood']} English sentences of `mt-domains/law/test.en` (seed 0). Tokenizer: byte-level BPE "
              "(4000) trained on the training sentences. Decoding: greedy from the posterior mean (evaluation form); NVAE components "
              "with pseudo-count <= 0.1 are pruned (the authors' threshold).", "",
+             _config_line(res), "",
              "| model | params | training | test BLEU | test token acc | test nats/token | KL_G | KL_D | latent vectors | kept | total pseudo-count "
              "| OOD BLEU | OOD token acc | OOD vectors | OOD kept |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -193,9 +209,10 @@ def section(res: dict, out: Path, fig_dir: Path) -> str:
     lines += ["", "Interpolation (NVAE and autoencoder: the union of both sentences' components with mixture weights pi_a (1 - t) "
               "and pi_b t; pooled VAE: z = (1 - t) mu_a + t mu_b) between test sentence pairs: corpus BLEU of the decodes to each end.", "",
               "| model | " + " | ".join(f"t={t:g} (a / b)" for t in TS) + " |", "| --- |" + " --- |" * len(TS)]
-    for name, r in res["models"].items():
-        c = r["interpolation"]
-        lines.append(f"| {name} | " + " | ".join(f"{a:.1f} / {b:.1f}" for a, b in zip(c["bleu_a"], c["bleu_b"])) + " |")
+    for key, where in (("interpolation", "WikiText test"), ("interpolation_ood", "law")):
+        for name, r in res["models"].items():
+            c = r[key]
+            lines.append(f"| {name} ({where}) | " + " | ".join(f"{a:.1f} / {b:.1f}" for a, b in zip(c["bleu_a"], c["bleu_b"])) + " |")
     for f in figures(res, out, fig_dir):
         lines += ["", f"![{f}](figures/{f})"]
     lines += ["", "Examples (test reconstructions, prior samples, one interpolation path):", ""]

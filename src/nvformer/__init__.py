@@ -9,7 +9,10 @@ The public API (see README.md):
   :func:`kl_terms` -- denoising attention and its ``nn.MultiheadAttention`` drop-in;
 * :func:`estimate_prior` -- empirical priors of a model's attention inputs;
 * :func:`convert`, :func:`set_knobs`, :func:`get_knobs` -- NV reinterpretation of pretrained
-  Hugging Face models (identity initialisation, empirical prior, knobs).
+  Hugging Face models (identity initialisation, empirical prior, knobs);
+* :class:`DirichletAttention`, :class:`DirichletSpec`, :func:`convert_dirichlet`,
+  :func:`dirichlet_kl` -- variational Dirichlet attention weights (Cinquin et al. 2021);
+* :mod:`nvformer.models` -- the NVAE (Transformer VAE with an NVIB latent) and its baselines.
 """
 
 from .attention import (
@@ -19,6 +22,7 @@ from .attention import (
     denoising_attention,
     kl_terms,
 )
+from .bayes import DirichletAttention, DirichletSpec, convert_dirichlet, dirichlet_kl
 from .empirical import estimate_prior
 from .hf.convert import convert, get_knobs, set_knobs
 from .kl import kl_dirichlet, kl_gaussian, kl_symmetric_dirichlet
@@ -30,6 +34,8 @@ from .tune import KnobSpace, TuneResult, tune
 __version__ = "0.1.0"
 
 __all__ = [
+    "DirichletAttention",
+    "DirichletSpec",
     "KLTerms",
     "KnobSpace",
     "TuneResult",
@@ -39,8 +45,10 @@ __all__ = [
     "Prior",
     "PriorEstimator",
     "convert",
+    "convert_dirichlet",
     "convert_mha",
     "denoising_attention",
+    "dirichlet_kl",
     "estimate_prior",
     "get_knobs",
     "kl_dirichlet",
