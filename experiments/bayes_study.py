@@ -47,9 +47,16 @@ NV_GRID = (0.05, 0.1, 0.2)
 def settings(smoke: bool) -> dict:
     if smoke:
         return {"seeds": [0], "finetune": FinetuneConfig(epochs=1, max_length=32, batch_size=16), "n_eval": 24, "n_val": 24, "samples": 2,
-                "n_train": 48, "nv_grid": (0.1,)}
-    return {"seeds": [0, 1, 2], "finetune": FinetuneConfig(epochs=2, max_length=128, batch_size=16), "n_eval": 150, "n_val": 200,
-            "samples": 4, "n_train": None, "nv_grid": NV_GRID}
+                "n_train": 48, "nv_grid": (0.1,), "ensemble_size": 2}
+    return {"seeds": [0, 1, 2], "finetune": FinetuneConfig(epochs=2, max_length=128, batch_size=16), "n_eval": 400, "n_val": 200,
+            "samples": 4, "n_train": None, "nv_grid": NV_GRID, "ensemble_size": 3}
+
+
+def ensemble_seeds(seed: int, size: int) -> list[int]:
+    """Training seeds of the ensemble reported under ``seed``: the MAP model of ``seed`` and
+    ``size - 1`` extra members of their own (seeds ``100 + (size - 1) seed + j``), so that the
+    ensembles of different seeds share no member."""
+    return [seed] + [100 + (size - 1) * seed + j for j in range(size - 1)]
 
 
 def run(args, out: Path) -> dict:
@@ -99,7 +106,10 @@ def run(args, out: Path) -> dict:
                 best = (s, nll, m)
         nv_choice[seed] = {"stdev_tau": best[0], "val_nll": best[1]}
         record("nv-sample", seed, evaluate_all("nv-sample", [best[2]], seed))
-    record("ensemble", 0, evaluate_all("ensemble", list(maps.values()), 0))
+    for seed in st["seeds"]:
+        members = [maps[seed]] + [finetune_variant(out / f"map-s{x}", "standard", x, st["finetune"], n_train=st["n_train"],
+                                                   show_progress=not args.quiet)[0] for x in ensemble_seeds(seed, st["ensemble_size"])[1:]]
+        record("ensemble", seed, evaluate_all("ensemble", members, seed))
     labels = {d: torch.tensor(s.labels) for d, s in sets.items()} | {"validation": torch.tensor(val.labels)}
     res = {"settings": {k: (v.__dict__ if k == "finetune" else list(v) if isinstance(v, tuple) else v) for k, v in st.items()},
            "train": train_info, "nv_choice": nv_choice, "rows": [], "reliability": {}, "smoke": args.smoke}
@@ -148,6 +158,10 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def _mean_of(values: list[float | None]) -> str:
+    return "-" if any(v is None for v in values) else f"{statistics.mean(values):.3f}"
+
+
 def section(res: dict, fig_dir: Path) -> str:
     st = res["settings"]
     methods = list(dict.fromkeys(r["method"] for r in res["rows"]))
@@ -156,10 +170,10 @@ def section(res: dict, fig_dir: Path) -> str:
              f"Model: all-MiniLM-L6-v2 fine-tuned on `books` ({st['finetune']['epochs']} epochs, batch {st['finetune']['batch_size']}, "
              f"reviews truncated to {st['finetune']['max_length']} tokens), seeds {st['seeds']}; standard attention (MAP; MC dropout; "
              "NV sampling with the empirical prior of 256 books training reviews and stdev_tau chosen on books validation NLL from "
-             f"{st['nv_grid']}; the ensemble of the {len(st['seeds'])} MAP models) or Dirichlet attention in all six layers (`DirichletSpec` "
+             f"{st['nv_grid']}; per seed, a deep ensemble of {st['ensemble_size']} MAP models, that seed's and {st['ensemble_size'] - 1} of its own, seeds 100 + {st['ensemble_size'] - 1} seed + j) or Dirichlet attention in all six layers (`DirichletSpec` "
              f"defaults, ELBO with KL / N_train). {st['samples']} samples per Monte Carlo prediction. Data: Amazon reviews (Blitzer et al. "
              f"2007) and airline / imdb / blog (as in Ryu & Lee 2020), split seed 0, {st['n_eval']} test reviews per domain drawn with seed 0; "
-             f"temperatures fitted on {st['n_val']} books validation reviews. Mean ± sd over seeds (the ensemble is one run). "
+             f"temperatures fitted on {st['n_val']} books validation reviews. Mean ± sd over seeds. "
              "OOD = mean over the six other domains; AUROC = books test vs each domain's test reviews, by predictive entropy (H) or "
              "mutual information (MI, Monte Carlo methods only).", "",
              "| method | books acc | books NLL | books Brier | books ECE | OOD acc | OOD NLL | OOD Brier | OOD ECE | AUROC (H) | AUROC (MI) |",
@@ -174,13 +188,14 @@ def section(res: dict, fig_dir: Path) -> str:
         lines.append(f"| {m} | {agg('accuracy', [SOURCE])} | {agg('nll', [SOURCE])} | {agg('brier', [SOURCE])} | {agg('ece', [SOURCE])} | "
                      f"{agg('accuracy', TARGETS)} | {agg('nll', TARGETS)} | {agg('brier', TARGETS)} | {agg('ece', TARGETS)} | "
                      f"{agg('auroc_entropy', TARGETS)} | {agg('auroc_mi', TARGETS)} |")
-    lines += ["", "Per domain (accuracy / ECE / AUROC by entropy, mean over seeds):", "",
-              "| method | " + " | ".join(TARGETS) + " |", "| --- |" + " --- |" * len(TARGETS)]
-    for m in methods:
-        rows = [r for r in res["rows"] if r["method"] == m]
-        cells = [f"{statistics.mean(r[d]['accuracy'] for r in rows):.3f} / {statistics.mean(r[d]['ece'] for r in rows):.3f} / "
-                 f"{statistics.mean(r[d]['auroc_entropy'] for r in rows):.3f}" for d in TARGETS]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    for title, keys in (("accuracy / ECE / AUROC by entropy", ("accuracy", "ece", "auroc_entropy")),
+                        ("NLL / Brier / AUROC by mutual information", ("nll", "brier", "auroc_mi"))):
+        lines += ["", f"Per domain ({title}, mean over seeds; - = not defined for the method):", "",
+                  "| method | " + " | ".join(TARGETS) + " |", "| --- |" + " --- |" * len(TARGETS)]
+        for m in methods:
+            rows = [r for r in res["rows"] if r["method"] == m]
+            cells = [" / ".join(_mean_of([r[d].get(k) for r in rows]) for k in keys) for d in TARGETS]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if res.get("nv_choice"):
         lines += ["", "NV stdev_tau chosen per seed: " + ", ".join(f"seed {s}: {v['stdev_tau']}" for s, v in res["nv_choice"].items()) + "."]
     panels = {}

@@ -10,9 +10,9 @@ files we have), shuffled with split seed 0 into 500 validation, 1000 test and th
 sentences (``nvformer.vae.wikitext_sentences``); out-of-domain: English sentences (5-30 words) of
 ``mt-domains/law/test.en`` (seed 0). Tokenizer: byte-level BPE, 4000 subwords, trained on the
 training sentences. Models (``NVAEConfig`` defaults: d_model 128, 4 heads, 2+2 layers, FFN 512,
-dropout 0.1; KL weights lambda_G = lambda_D = 0.1 with monotonic annealing over 400 steps, posteriors
+dropout 0.1; KL weights lambda_G = lambda_D = 0.1 ("nvae-strong": 1.0) with monotonic annealing over 400 steps, posteriors
 starting at 0.1 of the prior standard deviation) trained with
-``nvformer.vae.train`` (``TrainConfig`` defaults: 6 epochs, batch 64, AdamW 1e-3, seed 0).
+``nvformer.vae.train`` (``TrainConfig`` defaults but 12 epochs: batch 64, AdamW 1e-3, seed 0).
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ from nvformer.models import NVAE, NVAEConfig  # noqa: E402
 from nvformer.mt import train_tokenizer  # noqa: E402
 from nvformer.plots import line_panels  # noqa: E402
 
-MODELS = {"nvae": "nvib", "autoencoder": "none", "pooled-vae": "pooled"}
+# name -> (bottleneck, NVAEConfig overrides): the NVAE at the default KL weights, the NVAE with a ten times stronger
+# bottleneck (the paper trades reconstruction for fewer latent vectors through lambda_G / lambda_D), and the two baselines.
+MODELS = {"nvae": ("nvib", {}), "nvae-strong": ("nvib", {"lambda_g": 1.0, "lambda_d": 1.0}), "autoencoder": ("none", {}),
+          "pooled-vae": ("pooled", {})}
 TS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
@@ -46,12 +49,12 @@ def settings(smoke: bool) -> dict:
         return {"model": dict(d_model=32, heads=2, encoder_layers=1, decoder_layers=1, ffn=64, max_length=48, warmup=10, cycle=10),
                 "train": dict(epochs=1, batch_size=16, log_every=5, save_every=20, max_steps=12), "vocab": 400, "n_train": 200,
                 "n_eval": 16, "n_samples": 16, "n_pairs": 4, "lm_epochs": 1}
-    return {"model": {}, "train": {}, "vocab": 4000, "n_train": None, "n_eval": 500, "n_samples": 1000, "n_pairs": 100, "lm_epochs": 3}
+    return {"model": {}, "train": {"epochs": 12}, "vocab": 4000, "n_train": None, "n_eval": 500, "n_samples": 1000, "n_pairs": 100, "lm_epochs": 3}
 
 
-def load_or_train(name: str, bottleneck: str, tok, sents, st: dict, out: Path) -> tuple[NVAE, dict]:
+def load_or_train(name: str, bottleneck: str, overrides: dict, tok, sents, st: dict, out: Path) -> tuple[NVAE, dict]:
     """The trained model of ``name`` (cached in ``out/name`` while the configs match)."""
-    cfg = NVAEConfig(vocab_size=len(tok), bottleneck=bottleneck, **st["model"])
+    cfg = NVAEConfig(vocab_size=len(tok), bottleneck=bottleneck, **{**st["model"], **overrides})
     tcfg = vae.TrainConfig(**st["train"])
     folder = out / name
     if (folder / vae.CONFIG_FILE).exists():
@@ -107,7 +110,7 @@ def run(args, out: Path) -> dict | None:
     names = [n.strip() for n in args.models.split(",")]
     models = {}
     for name in names:
-        models[name] = load_or_train(name, MODELS[name], tok, sents, st, out)
+        models[name] = load_or_train(name, *MODELS[name], tok, sents, st, out)
     if args.train_only:
         return None
     test = sents["test"][: st["n_eval"]]
@@ -163,6 +166,30 @@ def figures(res: dict, out: Path, fig_dir: Path) -> list[str]:
     return names
 
 
+def reading(res: dict) -> str:
+    """The paper's expected shape checked against the recorded numbers (criteria stated inline)."""
+    m = res["models"]
+    if not {"nvae", "autoencoder"} <= set(m):
+        return ""
+    nv, ae = m["nvae"]["test"], m["autoencoder"]["test"]
+    close = nv["bleu"] >= 0.8 * ae["bleu"]
+    fewer = nv["kept_fraction"] < 0.9
+    parts = [f"**Reading (the recorded run).** Reconstruction: NVAE test BLEU {nv['bleu']:.1f} vs autoencoder {ae['bleu']:.1f} "
+             f"({'within' if close else 'not within'} 20% of it)"]
+    if "pooled-vae" in m:
+        parts[-1] += f", pooled VAE {m['pooled-vae']['test']['bleu']:.1f}"
+    parts.append(f"latent vectors: the NVAE keeps {100 * nv['kept_fraction']:.0f}% of its token components "
+                 f"({'fewer than the autoencoder, as the paper expects' if fewer else 'about as many as the autoencoder: no compression at this setting'})")
+    if "pooled-vae" in m and m["nvae"].get("prior") and m["pooled-vae"].get("prior"):
+        a, b = m["nvae"]["prior"], m["pooled-vae"]["prior"]
+        better = a["reverse_ppl"] < b["reverse_ppl"]
+        parts.append(f"prior samples: reverse perplexity NVAE {a['reverse_ppl']:.1f} vs pooled VAE {b['reverse_ppl']:.1f} (real-data "
+                     f"reference {res['reference']['reverse_ppl_real']:.1f}; lower is better, so the "
+                     f"{'NVAE' if better else 'pooled VAE'} prior is the more usable one here), forward perplexity "
+                     f"{a['forward_ppl']:.1f} vs {b['forward_ppl']:.1f}, distinct samples {100 * a['distinct']:.0f}% vs {100 * b['distinct']:.0f}%")
+    return "; ".join(parts) + "."
+
+
 def _config_line(res: dict) -> str:
     c = next(iter(res["models"].values()))["config"]
     t = next(iter(res["models"].values()))["train"]["train"]
@@ -215,6 +242,7 @@ def section(res: dict, out: Path, fig_dir: Path) -> str:
             lines.append(f"| {name} ({where}) | " + " | ".join(f"{a:.1f} / {b:.1f}" for a, b in zip(c["bleu_a"], c["bleu_b"])) + " |")
     for f in figures(res, out, fig_dir):
         lines += ["", f"![{f}](figures/{f})"]
+    lines += ["", reading(res)]
     lines += ["", "Examples (test reconstructions, prior samples, one interpolation path):", ""]
     for name, r in res["models"].items():
         lines.append(f"- **{name}** reconstruction: `{r['test']['examples'][0]['input']}` -> `{r['test']['examples'][0]['output']}`")

@@ -358,7 +358,7 @@ class TranslationConfig:
     max_positions: int = 256
     max_length: int = 96
     batch_tokens: int = 2048
-    epochs: int = 3
+    epochs: int = 10
     lr: float = 1e-3
     warmup: int = 500
     weight_decay: float = 0.0
