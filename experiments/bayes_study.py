@@ -2,6 +2,8 @@
 a deep ensemble, each with and without temperature scaling, on reviews with domain shift.
 
     .venv/bin/python experiments/bayes_study.py            # fine-tune (cached in runs/bayes/), evaluate, write RESULTS
+    .venv/bin/python experiments/bayes_study.py --seeds 1 --threads 1   # one seed only (cached in runs/bayes/probs-s1.pt), e.g. in
+                                                                        # parallel processes; then the plain command aggregates
     .venv/bin/python experiments/bayes_study.py --reuse    # rewrite the section from runs/bayes/results.json
     .venv/bin/python experiments/bayes_study.py --smoke --out runs/bayes-smoke --no-results
 
@@ -9,7 +11,8 @@ Model: all-MiniLM-L6-v2 + classification head fine-tuned on ``books`` (train spl
 ``domain_splits('books', 0)``; 2 epochs, batch 16, AdamW 5e-5, reviews truncated to 128 tokens to fit
 the CPU budget), standard attention (MAP) or Dirichlet attention in all 6 layers (``DirichletSpec``
 defaults: softmax concentration, tau 10 learnt per layer, prior centred on the deterministic
-attention), for seeds 0, 1, 2. Evaluation: ``n_eval`` reviews (seed 0) of the test split of each of
+attention), for seeds 0, 1, 2; per seed also a deep ensemble of that seed's MAP model and two more
+(``ensemble_seeds``). Evaluation: ``n_eval`` reviews (seed 0) of the test split of each of
 the seven domains (books in-domain; dvd, electronics, kitchen, airline, imdb, blog out of domain);
 Monte Carlo methods average ``samples`` forwards. Temperature scaling and the NV ``stdev_tau`` are
 fitted on the books validation split. OOD detection: books test vs each other domain's test reviews.
@@ -41,6 +44,7 @@ from nvformer.uncertainty import apply_temperature, finetune_variant, predictive
 
 SOURCE = "books"
 TARGETS = [d for d in REVIEW_DOMAINS if d != SOURCE]
+METHOD_ORDER = ("map", "mc-dropout", "ensemble", "dirichlet-mean", "dirichlet-sample", "nv-sample")
 NV_GRID = (0.05, 0.1, 0.2)
 
 
@@ -48,7 +52,7 @@ def settings(smoke: bool) -> dict:
     if smoke:
         return {"seeds": [0], "finetune": FinetuneConfig(epochs=1, max_length=32, batch_size=16), "n_eval": 24, "n_val": 24, "samples": 2,
                 "n_train": 48, "nv_grid": (0.1,), "ensemble_size": 2}
-    return {"seeds": [0, 1, 2], "finetune": FinetuneConfig(epochs=2, max_length=128, batch_size=16), "n_eval": 400, "n_val": 200,
+    return {"seeds": [0, 1, 2], "finetune": FinetuneConfig(epochs=2, max_length=128, batch_size=16), "n_eval": 200, "n_val": 200,
             "samples": 4, "n_train": None, "nv_grid": NV_GRID, "ensemble_size": 3}
 
 
@@ -59,59 +63,83 @@ def ensemble_seeds(seed: int, size: int) -> list[int]:
     return [seed] + [100 + (size - 1) * seed + j for j in range(size - 1)]
 
 
-def run(args, out: Path) -> dict:
+def _data(st: dict):
+    """Tokenizer, the evaluation sets per domain, the source validation set and the prior batches."""
     from nvformer.hf.checkpoints import load_minilm
 
-    st = settings(args.smoke)
-    t0 = time.time()
     _, tok = load_minilm()
     L = st["finetune"].max_length
     splits = {d: domain_splits(d, 0) for d in REVIEW_DOMAINS}
     sets = {d: TokenizedSet.build(tok, *subset(splits[d]["test"], st["n_eval"]), batch_size=32, max_length=L) for d in REVIEW_DOMAINS}
     val = TokenizedSet.build(tok, *subset(splits[SOURCE]["validation"], st["n_val"]), batch_size=32, max_length=L)
     prior_batches = TokenizedSet.build(tok, splits[SOURCE]["train"][0][:256], batch_size=32, max_length=L).batches
-    probs: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-    train_info = {}
+    return sets, val, prior_batches
 
-    def record(method: str, seed: int, per_domain: dict[str, torch.Tensor]) -> None:
-        probs.setdefault(method, {})[seed] = per_domain
 
-    def evaluate_all(method: str, models, seed: int) -> dict[str, torch.Tensor]:
-        res = {"validation": predictive_probs(method, models, val, st["samples"], seed)}
-        for d, s in sets.items():
-            res[d] = predictive_probs(method, models, s, st["samples"], seed)
-        return res
+def _settings_json(st: dict) -> dict:
+    return {k: (v.__dict__ if k == "finetune" else list(v) if isinstance(v, tuple) else v) for k, v in st.items()}
 
-    maps = {}
-    for seed in st["seeds"]:
-        for attention in ("standard", "dirichlet"):
-            name = f"{'map' if attention == 'standard' else 'dirichlet'}-s{seed}"
-            model, _, info = finetune_variant(out / name, attention, seed, st["finetune"], n_train=st["n_train"], show_progress=not args.quiet)
-            train_info[name] = {k: info[k] for k in ("train_loss", "val_accuracy", "best_epoch")}
-            if attention == "standard":
-                maps[seed] = model
-                record("map", seed, evaluate_all("map", [model], seed))
-                record("mc-dropout", seed, evaluate_all("mc-dropout", [model], seed))
-            else:
-                record("dirichlet-mean", seed, evaluate_all("dirichlet-mean", [model], seed))
-                record("dirichlet-sample", seed, evaluate_all("dirichlet-sample", [model], seed))
-    # NV sampling on the MAP models: stdev_tau by source validation NLL (seed 0), then every seed
-    nv_choice = {}
-    for seed, model in maps.items():
-        best = None
-        for s in st["nv_grid"]:
-            m = sampled_nv(_fresh_map(out, seed, st), prior_batches, s)
-            nll = metrics.uncertainty_metrics(predictive_probs("nv-sample", [m], val, st["samples"], seed), torch.tensor(val.labels))["nll"]
-            if best is None or nll < best[1]:
-                best = (s, nll, m)
-        nv_choice[seed] = {"stdev_tau": best[0], "val_nll": best[1]}
-        record("nv-sample", seed, evaluate_all("nv-sample", [best[2]], seed))
-    for seed in st["seeds"]:
-        members = [maps[seed]] + [finetune_variant(out / f"map-s{x}", "standard", x, st["finetune"], n_train=st["n_train"],
-                                                   show_progress=not args.quiet)[0] for x in ensemble_seeds(seed, st["ensemble_size"])[1:]]
-        record("ensemble", seed, evaluate_all("ensemble", members, seed))
+
+def seed_run(seed: int, st: dict, out: Path, data, *, quiet: bool = False, train_only: bool = False) -> dict | None:
+    """Every method's predictive samples for one seed (``{method: {split: [S, N, C]}}``), with the
+    training summaries and the NV choice; cached in ``out/probs-s{seed}.pt`` while the settings match."""
+    cache = out / f"probs-s{seed}.pt"
+    key = json.dumps(_settings_json(st), sort_keys=True)
+    if cache.exists():
+        saved = torch.load(cache, weights_only=False)
+        if saved["key"] == key:
+            return saved
+    sets, val, prior_batches = data
+    t0 = time.time()
+
+    def fit(attention: str, s: int):
+        return finetune_variant(out / f"{'map' if attention == 'standard' else 'dirichlet'}-s{s}", attention, s, st["finetune"],
+                                n_train=st["n_train"], show_progress=not quiet)
+
+    def evaluate_all(method: str, models) -> dict[str, torch.Tensor]:
+        return {"validation": predictive_probs(method, models, val, st["samples"], seed)} | {
+            d: predictive_probs(method, models, x, st["samples"], seed) for d, x in sets.items()}
+
+    (map_model, _, map_info), (dir_model, _, dir_info) = fit("standard", seed), fit("dirichlet", seed)
+    members = [map_model] + [fit("standard", x)[0] for x in ensemble_seeds(seed, st["ensemble_size"])[1:]]
+    if train_only:
+        return None
+    probs = {"map": evaluate_all("map", [map_model]), "mc-dropout": evaluate_all("mc-dropout", [map_model]),
+             "ensemble": evaluate_all("ensemble", members)}
+    probs["dirichlet-mean"] = evaluate_all("dirichlet-mean", [dir_model])
+    probs["dirichlet-sample"] = evaluate_all("dirichlet-sample", [dir_model])
+    del members, dir_model
+    # NV sampling on the MAP model: stdev_tau by source validation NLL
+    best = None
+    for s in st["nv_grid"]:
+        m = sampled_nv(fit("standard", seed)[0], prior_batches, s)
+        nll = metrics.uncertainty_metrics(predictive_probs("nv-sample", [m], val, st["samples"], seed), torch.tensor(val.labels))["nll"]
+        if best is None or nll < best[1]:
+            best = (s, nll, m)
+    probs["nv-sample"] = evaluate_all("nv-sample", [best[2]])
+    saved = {"key": key, "probs": probs, "seconds": time.time() - t0, "nv_choice": {"stdev_tau": best[0], "val_nll": best[1]},
+             "train": {f"{k}-s{seed}": {f: i[f] for f in ("train_loss", "val_accuracy", "best_epoch")} for k, i in (("map", map_info),
+                                                                                                              ("dirichlet", dir_info))}}
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(saved, cache)
+    return saved
+
+
+def run(args, out: Path) -> dict | None:
+    st = settings(args.smoke)
+    t0 = time.time()
+    seeds = st["seeds"] if args.seeds is None else [int(x) for x in args.seeds.split(",")]
+    data = _data(st)
+    per_seed = {seed: seed_run(seed, st, out, data, quiet=args.quiet, train_only=args.train_only) for seed in seeds}
+    if args.train_only or set(seeds) != set(st["seeds"]):
+        print(f"seeds {seeds} done; run without --seeds / --train-only to aggregate all of {st['seeds']}")
+        return None
+    sets, val, _ = data
+    probs = {m: {seed: r["probs"][m] for seed, r in per_seed.items()} for m in METHOD_ORDER}
+    train_info = {k: v for r in per_seed.values() for k, v in r["train"].items()}
+    nv_choice = {seed: r["nv_choice"] for seed, r in per_seed.items()}
     labels = {d: torch.tensor(s.labels) for d, s in sets.items()} | {"validation": torch.tensor(val.labels)}
-    res = {"settings": {k: (v.__dict__ if k == "finetune" else list(v) if isinstance(v, tuple) else v) for k, v in st.items()},
+    res = {"settings": _settings_json(st),
            "train": train_info, "nv_choice": nv_choice, "rows": [], "reliability": {}, "smoke": args.smoke}
     for method, by_seed in probs.items():
         for ts in (False, True):
@@ -134,7 +162,7 @@ def run(args, out: Path) -> dict:
                     res["reliability"][name] = {"in-domain": metrics.reliability_bins(apply_temperature(per[SOURCE], T) if ts else per[SOURCE],
                                                                                        labels[SOURCE]),
                                                 "out-of-domain": metrics.reliability_bins(ood, torch.cat([labels[d] for d in TARGETS]))}
-    res["seconds"] = time.time() - t0
+    res["seconds"] = sum(r["seconds"] for r in per_seed.values())  # per-seed wall time with fine-tuning (cached parts excluded)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res, indent=2))
     return res
@@ -166,7 +194,7 @@ def section(res: dict, fig_dir: Path) -> str:
     st = res["settings"]
     methods = list(dict.fromkeys(r["method"] for r in res["rows"]))
     lines = ["## Bayesian attention and uncertainty (reviews, books -> six domains)", "",
-             f"Command: `.venv/bin/python experiments/bayes_study.py` ({res['seconds'] / 60:.0f} min on 2 cores, including fine-tuning). "
+             f"Command: `.venv/bin/python experiments/bayes_study.py` ({res['seconds'] / 60:.0f} min of single-thread processes in all, including fine-tuning; seeds can run in parallel with `--seeds`). "
              f"Model: all-MiniLM-L6-v2 fine-tuned on `books` ({st['finetune']['epochs']} epochs, batch {st['finetune']['batch_size']}, "
              f"reviews truncated to {st['finetune']['max_length']} tokens), seeds {st['seeds']}; standard attention (MAP; MC dropout; "
              "NV sampling with the empirical prior of 256 books training reviews and stdev_tau chosen on books validation NLL from "
@@ -215,11 +243,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seeds", default=None, help="comma list: only compute (and cache) these seeds; run again without it to aggregate")
+    parser.add_argument("--train-only", action="store_true", help="only fine-tune (cached) the models of the seeds")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     res = json.loads((out / "results.json").read_text()) if args.reuse else run(args, out)
+    if res is None:
+        return
     text = section(res, out / "figures" if args.no_results else ROOT / "docs" / "figures")
     print(text)
     if not args.no_results:

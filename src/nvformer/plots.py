@@ -20,6 +20,16 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str | Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` (parents created) and close it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def interval_panels(panels: Mapping[str, Mapping[str, Sequence[tuple[str, float, float, float]]]], path: str | Path, *,
                     xlabel: str, reference: float = 0.0, width: float = 4.6) -> Path:
     """Dot-and-interval panels: one panel per key of ``panels``; inside a panel one colour per
@@ -51,12 +61,7 @@ def interval_panels(panels: Mapping[str, Mapping[str, Sequence[tuple[str, float,
         ax.set(xlabel=xlabel, title=name)
         if k > 1:
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def line_panels(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]], path: str | Path, *,
@@ -76,9 +81,4 @@ def line_panels(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequenc
             ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
         ax.set(xlabel=xlabel, ylabel=ylabel, title=name)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
