@@ -374,3 +374,24 @@ def test_custom_4d_masks_are_applied_not_mistaken_for_padding():
         ref = enc(emb, attention_mask=allowed).last_hidden_state
         out = nvm.bert.encoder(emb, attention_mask=allowed).last_hidden_state
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_cache_argument_is_read_from_the_signature_under_any_released_name():
+    """transformers renamed the attention modules' cache argument (``past_key_value`` in 4.x,
+    ``past_key_values`` in early 5.x, ``cache`` from 5.24); the adapter resolves it from the
+    signature, and a signature with none of the names is an error, never an ignored cache."""
+    from dataclasses import replace
+
+    from nvformer.hf.adapters import ADAPTERS, CACHE_ARGUMENTS
+
+    llama = replace(next(a for a in ADAPTERS if a.family == "llama"), _params={})
+    for name in CACHE_ARGUMENTS:
+        cls = type(f"Att_{name}", (), {"forward": eval(f"lambda self, hidden_states, {name}=None, **kw: None")})
+        module = cls()
+        assert llama.cache(module, {name: "the cache", "other": 1}) == "the cache"
+        assert llama.cache(module, {"other": 1}) is None
+    legacy = type("Legacy", (), {"forward": lambda self, hidden_states, layer_past=None: None})
+    with pytest.raises(ValueError, match="none of the KV-cache arguments"):
+        llama.cache(legacy(), {})
+    uncached = replace(next(a for a in ADAPTERS if a.family == "vit"), _params={})
+    assert uncached.cache(legacy(), {"cache": 1}) is None  # a family without a KV cache never reads one

@@ -19,6 +19,12 @@ from torch import Tensor, nn
 
 Linear = tuple[Tensor, Tensor | None]  # (weight [out, in], bias [out] or None)
 
+# The KV cache reaches an attention module under a name that transformers has changed between
+# releases (``cache`` from 5.24, ``past_key_values`` before, ``past_key_value`` in 4.x): an
+# adapter with ``cached=True`` resolves it from the module's own signature, and a signature
+# with none of these names is an error, not a silently ignored cache.
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
+
 
 def _linear(module: nn.Module, name: str) -> Linear:
     lin = getattr(module, name)
@@ -70,25 +76,52 @@ class Adapter:
     arg_kv: str | None = None
     arg_mask: str = "attention_mask"
     arg_kv_mask: str | None = None
-    arg_cache: str | None = None
+    cached: bool = False
     arg_rope: str | None = None
     arg_position_bias: str | None = None
     returns_position_bias: bool = False
     notes: str = ""
     _params: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def positional_names(self, cls: type) -> list[str]:
-        """Names of the original forward's parameters after ``self`` (computed once per class)."""
+    def _signature(self, cls: type) -> tuple[list[str], str | None]:
+        """(positional parameter names after ``self``, the cache argument's name) of ``cls.forward``, computed once per class."""
         if cls not in self._params:
             params = list(inspect.signature(cls.forward).parameters.values())[1:]
-            self._params[cls] = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            cache = None
+            if self.cached:
+                names = {p.name for p in params}
+                cache = next((n for n in CACHE_ARGUMENTS if n in names), None)
+                if cache is None:
+                    raise ValueError(f"nvformer: {cls.__name__}.forward takes none of the KV-cache arguments {CACHE_ARGUMENTS} "
+                                     f"(its parameters: {[p.name for p in params]}); this transformers version is not supported yet")
+            self._params[cls] = ([p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)], cache)
         return self._params[cls]
+
+    def positional_names(self, cls: type) -> list[str]:
+        """Names of the original forward's positional parameters after ``self``."""
+        return self._signature(cls)[0]
+
+    def call_arguments(self, module: nn.Module, args: tuple, kwargs: dict) -> dict:
+        """The original forward's arguments by name (positional ones named from the base class's signature)."""
+        call = dict(zip(self.positional_names(base_class(module)), args))
+        call.update(kwargs)
+        return call
+
+    def cache(self, module: nn.Module, call: dict):
+        """The KV cache object passed to ``module`` (None for families without one, or when none was passed)."""
+        name = self._signature(base_class(module))[1]
+        return call.get(name) if name else None
 
     def dropout_p(self, module: nn.Module) -> float:
         return _dropout_p(getattr(module, self.dropout))
 
     def head_size(self, module: nn.Module) -> int:
         return int(getattr(module, self.head_dim))
+
+
+def base_class(module: nn.Module) -> type:
+    """The original Hugging Face class of ``module`` (also after conversion)."""
+    return getattr(type(module), "_nv_base_class", type(module))
 
 
 def _class_is_cross(module: nn.Module, name: str) -> bool:
@@ -105,7 +138,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         dropout="dropout",
         is_cross=_class_is_cross,
         arg_kv="encoder_hidden_states",
-        arg_cache="past_key_values",
+        cached=True,
         notes="BERT, RoBERTa (incl. all-MiniLM-L6-v2) and BERT decoders in EncoderDecoderModel",
     ),
     Adapter(
@@ -136,7 +169,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         is_cross=lambda m, n: bool(m.is_cross_attention),
         arg_kv="encoder_hidden_states",
         arg_kv_mask="encoder_attention_mask",
-        arg_cache="past_key_values",
+        cached=True,
         notes="packed Conv1D projections; `scaling` includes scale_attn_by_inverse_layer_idx",
     ),
     Adapter(
@@ -147,7 +180,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         head_dim="head_dim",
         dropout="attention_dropout",
         is_cross=lambda m, n: False,
-        arg_cache="past_key_values",
+        cached=True,
         arg_rope="position_embeddings",
         notes="grouped-query attention and rotary embeddings (rotate_half convention); incl. SmolLM2",
     ),
@@ -160,7 +193,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         dropout="dropout",
         is_cross=lambda m, n: n.rsplit(".", 1)[-1] == "encoder_attn",
         arg_kv="key_value_states",
-        arg_cache="past_key_values",
+        cached=True,
     ),
     Adapter(
         family="t5",
@@ -172,7 +205,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         is_cross=lambda m, n: ".EncDecAttention" in f".{n}",
         arg_kv="key_value_states",
         arg_mask="mask",
-        arg_cache="past_key_values",
+        cached=True,
         arg_position_bias="position_bias",
         returns_position_bias=True,
         notes="no logit scaling; relative position bias computed once and reused by later layers",
@@ -184,8 +217,7 @@ _BY_CLASS = {cls: a for a in ADAPTERS for cls in a.classes}
 
 def adapter_for(module: nn.Module) -> Adapter | None:
     """The adapter of ``module``'s class (also after conversion, via ``_nv_base_class``)."""
-    cls = getattr(type(module), "_nv_base_class", type(module))
-    return _BY_CLASS.get(cls.__name__)
+    return _BY_CLASS.get(base_class(module).__name__)
 
 
 def supported_classes() -> list[str]:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..nvib import NVIB
 from ..prior import Prior, PriorEstimator
-from .adapters import Adapter, adapter_for, layer_index, looks_like_attention, supported_classes
+from .adapters import Adapter, adapter_for, base_class, layer_index, looks_like_attention, supported_classes
 from .forward import _key_padding, _mask_bias, nv_attention_forward
 
 SITES = ("encoder", "decoder", "cross")
@@ -49,6 +49,7 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module, Adapter, s
     for name, module in model.named_modules():
         ad = adapter_for(module)
         if ad is not None:
+            ad.positional_names(base_class(module))  # resolves the cache argument now: an unknown signature fails here
             site = "cross" if ad.is_cross(module, name) else ("decoder" if getattr(module, "is_causal", False) else "encoder")
             found.append((name, module, ad, site))
         elif looks_like_attention(module):
@@ -230,15 +231,13 @@ def estimate_hf_prior(model: nn.Module, batches: Iterable[Any], *, forward=None,
 
     def make_hook(name: str, ad: Adapter, cross: bool):
         def hook(module, args, kwargs):
-            names = ad.positional_names(getattr(type(module), "_nv_base_class", type(module)))
-            call = dict(zip(names, args))
-            call.update(kwargs)
-            x = call[names[0]]
+            call = ad.call_arguments(module, args, kwargs)
+            x = call[ad.positional_names(base_class(module))[0]]
             kv = call.get(ad.arg_kv) if cross else x
             if kv is None:  # cross-attention states already cached
                 return
             mask = call.get(ad.arg_kv_mask) if (cross and ad.arg_kv_mask) else call.get(ad.arg_mask)
-            cache = call.get(ad.arg_cache) if ad.arg_cache else None
+            cache = ad.cache(module, call)
             past = cache.get_seq_length(module.layer_idx) if (cache is not None and not cross) else 0
             B, n_new = kv.shape[0], kv.shape[1]
             bias = _mask_bias(mask, B, x.shape[1], past + n_new, getattr(module, "is_causal", False) and not cross, torch.float32, x.device)

@@ -112,10 +112,8 @@ def _cache_for(self: nn.Module, cache, cross: bool):
 def nv_attention_forward(self: nn.Module, *args, **kwargs):
     """Denoising attention with the original module's signature and return value."""
     ad: Adapter = self._nv_adapter
-    names = ad.positional_names(self._nv_base_class)
-    call = dict(zip(names, args))
-    call.update(kwargs)
-    x = call[names[0]]
+    call = ad.call_arguments(self, args, kwargs)
+    x = call[ad.positional_names(self._nv_base_class)[0]]
     B, Nt, _ = x.shape
     cross = self._nv_site == "cross"
     nvib = self.nvib
@@ -124,7 +122,7 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
         raw_mask = call.get(ad.arg_kv_mask) if ad.arg_kv_mask else call.get(ad.arg_mask)
     else:
         kv_in, raw_mask = x, call.get(ad.arg_mask)
-    cache_obj = call.get(ad.arg_cache) if ad.arg_cache else None
+    cache_obj = ad.cache(self, call)
     layer_cache, cached_cross = _cache_for(self, cache_obj, cross)
     if cross and kv_in is None and not cached_cross:
         raise ValueError(f"NV cross-attention ({type(self).__name__}) needs `{ad.arg_kv}`")
