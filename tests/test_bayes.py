@@ -97,6 +97,9 @@ def test_module_matches_mha_in_mean_limit_and_masks():
     causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
     torch.testing.assert_close(dl(x, x, x, attn_mask=causal)[0], mha(x, x, x, attn_mask=causal)[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dl(x, x, x, is_causal=True)[0], mha(x, x, x, attn_mask=causal)[0], rtol=1e-5, atol=1e-6)
+    assert dl.last_kl is None  # evaluation forwards skip the KL unless asked
+    bayes.set_eval_kl(dl)
+    dl(x, x, x, key_padding_mask=kpm)
     assert dl.last_kl.shape == (2,)
     # sampling: training and prediction="sample" differ between calls, the mean prediction does not
     dl.train()
@@ -152,6 +155,10 @@ def test_hf_model_conversion(tmp_path):
     out = model(ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(out[0], ref[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out[1, :5], ref[1, :5], rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="set_eval_kl"):
+        bayes.dirichlet_kl_total(model)
+    bayes.set_eval_kl(model)
+    torch.testing.assert_close(model(ids, attention_mask=mask).last_hidden_state, out)  # the float64 path: same output
     assert bayes.dirichlet_kl_total(model).shape == (2,)
     model.train()
     model(ids, attention_mask=mask).last_hidden_state.sum().backward()
@@ -233,3 +240,35 @@ def test_predictive_probs_methods_and_temperature():
     torch.testing.assert_close(t[0], ref)
     with pytest.raises(ValueError, match="method"):
         predictive_probs("laplace", models, data)
+
+
+def test_mean_path_without_kl_matches_the_float64_path_and_eval_kl_matches_the_formula():
+    """The posterior-mean weights computed in float32 (no KL, the prediction path) equal the float64
+    path's; with set_eval_kl the evaluation KL equals dirichlet_kl of the documented concentrations."""
+    torch.manual_seed(0)
+    spec = DirichletSpec(eps=1e-3)
+    q, k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 4)
+    bias = torch.zeros(2, 1, 5, 7).masked_fill(torch.tensor([False] * 5 + [True] * 2), float("-inf"))
+    out32, w32, kl32 = bayes.dirichlet_attention(q, k, v, bias, spec, 10.0, sample=False, kl=False)
+    out64, w64, kl64 = bayes.dirichlet_attention(q, k, v, bias, spec, 10.0, sample=False, kl=True)
+    assert kl32 is None and w32.dtype == torch.float32
+    torch.testing.assert_close(w32, w64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out32, out64, rtol=1e-5, atol=1e-6)
+    # the closed forms against the Dirichlet mean c / sum(c) of torch.distributions, both concentrations
+    logits = (((q @ k.transpose(-1, -2)) * 0.5) + bias).double()
+    for conc in ("softmax", "exp"):
+        sp = DirichletSpec(concentration=conc, eps=1e-3)
+        lc, _, pd = bayes.log_concentrations(logits, sp, 10.0)
+        ref = torch.distributions.Dirichlet(lc[..., :5].exp()).mean  # the 5 visible keys
+        got = bayes.mean_weights(logits, sp, 10.0)
+        torch.testing.assert_close(got[..., :5], ref, rtol=1e-10, atol=1e-12)
+        assert float(got[..., 5:].abs().max()) == 0.0
+    log_c, log_c0, pad = bayes.log_concentrations(((q @ k.transpose(-1, -2)) * 0.5).double() + bias.double(), spec, 10.0)
+    torch.testing.assert_close(kl64, bayes.dirichlet_kl(log_c, log_c0, pad))
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    dl = DirichletAttention.from_mha(mha, spec).eval()
+    with pytest.raises(RuntimeError, match="set_eval_kl"):
+        dl(torch.randn(1, 3, 8), torch.randn(1, 3, 8), torch.randn(1, 3, 8))
+        bayes.dirichlet_kl_total(dl)
+    with pytest.raises(ValueError, match="no Dirichlet"):
+        bayes.set_eval_kl(torch.nn.Linear(2, 2))

@@ -20,7 +20,11 @@ The paper's exact parameterisation is not available; ours, configurable in :clas
   per forward (average the predictions of ``S`` forwards for a Monte Carlo predictive). In
   training the weights are always sampled.
 
-All maths in float64 (concentrations from log space, so tiny attention probabilities stay exact).
+Sampling and the KL term run in float64 (concentrations from log space, so tiny attention
+probabilities stay exact); the posterior-mean weights without the KL, all that a
+``"mean"`` prediction needs, run in the input's precision (at least float32), at about the cost
+of a softmax. Evaluation-mode forwards skip the KL (``last_kl`` is None) unless
+:func:`set_eval_kl` asks for it, e.g. for a validation ELBO.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .sampling import masked_log_softmax, sample_log_dirichlet
+from .sampling import masked_log_softmax, safe_softmax, sample_log_dirichlet
 
 __all__ = [
     "CONCENTRATIONS",
@@ -45,6 +49,8 @@ __all__ = [
     "dirichlet_kl",
     "dirichlet_kl_total",
     "log_concentrations",
+    "mean_weights",
+    "set_eval_kl",
     "set_prediction",
 ]
 
@@ -103,15 +109,16 @@ def dirichlet_kl(log_cq: Tensor, log_cp: Tensor, pad: Tensor | None = None) -> T
 
 
 def log_concentrations(logits: Tensor, spec: DirichletSpec, tau: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
-    """``(log c [..., N], log c0 [..., N], pad [..., N])`` from masked attention logits (float64).
+    """``(log c [..., N], log c0 [..., N], pad [..., N])`` from masked attention logits, in their
+    dtype (at least float32; pass float64 logits for the exact sampling / KL path).
 
     ``logits`` are ``scale q.k`` plus the additive mask (``-inf`` = not visible).
     """
-    lg = logits.double()
+    lg = logits.to(torch.promote_types(logits.dtype, torch.float32))
     pad = torch.isneginf(lg)
     n = (~pad).sum(-1, keepdim=True).clamp_min(1).double()
     log_p = masked_log_softmax(lg, pad)
-    log_tau = torch.log(torch.as_tensor(tau, dtype=torch.float64, device=lg.device))
+    log_tau = torch.log(torch.as_tensor(tau, device=lg.device)).to(lg.dtype)
     log_eps = math.log(spec.eps)
     if spec.concentration == "softmax":
         core = log_tau + n.log() + log_p
@@ -127,33 +134,53 @@ def log_concentrations(logits: Tensor, spec: DirichletSpec, tau: Tensor | float)
 
 
 def dirichlet_attention(query: Tensor, key: Tensor, value: Tensor, bias: Tensor | None, spec: DirichletSpec, tau: Tensor | float, *,
-                        sample: bool, scale: float | None = None, dropout_p: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+                        sample: bool, kl: bool = True, scale: float | None = None, dropout_p: float = 0.0) -> tuple[Tensor, Tensor, Tensor | None]:
     """Attention with Dirichlet weights.
 
     Args:
         query: ``[B, H, Nq, d]``; key: ``[B, H, Nk, d]``; value: ``[B, H, Nk, d_v]``.
         bias: additive mask broadcastable to ``[B, H, Nq, Nk]`` (``-inf`` = not visible) or None.
         sample: draw ``a ~ q`` (training / Monte Carlo prediction) or use ``E_q[a]``.
+        kl: compute the KL term (float64); without it and without sampling, everything runs in
+            the input's precision (at least float32).
 
     Returns:
-        ``(out [B, H, Nq, d_v], weights [B, H, Nq, Nk], kl [B, H, Nq])`` (``kl`` float64; rows
-        with no visible key get zero weights and zero KL).
+        ``(out [B, H, Nq, d_v], weights [B, H, Nq, Nk], kl [B, H, Nq] or None)`` (``kl`` float64;
+        rows with no visible key get zero weights and zero KL).
     """
     if query.dim() != 4 or key.dim() != 4 or value.shape[:-1] != key.shape[:-1]:
         raise ValueError(f"dirichlet_attention: need query [B, H, Nq, d] and key/value [B, H, Nk, d], got {tuple(query.shape)}, "
                          f"{tuple(key.shape)}, {tuple(value.shape)}")
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    logits = (query @ key.transpose(-1, -2)).double() * scale
+    cd = torch.float64 if (sample or kl) else torch.promote_types(query.dtype, torch.float32)
+    logits = (query @ key.transpose(-1, -2)).to(cd) * scale
     if bias is not None:
-        logits = logits + bias.double()
-    log_c, log_c0, pad = log_concentrations(logits, spec, tau)
-    if sample:
-        log_a = sample_log_dirichlet(log_c, pad)
+        logits = logits + bias.to(cd)
+    if not (sample or kl):
+        weights = mean_weights(logits, spec, tau).to(query.dtype)
+        log_c = log_c0 = pad = None
     else:
-        log_a = masked_log_softmax(log_c, pad)
-    weights = log_a.exp().masked_fill(pad, 0.0).to(query.dtype)
+        log_c, log_c0, pad = log_concentrations(logits, spec, tau)
+        log_a = sample_log_dirichlet(log_c, pad) if sample else masked_log_softmax(log_c, pad)
+        weights = log_a.exp().masked_fill(pad, 0.0).to(query.dtype)
     w = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
-    return w @ value, weights, dirichlet_kl(log_c, log_c0, pad)
+    return w @ value, weights, (dirichlet_kl(log_c, log_c0, pad) if kl else None)
+
+
+def mean_weights(logits: Tensor, spec: DirichletSpec, tau: Tensor | float) -> Tensor:
+    """The posterior-mean attention ``E_q[a] = c / sum(c)`` in closed form, in the logits' dtype.
+
+    ``"softmax"``: ``(tau softmax(s) + eps / n) / (tau + eps)`` over the ``n`` visible keys;
+    ``"exp"``: ``softmax(log(tau exp(s) + eps))``. Keys with logit ``-inf`` get 0 (a row with no
+    visible key: all 0).
+    """
+    tau = torch.as_tensor(tau, device=logits.device).to(logits.dtype)
+    if spec.concentration == "softmax":
+        visible = ~torch.isneginf(logits)
+        n = visible.sum(-1, keepdim=True).clamp_min(1).to(logits.dtype)
+        return ((tau * safe_softmax(logits) + spec.eps / n) / (tau + spec.eps)) * visible
+    log_c = torch.logaddexp(tau.log() + logits, torch.full_like(logits, math.log(spec.eps))).masked_fill(torch.isneginf(logits), float("-inf"))
+    return safe_softmax(log_c)
 
 
 # ---------------------------------------------------------------------------------------------- modules
@@ -167,6 +194,7 @@ class _Tau(nn.Module):
         self.spec = spec
         self.log_tau = nn.Parameter(torch.tensor(math.log(spec.tau)), requires_grad=spec.learn_tau)
         self.last_kl: Tensor | None = None
+        self.eval_kl = False  # evaluation-mode forwards compute the KL too (set_eval_kl)
 
     @property
     def tau(self) -> Tensor:
@@ -180,8 +208,9 @@ class DirichletAttention(nn.Module):
     """Drop-in for ``nn.MultiheadAttention`` (``batch_first=True``) with Dirichlet attention weights.
 
     Training: sampled weights; evaluation: ``spec.prediction`` (``"mean"`` or ``"sample"``).
-    After every forward, ``last_kl`` holds ``[B]``: the KL of all heads and queries (queries at
-    padded positions excluded when a ``key_padding_mask`` of the same length is given).
+    After every training forward (and evaluation forward, with :func:`set_eval_kl`), ``last_kl``
+    holds ``[B]``: the KL of all heads and queries (queries at padded positions excluded when a
+    ``key_padding_mask`` of the same length is given); otherwise it is None.
 
     Args:
         embed_dim, num_heads, dropout, bias: as ``nn.MultiheadAttention``.
@@ -242,12 +271,13 @@ class DirichletAttention(nn.Module):
             bias = bias.masked_fill(am, float("-inf")) if am.dtype == torch.bool else bias + am.double()
         if is_causal:
             bias = bias.masked_fill(torch.ones(Nq, Nk, dtype=torch.bool, device=query.device).triu(1 + Nk - Nq), float("-inf"))
-        sample = self.training or self.dirichlet.spec.prediction == "sample"
-        out, w, kl = dirichlet_attention(q, k, v, bias, self.dirichlet.spec, self.dirichlet.tau, sample=sample,
+        st = self.dirichlet
+        sample, need_kl = self.training or st.spec.prediction == "sample", self.training or st.eval_kl
+        out, w, kl = dirichlet_attention(q, k, v, bias, st.spec, st.tau, sample=sample, kl=need_kl,
                                          dropout_p=self.dropout if self.training else 0.0)
-        if key_padding_mask is not None and Nq == Nk:
+        if kl is not None and key_padding_mask is not None and Nq == Nk:
             kl = kl.masked_fill(kpm[:, None, :], 0.0)
-        self.dirichlet.last_kl = kl.sum((1, 2))
+        st.last_kl = None if kl is None else kl.sum((1, 2))
         out = self.out_proj(out.transpose(1, 2).reshape(B, Nq, E))
         if not need_weights:
             return out, None
@@ -258,21 +288,32 @@ def dirichlet_kl_total(model: nn.Module) -> Tensor:
     """``[B]`` summed KL of every Dirichlet attention module's last forward."""
     kls = [m.last_kl for m in model.modules() if isinstance(m, _Tau) and m.last_kl is not None]
     if not kls:
-        raise RuntimeError("dirichlet_kl_total: no Dirichlet attention module has run a forward pass")
+        raise RuntimeError("dirichlet_kl_total: no Dirichlet attention module has a KL from its last forward (none ran in training "
+                           "mode; evaluation forwards compute it only after set_eval_kl(model))")
     return torch.stack(kls).sum(0)
+
+
+def _dirichlet_states(model: nn.Module, who: str) -> list[_Tau]:
+    found = [m for m in model.modules() if isinstance(m, _Tau)]
+    if not found:
+        raise ValueError(f"{who}: the model has no Dirichlet attention module")
+    return found
+
+
+def set_eval_kl(model: nn.Module, on: bool = True) -> None:
+    """Make evaluation-mode forwards of every Dirichlet attention module of ``model`` compute the
+    KL term (``last_kl``), e.g. for a validation ELBO; off by default, since predictions do not
+    need it and the posterior-mean path is then much cheaper."""
+    for m in _dirichlet_states(model, "set_eval_kl"):
+        m.eval_kl = bool(on)
 
 
 def set_prediction(model: nn.Module, prediction: str) -> None:
     """Switch every Dirichlet attention module of ``model`` to ``"mean"`` or ``"sample"`` prediction."""
     if prediction not in PREDICTIONS:
         raise ValueError(f"set_prediction: `prediction` must be one of {PREDICTIONS}, got {prediction!r}")
-    found = False
-    for m in model.modules():
-        if isinstance(m, _Tau):
-            m.spec = DirichletSpec(**{**asdict(m.spec), "prediction": prediction})
-            found = True
-    if not found:
-        raise ValueError("set_prediction: the model has no Dirichlet attention module")
+    for m in _dirichlet_states(model, "set_prediction"):
+        m.spec = DirichletSpec(**{**asdict(m.spec), "prediction": prediction})
 
 
 # ---------------------------------------------------------------------------------------------- Hugging Face models
@@ -293,11 +334,12 @@ def _hf_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     if key.shape[1] != H:  # grouped-query attention
         key = key.repeat_interleave(H // key.shape[1], dim=1)
         value = value.repeat_interleave(H // value.shape[1], dim=1)
-    bias = _mask_bias(attention_mask, B, Nq, Nk, bool(getattr(module, "is_causal", False)), torch.float64, query.device)
-    sample = module.training or st.spec.prediction == "sample"
-    out, w, kl = dirichlet_attention(query, key, value, bias, st.spec, st.tau, sample=sample, scale=scaling,
+    sample, need_kl = module.training or st.spec.prediction == "sample", module.training or st.eval_kl
+    cd = torch.float64 if (sample or need_kl) else torch.promote_types(query.dtype, torch.float32)
+    bias = _mask_bias(attention_mask, B, Nq, Nk, bool(getattr(module, "is_causal", False)), cd, query.device)
+    out, w, kl = dirichlet_attention(query, key, value, bias, st.spec, st.tau, sample=sample, kl=need_kl, scale=scaling,
                                      dropout_p=dropout if module.training else 0.0)
-    st.last_kl = kl.sum((1, 2))
+    st.last_kl = None if kl is None else kl.sum((1, 2))
     return out.transpose(1, 2).contiguous(), w
 
 
