@@ -40,6 +40,7 @@ from nvformer.evaluate import TokenizedSet  # noqa: E402
 from nvformer.plots import line_panels  # noqa: E402
 from nvformer.sentiment import domain_splits  # noqa: E402
 from nvformer.train import FinetuneConfig  # noqa: E402
+from nvformer.bayes import DirichletSpec  # noqa: E402
 from nvformer.uncertainty import apply_temperature, finetune_variant, predictive_probs, sampled_nv  # noqa: E402
 
 SOURCE = "books"
@@ -51,9 +52,12 @@ NV_GRID = (0.05, 0.1, 0.2)
 def settings(smoke: bool) -> dict:
     if smoke:
         return {"seeds": [0], "finetune": FinetuneConfig(epochs=1, max_length=32, batch_size=16), "n_eval": 24, "n_val": 24, "samples": 2,
-                "n_train": 48, "nv_grid": (0.1,), "ensemble_size": 2}
+                "n_train": 48, "nv_grid": (0.1,), "ensemble_size": 2, "broad_prior_seed": 0}
     return {"seeds": [0, 1, 2], "finetune": FinetuneConfig(epochs=2, max_length=128, batch_size=16), "n_eval": 200, "n_val": 200,
-            "samples": 4, "n_train": None, "nv_grid": NV_GRID, "ensemble_size": 3}
+            "samples": 4, "n_train": None, "nv_grid": NV_GRID, "ensemble_size": 3, "broad_prior_seed": 1}
+
+
+BROAD = "dirichlet-mean, broad prior"  # the pathology: DirichletSpec(prior_tau=1), one seed
 
 
 def ensemble_seeds(seed: int, size: int) -> list[int]:
@@ -92,8 +96,8 @@ def seed_run(seed: int, st: dict, out: Path, data, *, quiet: bool = False, train
     sets, val, prior_batches = data
     t0 = time.time()
 
-    def fit(attention: str, s: int):
-        return finetune_variant(out / f"{'map' if attention == 'standard' else 'dirichlet'}-s{s}", attention, s, st["finetune"],
+    def fit(attention: str, s: int, spec: DirichletSpec = DirichletSpec(), tag: str = ""):
+        return finetune_variant(out / f"{'map' if attention == 'standard' else 'dirichlet' + tag}-s{s}", attention, s, st["finetune"], spec,
                                 n_train=st["n_train"], show_progress=not quiet)
 
     def evaluate_all(method: str, models) -> dict[str, torch.Tensor]:
@@ -102,13 +106,17 @@ def seed_run(seed: int, st: dict, out: Path, data, *, quiet: bool = False, train
 
     (map_model, _, map_info), (dir_model, _, dir_info) = fit("standard", seed), fit("dirichlet", seed)
     members = [map_model] + [fit("standard", x)[0] for x in ensemble_seeds(seed, st["ensemble_size"])[1:]]
+    broad = fit("dirichlet", seed, DirichletSpec(prior_tau=1.0), "-prior1") if seed == st["broad_prior_seed"] else None
+    broad_info = broad[2] if broad else None
     if train_only:
         return None
     probs = {"map": evaluate_all("map", [map_model]), "mc-dropout": evaluate_all("mc-dropout", [map_model]),
              "ensemble": evaluate_all("ensemble", members)}
     probs["dirichlet-mean"] = evaluate_all("dirichlet-mean", [dir_model])
     probs["dirichlet-sample"] = evaluate_all("dirichlet-sample", [dir_model])
-    del members, dir_model
+    if broad is not None:
+        probs[BROAD] = evaluate_all("dirichlet-mean", [broad[0]])
+    del members, dir_model, broad
     # NV sampling on the MAP model: stdev_tau by source validation NLL
     best = None
     for s in st["nv_grid"]:
@@ -118,8 +126,8 @@ def seed_run(seed: int, st: dict, out: Path, data, *, quiet: bool = False, train
             best = (s, nll, m)
     probs["nv-sample"] = evaluate_all("nv-sample", [best[2]])
     saved = {"key": key, "probs": probs, "seconds": time.time() - t0, "nv_choice": {"stdev_tau": best[0], "val_nll": best[1]},
-             "train": {f"{k}-s{seed}": {f: i[f] for f in ("train_loss", "val_accuracy", "best_epoch")} for k, i in (("map", map_info),
-                                                                                                              ("dirichlet", dir_info))}}
+             "train": {f"{k}-s{seed}": {f: i[f] for f in ("train_loss", "val_accuracy", "best_epoch")}
+                       for k, i in (("map", map_info), ("dirichlet", dir_info), ("dirichlet-prior1", broad_info)) if i}}
     out.mkdir(parents=True, exist_ok=True)
     torch.save(saved, cache)
     return saved
@@ -135,7 +143,8 @@ def run(args, out: Path) -> dict | None:
         print(f"seeds {seeds} done; run without --seeds / --train-only to aggregate all of {st['seeds']}")
         return None
     sets, val, _ = data
-    probs = {m: {seed: r["probs"][m] for seed, r in per_seed.items()} for m in METHOD_ORDER}
+    methods = [m for m in (*METHOD_ORDER, BROAD) if any(m in r["probs"] for r in per_seed.values())]
+    probs = {m: {seed: r["probs"][m] for seed, r in per_seed.items() if m in r["probs"]} for m in methods}
     train_info = {k: v for r in per_seed.values() for k, v in r["train"].items()}
     nv_choice = {seed: r["nv_choice"] for seed, r in per_seed.items()}
     labels = {d: torch.tensor(s.labels) for d, s in sets.items()} | {"validation": torch.tensor(val.labels)}
@@ -199,7 +208,9 @@ def section(res: dict, fig_dir: Path) -> str:
              f"reviews truncated to {st['finetune']['max_length']} tokens), seeds {st['seeds']}; standard attention (MAP; MC dropout; "
              "NV sampling with the empirical prior of 256 books training reviews and stdev_tau chosen on books validation NLL from "
              f"{st['nv_grid']}; per seed, a deep ensemble of {st['ensemble_size']} MAP models, that seed's and {st['ensemble_size'] - 1} of its own, seeds 100 + {st['ensemble_size'] - 1} seed + j) or Dirichlet attention in all six layers (`DirichletSpec` "
-             f"defaults, ELBO with KL / N_train). {st['samples']} samples per Monte Carlo prediction. Data: Amazon reviews (Blitzer et al. "
+             "defaults: softmax concentration, tau 10 learnt per layer, prior centred on the deterministic attention with prior_tau 10; "
+             "loss NLL + KL / N_train; the row 'broad prior' is the same with prior_tau 1, seed "
+             f"{st.get('broad_prior_seed')} only). {st['samples']} samples per Monte Carlo prediction. Data: Amazon reviews (Blitzer et al. "
              f"2007) and airline / imdb / blog (as in Ryu & Lee 2020), split seed 0, {st['n_eval']} test reviews per domain drawn with seed 0; "
              f"temperatures fitted on {st['n_val']} books validation reviews. Mean ± sd over seeds. "
              "OOD = mean over the six other domains; AUROC = books test vs each domain's test reviews, by predictive entropy (H) or "
@@ -216,6 +227,13 @@ def section(res: dict, fig_dir: Path) -> str:
         lines.append(f"| {m} | {agg('accuracy', [SOURCE])} | {agg('nll', [SOURCE])} | {agg('brier', [SOURCE])} | {agg('ece', [SOURCE])} | "
                      f"{agg('accuracy', TARGETS)} | {agg('nll', TARGETS)} | {agg('brier', TARGETS)} | {agg('ece', TARGETS)} | "
                      f"{agg('auroc_entropy', TARGETS)} | {agg('auroc_mi', TARGETS)} |")
+    kinds = {}
+    for name, info in res["train"].items():
+        kinds.setdefault(name.rsplit("-s", 1)[0], []).append(info)
+    lines += ["", "Fine-tuning (books validation accuracy of the kept epoch / last epoch's training loss, which includes the KL term; "
+              "mean over the seeds trained): " + "; ".join(
+                  f"{k}: {statistics.mean(max(i['val_accuracy']) for i in v):.3f} / {statistics.mean(i['train_loss'][-1] for i in v):.3g}"
+                  f" ({len(v)} seed{'s' if len(v) > 1 else ''})" for k, v in kinds.items()) + "."]
     for title, keys in (("accuracy / ECE / AUROC by entropy", ("accuracy", "ece", "auroc_entropy")),
                         ("NLL / Brier / AUROC by mutual information", ("nll", "brier", "auroc_mi"))):
         lines += ["", f"Per domain ({title}, mean over seeds; - = not defined for the method):", "",

@@ -15,7 +15,13 @@ The paper's exact parameterisation is not available; ours, configurable in :clas
   posteriors, small ones uncertain ones).
 * prior ``"centred"`` (default): ``c0_t = prior_tau n_t softmax(s_t) + eps`` with the softmax
   detached (a prior centred on the deterministic attention, penalising only over- or
-  under-dispersion); ``"symmetric"``: ``c0_t = prior_alpha`` for every visible key.
+  under-dispersion); ``"symmetric"``: ``c0_t = prior_alpha`` for every visible key. The default
+  ``prior_tau`` equals the default ``tau`` (10): the KL is 0 at initialisation and grows only as
+  the learnt concentration moves away from the prior's. A broad prior is a trap: the attention
+  KL is a sum over every query of every head and layer (about 10^5 terms for one review in
+  MiniLM), so with ``prior_tau = 1`` it outweighs the likelihood, training drives the posterior
+  to the prior's near-uniform noise and the classifier to chance (measured: docs/RESULTS.md,
+  "Bayesian attention").
 * prediction ``"mean"``: attention ``E_q[a_t] = c_t / sum(c_t)``; ``"sample"``: a fresh sample
   per forward (average the predictions of ``S`` forwards for a Monte Carlo predictive). In
   training the weights are always sampled.
@@ -68,7 +74,7 @@ class DirichletSpec:
     learn_tau: bool = True
     eps: float = 1e-4
     prior: str = "centred"
-    prior_tau: float = 1.0
+    prior_tau: float = 10.0
     prior_alpha: float = 1.0
     prediction: str = "mean"
 
