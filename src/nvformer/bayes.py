@@ -18,8 +18,9 @@ The paper's exact parameterisation is not available; ours, configurable in :clas
   under-dispersion); ``"symmetric"``: ``c0_t = prior_alpha`` for every visible key. The default
   ``prior_tau`` equals the default ``tau`` (10): the KL is 0 at initialisation and grows only as
   the learnt concentration moves away from the prior's. A broad prior is a trap: the attention
-  KL is a sum over every query of every head and layer (about 10^5 terms for one review in
-  MiniLM), so with ``prior_tau = 1`` it outweighs the likelihood, training drives the posterior
+  KL is a sum of one Dirichlet KL per query, head and layer (about 10^4 of them, each over up to
+  128 keys, for one 128-token review in MiniLM), so with ``prior_tau = 1`` it outweighs the
+  likelihood, training drives the posterior
   to the prior's near-uniform noise and the classifier to chance (measured: docs/RESULTS.md,
   "Bayesian attention").
 * prediction ``"mean"``: attention ``E_q[a_t] = c_t / sum(c_t)``; ``"sample"``: a fresh sample

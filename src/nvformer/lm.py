@@ -172,11 +172,11 @@ class LMStudyConfig:
 
     targets: tuple[str, ...] = ("koran", "it", "law", "medical", "reviews")
     n_prior: int = 96
-    n_val: int = 32
-    n_test: int = 96
+    n_val: int = 48
+    n_test: int = 192
     max_tokens: int = 64
     batch_size: int = 16
-    trials: int = 10
+    trials: int = 16
     alpha_tau: tuple[float, float] = (0.3, 1e4)
     stdev_tau: tuple[float, float] = (0.0, 0.5)
     identity_alpha: float = 1e4
