@@ -183,13 +183,24 @@ def reading(res: dict) -> str:
                      f"token components kept, KL_G {t['kl_g']:.3f}")
     text = "**Reading (the recorded run).** " + "; ".join(parts) + "."
     if "pooled-vae" in m:
-        text += f" Pooled VAE: test BLEU {m['pooled-vae']['test']['bleu']:.1f}."
+        pb = m["pooled-vae"]["test"]["bleu"]
+        pp = m["pooled-vae"].get("prior") or {}
+        generic = pb < 10 and pp.get("forward_ppl", float("inf")) < res["reference"]["lm_ppl_test"]
+        text += f" Pooled VAE: test BLEU {pb:.1f}" + (
+            " (one vector carries little of the sentence: its reconstructions and prior samples are generic, high-probability "
+            f"text, hence a forward perplexity of its samples ({pp['forward_ppl']:.1f}) below that of real test sentences "
+            f"({res['reference']['lm_ppl_test']:.1f}))." if generic else ".")
     compressing = [n for n in nvaes if m[n]["test"]["kept_fraction"] < 0.9]
     good = [n for n in compressing if m[n]["test"]["bleu"] >= 0.8 * ae["bleu"]]
     text += (" The paper's expected shape (reconstruction close to the autoencoder with fewer vectors) "
              + (f"holds for {', '.join(good)}." if good else
                 "is not reproduced: " + ("no setting prunes 10% or more of the vectors" if not compressing else
                                          f"{', '.join(compressing)} prune(s) vectors but lose(s) reconstruction") + "."))
+    k = TS.index(0.25) if 0.25 in TS else None
+    if k is not None:
+        text += (" Interpolation, BLEU of the t = 0.25 / 0.75 decodes to the far end (higher = a more gradual path): "
+                 + ", ".join(f"{n} {r['interpolation']['bleu_b'][k]:.1f} / {r['interpolation']['bleu_a'][len(TS) - 1 - k]:.1f}"
+                             for n, r in m.items()) + ".")
     priors = {n: r["prior"] for n, r in m.items() if r.get("prior")}
     if priors:
         best = min(priors, key=lambda n: priors[n]["reverse_ppl"])
