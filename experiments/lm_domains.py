@@ -118,10 +118,22 @@ def fluency(res) -> str:
     same = sum(x["regularised"].strip() == x["original"].strip() for x in s)
     loops = [x for x in s if distinct_trigrams(x["regularised"]) < 0.5]
     loops_orig = sum(distinct_trigrams(x["original"]) < 0.5 for x in s)
-    where = ", ".join(sorted({f"{x['domain']} (alpha_tau {json.loads(x['knobs']).get('alpha_tau', float('nan')):.3g})" for x in loops}))
+    where = ", ".join(sorted({f"{x['domain']} (alpha_tau {_alpha(x['knobs']):.3g})" for x in loops}))
+    prompts = sorted({x["prompt"] for x in loops})
+    orig = {p: min(distinct_trigrams(x["original"]) for x in s if x["prompt"] == p) for p in prompts}
+    on = "; all on " if len(prompts) == 1 else "; on "
+    on += ", ".join(f"the prompt {p!r}, whose original continuation has {orig[p]:.2f} distinct trigrams" for p in prompts)
     return (f" Greedy continuations (table below): {same} of {len(s)} are unchanged by the chosen knobs; {len(loops)} regularised ones "
-            f"loop (fewer than half of their word trigrams distinct{': ' + where if where else ''}) against {loops_orig} of the original "
-            "model's.")
+            f"loop (fewer than half of their word trigrams distinct{': ' + where if where else ''}{on if loops else ''}) against {loops_orig} "
+            "of the original model's.")
+
+
+def _alpha(knobs: str) -> float:
+    """The alpha_tau of a sample's knob record (keys are "<group>/alpha_tau", e.g. "all/alpha_tau")."""
+    vals = [v for k, v in json.loads(knobs).items() if k.split("/")[-1] == "alpha_tau"]
+    if len(vals) != 1:
+        raise ValueError(f"expected one alpha_tau knob in {knobs!r}")
+    return vals[0]
 
 
 def _cell(s: str) -> str:
