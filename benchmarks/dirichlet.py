@@ -32,8 +32,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "experiments"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from identity import write_section  # noqa: E402
-from models import interleaved  # noqa: E402
+from models import interleaved, write_table  # noqa: E402
 from nvformer.bayes import DirichletSpec, convert_dirichlet, dirichlet_attention, dirichlet_kl_total  # noqa: E402
 
 LENGTHS = (64, 128, 256)
@@ -114,23 +113,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = layer_rows(args.repeats) + [minilm_row(max(3, args.repeats - 2))]
-    text = "\n".join([
-        "## Dirichlet attention (Bayesian attention weights) vs standard attention",
-        "",
-        f"Command: `.venv/bin/python benchmarks/dirichlet.py{' --threads ' + str(args.threads) if args.threads else ''}` (float32 inputs, "
-        f"CPU, torch {torch.__version__}, {torch.get_num_threads()} thread(s), median of interleaved repeats; details in its docstring). "
-        "Dirichlet attention does its maths in float64 (log-space concentrations, Gamma sampling with implicit reparameterisation "
-        "gradients, lgamma/digamma for the KL), elementwise over every [query, key] pair: it cannot use a fused attention kernel.",
-        "",
-        "| workload | standard, forward | Dirichlet mean, forward | Dirichlet sample, forward | standard, fwd+bwd / train step | "
-        "Dirichlet train (sample + KL), fwd+bwd / train step |",
-        "| --- | --- | --- | --- | --- | --- |",
-        *rows,
-        "",
-    ])
-    print(text)
-    write_section(text, "dirichlet", Path(args.out))
-    print(f"wrote {args.out}")
+    write_table("Dirichlet attention (Bayesian attention weights) vs standard attention",
+                f"benchmarks/dirichlet.py{' --threads ' + str(args.threads) if args.threads else ''}", "float32 inputs, CPU",
+                ["workload", "standard, forward", "Dirichlet mean, forward", "Dirichlet sample, forward",
+                 "standard, fwd+bwd / train step", "Dirichlet train (sample + KL), fwd+bwd / train step"], rows, "dirichlet", Path(args.out),
+                note="Dirichlet attention does its maths in float64 (log-space concentrations, Gamma sampling with implicit "
+                "reparameterisation gradients, lgamma/digamma for the KL), elementwise over every [query, key] pair: it cannot use "
+                "a fused attention kernel.")
 
 
 if __name__ == "__main__":

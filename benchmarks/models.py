@@ -83,22 +83,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "PERFORMANCE.md"))
     args = parser.parse_args(argv)
     rows = minilm(args.repeats) + smollm2(max(3, args.repeats - 2))
-    text = "\n".join(
-        [
-            "## Whole models: converted vs original",
-            "",
-            f"Command: `.venv/bin/python benchmarks/models.py` (float32, CPU, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, median of interleaved repeats; details in its docstring).",
-            "",
-            "| workload | original | NV at identity (ratio) | NV away from identity (ratio) | goal |",
-            "| --- | --- | --- | --- | --- |",
-            *rows,
-            "",
-        ]
-    )
+    write_table("Whole models: converted vs original", "benchmarks/models.py", "float32, CPU",
+                ["workload", "original", "NV at identity (ratio)", "NV away from identity (ratio)", "goal"], rows, "models", Path(args.out))
+
+
+def write_table(title: str, command: str, setting: str, columns: list[str], rows: list[str], key: str, out: Path,
+                note: str = "") -> None:
+    """Print and write the ``key`` section of ``out``: a titled table of benchmark ``rows`` (markdown
+    lines) with the command, torch version and thread count it was measured with."""
+    text = "\n".join([
+        f"## {title}",
+        "",
+        f"Command: `.venv/bin/python {command}` ({setting}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"median of interleaved repeats; details in its docstring).{' ' + note if note else ''}",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "| " + " | ".join("---" for _ in columns) + " |",
+        *rows,
+        "",
+    ])
     print(text)
-    write_section(text, "models", Path(args.out))
-    print(f"wrote {args.out}")
+    write_section(text, key, out)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
