@@ -47,7 +47,7 @@ from nvformer.plots import interval_panels  # noqa: E402
 COMMAND = ".venv/bin/python experiments/translation.py"
 
 
-def reading(res: dict) -> str:
+def reading(res: dict, train_pairs: int | None = None) -> str:
     """What the recorded run shows, recomputed from results.json (significant = 95% CI excludes 0)."""
     base = {d: b["test"] for d, b in res["baseline"].items()}
     levels = ", ".join(f"{d} {b['bleu']:.1f} / {b['chrf']:.1f}" for d, b in base.items())
@@ -65,14 +65,15 @@ def reading(res: dict) -> str:
             "(CI above 0): " + ("; ".join(sig["up"]) or "none") + ". Significant losses (CI below 0): " + ("; ".join(sig["down"]) or "none")
             + ". The remaining (domain, site, metric) cells are indistinguishable from the unregularised model (often the search "
             "kept the identity corner). Knobs are chosen on dev BLEU of a small subset, so a dev gain need not carry to test."
-            + _weak_domains(base))
+            + _weak_domains(base, train_pairs))
 
 
-def _weak_domains(base: dict) -> str:
+def _weak_domains(base: dict, train_pairs: int | None) -> str:
     weak = [d for d, b in base.items() if b["bleu"] < 2.0]
     if not weak:
         return ""
-    return (f" The model barely translates {', '.join(weak)} (test BLEU below 2: a model trained on 18k Koran verses has "
+    trained = f"{train_pairs} Koran verse pairs" if train_pairs else "Koran verses only"
+    return (f" The model barely translates {', '.join(weak)} (test BLEU below 2: a model trained on {trained} has "
             "almost no vocabulary for these domains), so BLEU differences there are differences between near-zero scores; "
             "chrF, which credits partial words, is the more telling metric out of domain.")
 
@@ -124,7 +125,8 @@ def section(res: dict, train_info: dict, command: str, figure_name: str | None =
               mt.study_markdown(res)]
     if figure_name:
         lines += ["", f"![test BLEU / chrF differences per domain and site](figures/{figure_name})"]
-    lines += ["", reading(res)]
+    used = train_info["train_pairs"] - hist.get("dropped_long", 0) if train_info.get("train_pairs") else None
+    lines += ["", reading(res, used)]
     return "\n".join(lines)
 
 
