@@ -57,7 +57,9 @@ def settings(smoke: bool) -> dict:
             "samples": 4, "n_train": None, "nv_grid": NV_GRID, "ensemble_size": 3, "broad_prior_seed": 1}
 
 
-BROAD = "dirichlet-mean, broad prior"  # the pathology: DirichletSpec(prior_tau=1), one seed
+BROAD = "dirichlet-mean, broad prior"  # the pathology: BROAD_SPEC, one seed
+BROAD_SPEC = DirichletSpec(prior_tau=1.0)
+D = DirichletSpec()  # the defaults the main Dirichlet rows use
 
 
 def ensemble_seeds(seed: int, size: int) -> list[int]:
@@ -96,7 +98,7 @@ def seed_run(seed: int, st: dict, out: Path, data, *, quiet: bool = False, train
     sets, val, prior_batches = data
     t0 = time.time()
 
-    def fit(attention: str, s: int, spec: DirichletSpec = DirichletSpec(), tag: str = ""):
+    def fit(attention: str, s: int, spec: DirichletSpec = D, tag: str = ""):
         return finetune_variant(out / f"{'map' if attention == 'standard' else 'dirichlet' + tag}-s{s}", attention, s, st["finetune"], spec,
                                 n_train=st["n_train"], show_progress=not quiet)
 
@@ -106,7 +108,7 @@ def seed_run(seed: int, st: dict, out: Path, data, *, quiet: bool = False, train
 
     (map_model, _, map_info), (dir_model, _, dir_info) = fit("standard", seed), fit("dirichlet", seed)
     members = [map_model] + [fit("standard", x)[0] for x in ensemble_seeds(seed, st["ensemble_size"])[1:]]
-    broad = fit("dirichlet", seed, DirichletSpec(prior_tau=1.0), "-prior1") if seed == st["broad_prior_seed"] else None
+    broad = fit("dirichlet", seed, BROAD_SPEC, "-prior1") if seed == st["broad_prior_seed"] else None
     broad_info = broad[2] if broad else None
     if train_only:
         return None
@@ -216,8 +218,8 @@ def section(res: dict, fig_dir: Path) -> str:
              f"reviews truncated to {st['finetune']['max_length']} tokens), seeds {st['seeds']}; standard attention (MAP; MC dropout; "
              "NV sampling with the empirical prior of 256 books training reviews and stdev_tau chosen on books validation NLL from "
              f"{st['nv_grid']}; per seed, a deep ensemble of {st['ensemble_size']} MAP models, that seed's and {st['ensemble_size'] - 1} of its own, seeds 100 + {st['ensemble_size'] - 1} seed + j) or Dirichlet attention in all six layers (`DirichletSpec` "
-             "defaults: softmax concentration, tau 10 (learnable, per layer), prior centred on the deterministic attention with prior_tau 10; "
-             "loss NLL + KL / N_train; the row 'broad prior' is the same with prior_tau 1, seed "
+             f"defaults: {D.concentration} concentration, tau {D.tau:g} (learnable, per layer), prior {D.prior} on the deterministic attention "
+             f"with prior_tau {D.prior_tau:g}; loss NLL + KL / N_train; the row 'broad prior' is the same with prior_tau {BROAD_SPEC.prior_tau:g}, seed "
              f"{st.get('broad_prior_seed')} only). {st['samples']} samples per Monte Carlo prediction. Data: Amazon reviews (Blitzer et al. "
              f"2007) and airline / imdb / blog (as in Ryu & Lee 2020), split seed 0, {st['n_eval']} test reviews per domain drawn with seed 0; "
              f"temperatures fitted on {st['n_val']} books validation reviews. Mean ± sd over seeds. "
@@ -244,9 +246,9 @@ def section(res: dict, fig_dir: Path) -> str:
                   f" ({len(v)} seed{'s' if len(v) > 1 else ''})" for k, v in kinds.items()) + "."]
     if res.get("tau"):
         lo, hi = min(min(t) for t in res["tau"].values()), max(max(t) for t in res["tau"].values())
-        lines[-1] += (f" Learnt Dirichlet concentration scales tau (all layers, all Dirichlet models): {lo:.3g} to {hi:.3g}, from 10 at "
+        lines[-1] += (f" Learnt Dirichlet concentration scales tau (all layers, all Dirichlet models): {lo:.3g} to {hi:.3g}, from {D.tau:g} at "
                       "initialisation: at the fine-tuning learning rate tau barely moves, so the posterior's spread is set by its "
-                      "initial value.") if hi - lo < 0.5 and abs(hi - 10) < 0.5 else f" Learnt tau: {lo:.3g} to {hi:.3g} (10 at initialisation)."
+                      "initial value.") if hi - lo < 0.5 and abs(hi - D.tau) < 0.5 else f" Learnt tau: {lo:.3g} to {hi:.3g} ({D.tau:g} at initialisation)."
     for title, keys in (("accuracy / ECE / AUROC by entropy", ("accuracy", "ece", "auroc_entropy")),
                         ("NLL / Brier / AUROC by mutual information", ("nll", "brier", "auroc_mi"))):
         lines += ["", f"Per domain ({title}, mean over seeds; - = not defined for the method):", "",
@@ -315,7 +317,7 @@ def reading(res: dict) -> str:
     broad = stat(BROAD, "accuracy", [SOURCE])
     if broad:
         mp = stat("map", "accuracy", [SOURCE])
-        text += (f"With the broad prior (prior_tau 1) the Dirichlet model reaches books accuracy {broad[0]:.3f} (MAP {mp[0]:.3f})"
+        text += (f"With the broad prior (prior_tau {BROAD_SPEC.prior_tau:g}) the Dirichlet model reaches books accuracy {broad[0]:.3f} (MAP {mp[0]:.3f})"
                  + (": near chance (0.5), the prior's pathology. " if broad[0] < 0.6 else ". "))
     return text
 
