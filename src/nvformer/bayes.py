@@ -52,6 +52,7 @@ __all__ = [
     "DirichletAttention",
     "DirichletSpec",
     "convert_dirichlet",
+    "compute_dtype",
     "dirichlet_attention",
     "dirichlet_kl",
     "dirichlet_kl_total",
@@ -159,7 +160,7 @@ def dirichlet_attention(query: Tensor, key: Tensor, value: Tensor, bias: Tensor 
         raise ValueError(f"dirichlet_attention: need query [B, H, Nq, d] and key/value [B, H, Nk, d], got {tuple(query.shape)}, "
                          f"{tuple(key.shape)}, {tuple(value.shape)}")
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    cd = torch.float64 if (sample or kl) else torch.promote_types(query.dtype, torch.float32)
+    cd = compute_dtype(query.dtype, sample=sample, kl=kl)
     logits = (query @ key.transpose(-1, -2)).to(cd) * scale
     if bias is not None:
         logits = logits + bias.to(cd)
@@ -172,6 +173,12 @@ def dirichlet_attention(query: Tensor, key: Tensor, value: Tensor, bias: Tensor 
         weights = log_a.exp().masked_fill(pad, 0.0).to(query.dtype)
     w = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
     return w @ value, weights, (dirichlet_kl(log_c, log_c0, pad) if kl else None)
+
+
+def compute_dtype(dtype: torch.dtype, *, sample: bool, kl: bool) -> torch.dtype:
+    """The dtype :func:`dirichlet_attention` works in: float64 when it samples or computes the KL,
+    else the input's (at least float32), for the closed-form posterior mean."""
+    return torch.float64 if (sample or kl) else torch.promote_types(dtype, torch.float32)
 
 
 def mean_weights(logits: Tensor, spec: DirichletSpec, tau: Tensor | float) -> Tensor:
@@ -206,6 +213,11 @@ class _Tau(nn.Module):
     @property
     def tau(self) -> Tensor:
         return self.log_tau.exp()
+
+    def modes(self, training: bool) -> tuple[bool, bool]:
+        """``(sample, kl)`` for a forward of the owning module: training always samples and computes
+        the KL; evaluation samples for ``prediction="sample"`` and computes the KL after :func:`set_eval_kl`."""
+        return training or self.spec.prediction == "sample", training or self.eval_kl
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in asdict(self.spec).items())
@@ -269,17 +281,17 @@ class DirichletAttention(nn.Module):
             return x.view(B, n, H, E // H).transpose(1, 2)
 
         q, k, v = heads(self.q_proj(query), Nq), heads(self.k_proj(key), Nk), heads(self.v_proj(value), Nk)
-        bias = torch.zeros(B, 1, Nq, Nk, dtype=torch.float64, device=query.device)
+        st = self.dirichlet
+        sample, need_kl = st.modes(self.training)
+        bias = torch.zeros(B, 1, Nq, Nk, dtype=compute_dtype(query.dtype, sample=sample, kl=need_kl), device=query.device)
         if key_padding_mask is not None:
             kpm = key_padding_mask if key_padding_mask.dtype == torch.bool else torch.isneginf(key_padding_mask)
             bias = bias.masked_fill(kpm[:, None, None, :], float("-inf"))
         if attn_mask is not None:
             am = attn_mask.view(-1, H, Nq, Nk) if attn_mask.dim() == 3 else attn_mask
-            bias = bias.masked_fill(am, float("-inf")) if am.dtype == torch.bool else bias + am.double()
+            bias = bias.masked_fill(am, float("-inf")) if am.dtype == torch.bool else bias + am.to(bias.dtype)
         if is_causal:
             bias = bias.masked_fill(torch.ones(Nq, Nk, dtype=torch.bool, device=query.device).triu(1 + Nk - Nq), float("-inf"))
-        st = self.dirichlet
-        sample, need_kl = self.training or st.spec.prediction == "sample", self.training or st.eval_kl
         out, w, kl = dirichlet_attention(q, k, v, bias, st.spec, st.tau, sample=sample, kl=need_kl,
                                          dropout_p=self.dropout if self.training else 0.0)
         if kl is not None and key_padding_mask is not None and Nq == Nk:
@@ -341,9 +353,9 @@ def _hf_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     if key.shape[1] != H:  # grouped-query attention
         key = key.repeat_interleave(H // key.shape[1], dim=1)
         value = value.repeat_interleave(H // value.shape[1], dim=1)
-    sample, need_kl = module.training or st.spec.prediction == "sample", module.training or st.eval_kl
-    cd = torch.float64 if (sample or need_kl) else torch.promote_types(query.dtype, torch.float32)
-    bias = _mask_bias(attention_mask, B, Nq, Nk, bool(getattr(module, "is_causal", False)), cd, query.device)
+    sample, need_kl = st.modes(module.training)
+    bias = _mask_bias(attention_mask, B, Nq, Nk, bool(getattr(module, "is_causal", False)),
+                      compute_dtype(query.dtype, sample=sample, kl=need_kl), query.device)
     out, w, kl = dirichlet_attention(query, key, value, bias, st.spec, st.tau, sample=sample, kl=need_kl, scale=scaling,
                                      dropout_p=dropout if module.training else 0.0)
     st.last_kl = None if kl is None else kl.sum((1, 2))
