@@ -107,6 +107,15 @@ class Adapter:
         call.update(kwargs)
         return call
 
+    def hidden_states(self, module: nn.Module, call: dict) -> Tensor:
+        """The input states: the original forward's first positional argument, from :meth:`call_arguments`."""
+        return call[self.positional_names(base_class(module))[0]]
+
+    def check_signature(self, module: nn.Module) -> None:
+        """Read ``module``'s forward signature now (once per class): a forward this adapter cannot
+        call, such as one taking no known KV-cache argument, fails here rather than mid-forward."""
+        self._signature(base_class(module))
+
     def cache(self, module: nn.Module, call: dict):
         """The KV cache object passed to ``module`` (None for families without one, or when none was passed)."""
         name = self._signature(base_class(module))[1]

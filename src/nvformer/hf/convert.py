@@ -18,7 +18,7 @@ from torch import nn
 
 from ..nvib import NVIB
 from ..prior import Prior, PriorEstimator
-from .adapters import Adapter, adapter_for, base_class, layer_index, looks_like_attention, supported_classes
+from .adapters import Adapter, adapter_for, layer_index, looks_like_attention, supported_classes
 from .forward import _key_padding, _mask_bias, nv_attention_forward
 
 SITES = ("encoder", "decoder", "cross")
@@ -49,7 +49,7 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module, Adapter, s
     for name, module in model.named_modules():
         ad = adapter_for(module)
         if ad is not None:
-            ad.positional_names(base_class(module))  # resolves the cache argument now: an unknown signature fails here
+            ad.check_signature(module)
             site = "cross" if ad.is_cross(module, name) else ("decoder" if getattr(module, "is_causal", False) else "encoder")
             found.append((name, module, ad, site))
         elif looks_like_attention(module):
@@ -232,7 +232,7 @@ def estimate_hf_prior(model: nn.Module, batches: Iterable[Any], *, forward=None,
     def make_hook(name: str, ad: Adapter, cross: bool):
         def hook(module, args, kwargs):
             call = ad.call_arguments(module, args, kwargs)
-            x = call[ad.positional_names(base_class(module))[0]]
+            x = ad.hidden_states(module, call)
             kv = call.get(ad.arg_kv) if cross else x
             if kv is None:  # cross-attention states already cached
                 return

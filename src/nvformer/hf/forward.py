@@ -113,7 +113,7 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
     """Denoising attention with the original module's signature and return value."""
     ad: Adapter = self._nv_adapter
     call = ad.call_arguments(self, args, kwargs)
-    x = call[ad.positional_names(self._nv_base_class)[0]]
+    x = ad.hidden_states(self, call)
     B, Nt, _ = x.shape
     cross = self._nv_site == "cross"
     nvib = self.nvib
