@@ -34,10 +34,10 @@ from nvformer.plots import line_panels  # noqa: E402
 def run_one(out: Path, procs: int, seed: int, epochs: int) -> float:
     args = ["nvae", "train", "--out", str(out), "--epochs", str(epochs), "--seed", str(seed), "--log-every", "10", "--no-progress", "--cpu"]
     if procs == 1:
-        cmd = [sys.executable, "-m", "nvformer.cli", *args]
+        cmd = [sys.executable, "-m", "nvformer_studies.cli", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(29600 + seed), "-m",
-               "nvformer.cli", *args]
+               "nvformer_studies.cli", *args]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, 2 // procs)), PYTHONPATH=str(ROOT / "src"))
     t0 = time.time()
     subprocess.run(cmd, check=True, env=env, cwd=ROOT)

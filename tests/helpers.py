@@ -7,6 +7,7 @@ import math
 import torch
 
 import nvformer as nv
+from nvformer.core.masks import masked_log_softmax
 
 
 def make_latent(B=2, C=5, P=8, *, var_low=0.2, var_high=1.0, dtype=torch.float64, pad=None, same_var=False, seed=1):
@@ -20,7 +21,7 @@ def make_latent(B=2, C=5, P=8, *, var_low=0.2, var_high=1.0, dtype=torch.float64
     log_alpha = torch.randn(B, C, generator=g, dtype=dtype)
     pad_mask = torch.zeros(B, C, dtype=torch.bool) if pad is None else pad
     log_alpha = log_alpha.masked_fill(pad_mask, -math.inf)
-    log_pi = nv.sampling.masked_log_softmax(log_alpha, pad_mask)
+    log_pi = masked_log_softmax(log_alpha, pad_mask)
     return nv.NVLatent(mu, var.log(), log_alpha, pad_mask, mu, log_pi)
 
 

@@ -1,62 +1,75 @@
 """nvformer: nonparametric variational (NV) attention for Transformers.
 
-The public API (see README.md):
+The verbs (README.md, docs/DESIGN.md):
 
-* :class:`Prior`, :class:`PriorEstimator` -- the base distribution of an NV latent;
-* :class:`NVIB`, :class:`NVLatent` -- the NVIB layer and the posterior it returns;
-* :func:`kl_gaussian`, :func:`kl_dirichlet` -- the KL regularisers;
-* :func:`denoising_attention`, :class:`NVMultiheadAttention`, :func:`convert_mha`,
-  :func:`kl_terms` -- denoising attention and its ``nn.MultiheadAttention`` drop-in;
-* :func:`estimate_prior` -- empirical priors of a model's attention inputs;
-* :func:`convert`, :func:`set_knobs`, :func:`get_knobs` -- NV reinterpretation of pretrained
-  Hugging Face models (identity initialisation, empirical prior, knobs);
-* :class:`DirichletAttention`, :class:`DirichletSpec`, :func:`convert_dirichlet`,
-  :func:`dirichlet_kl` -- variational Dirichlet attention weights (Cinquin et al. 2021);
+* :func:`estimate_prior`, :func:`convert`, :func:`unconvert` -- reinterpret a pretrained model
+  (Hugging Face or plain PyTorch) as an NV model with an empirical prior: outputs unchanged at
+  :data:`IDENTITY`; and back;
+* :class:`NVConfig`, :class:`Knobs`, :func:`get_config`, :func:`get_knobs`, :func:`set_knobs` --
+  one configuration and one knob vocabulary (``alpha_tau, stdev_tau, mu_tau``);
+* :func:`tune`, :class:`KnobSpace` -- choose the knobs on held-out data (Optuna);
+* :func:`save_adapter`, :func:`load_adapter` -- save what NV adds, put it on a model you loaded;
+* :func:`set_prediction` -- mean or sampled predictions (NV latents, Dirichlet attention);
+* :class:`NVIB`, :class:`NVMultiheadAttention`, :func:`denoising_attention`, :func:`kl_terms`,
+  :class:`Prior`, :class:`PriorEstimator`, :func:`kl_gaussian`, :func:`kl_dirichlet` -- the layers
+  and the maths (docs/MATH.md);
+* :class:`DirichletAttention`, :class:`DirichletSpec`, :func:`convert_dirichlet` -- variational
+  Dirichlet attention weights (Cinquin et al. 2021);
 * :mod:`nvformer.models` -- the NVAE (Transformer VAE with an NVIB latent) and its baselines.
+
+Importing nvformer imports torch only; transformers, optuna, safetensors, torchmetrics, sacrebleu,
+datasets and matplotlib are imported when a feature first needs them.
 """
 
-from .attention import (
-    KLTerms,
-    NVMultiheadAttention,
-    convert_mha,
-    denoising_attention,
-    kl_terms,
-)
-from .bayes import DirichletAttention, DirichletSpec, convert_dirichlet, dirichlet_kl
-from .empirical import estimate_prior
-from .hf.convert import convert, get_knobs, set_knobs
-from .kl import kl_dirichlet, kl_gaussian, kl_symmetric_dirichlet
-from .nvib import NVIB, NVLatent
-from .prior import Prior, PriorEstimator
-from .sampling import sample_log_dirichlet, sample_log_gamma
-from .tune import KnobSpace, TuneResult, tune
+from .adapter import load_adapter, save_adapter
+from .api import convert, estimate_prior, get_config, get_knobs, set_knobs, set_prediction, unconvert
+from .config import IDENTITY, Knobs, NVConfig
+from .core.kl import kl_dirichlet, kl_gaussian, kl_symmetric_dirichlet
+from .core.latent import NVLatent
+from .core.prior import Prior, PriorEstimator
+from .core.sampling import sample_log_dirichlet, sample_log_gamma
+from .dirichlet.functional import DirichletSpec, dirichlet_kl
+from .dirichlet.hf import convert_dirichlet
+from .dirichlet.module import DirichletAttention
+from .nn.functional import denoising_attention
+from .nn.mha import KLTerms, NVMultiheadAttention, kl_terms
+from .nn.nvib import NVIB
+from .tuning.search import TuneResult, tune
+from .tuning.space import KnobSpace
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "IDENTITY",
+    "NVIB",
     "DirichletAttention",
     "DirichletSpec",
     "KLTerms",
     "KnobSpace",
-    "TuneResult",
-    "NVIB",
+    "Knobs",
+    "NVConfig",
     "NVLatent",
     "NVMultiheadAttention",
     "Prior",
     "PriorEstimator",
+    "TuneResult",
     "convert",
     "convert_dirichlet",
-    "convert_mha",
     "denoising_attention",
     "dirichlet_kl",
     "estimate_prior",
+    "get_config",
     "get_knobs",
     "kl_dirichlet",
     "kl_gaussian",
     "kl_symmetric_dirichlet",
     "kl_terms",
+    "load_adapter",
     "sample_log_dirichlet",
     "sample_log_gamma",
+    "save_adapter",
     "set_knobs",
+    "set_prediction",
     "tune",
+    "unconvert",
 ]

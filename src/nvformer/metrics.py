@@ -1,15 +1,19 @@
-"""Classification metrics (torchmetrics) and paired bootstrap confidence intervals.
+"""Metrics (thin wrappers over torchmetrics, imported on first use) and the paired bootstrap.
 
 * :func:`classification_metrics`: accuracy, macro-F1, NLL and expected calibration error (15 bins,
   L1) of logits against labels, via ``torchmetrics.functional`` (NLL via ``cross_entropy``).
-* :func:`paired_bootstrap`: the confidence interval of a metric *difference* between two systems
-  scored on the same examples, resampling examples (the same indices for both systems).
+* :func:`paired_bootstrap`: the one bootstrap of the project: the confidence interval of a metric
+  *difference* between two systems scored on the same examples, resampling examples (the same
+  indices for both systems), for per-example scores, rows of statistics, ratios of sums, and
+  means over groups (target domains).
+* uncertainty metrics of predictive samples ``[S, N, C]``: NLL, Brier, ECE, reliability bins,
+  predictive entropy, mutual information, OOD AUROC, temperature fitting.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -42,77 +46,67 @@ def classification_metrics(logits: Tensor, labels: Tensor, n_bins: int = 15) -> 
 
 
 def paired_bootstrap(
-    logits_a: Tensor,
-    logits_b: Tensor,
-    labels: Tensor,
-    metric: str | Callable[[Tensor, Tensor], float] = "accuracy",
+    a: Tensor | Sequence[Tensor],
+    b: Tensor | Sequence[Tensor],
+    statistic: Callable[[Tensor], float] | None = None,
+    *,
+    of_sums: bool = False,
     n_resamples: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Difference ``metric(b) - metric(a)`` with a paired percentile bootstrap interval.
+    """Paired percentile bootstrap of ``statistic(b) - statistic(a)``: two systems scored on the same examples.
 
-    Returns ``{"diff", "low", "high"}``. Both systems are scored on the same resampled examples.
+    Args:
+        a, b: per-example statistics ``[N, ...]`` of the two systems (rows of the same examples),
+            or two equal-length lists of such tensors, one per *group* (e.g. target domain): the
+            statistic is then the mean over groups, and each resample redraws every group's
+            examples within the group.
+        statistic: rows ``[n, ...]`` -> float; default: the mean of 1-D scores. With ``of_sums``
+            it takes the column sums ``[K]`` of the rows instead (ratios of sums such as perplexity
+            or corpus BLEU), and resamples cost one matrix product.
+        n_resamples, confidence, seed: resamples drawn with ``torch.Generator().manual_seed(seed)``,
+            ``randint(0, N, (n_resamples, N))`` per group in order.
+
+    Returns:
+        ``{"a", "b", "diff", "low", "high"}``: the two statistics on all examples, their difference
+        and its percentile interval.
     """
-    _check(logits_a, labels)
-    if logits_a.shape != logits_b.shape:
-        raise ValueError(f"paired_bootstrap: the two systems' logits differ in shape: {tuple(logits_a.shape)} vs {tuple(logits_b.shape)}")
-    fn = metric if callable(metric) else (lambda lg, y: classification_metrics(lg, y)[metric])
-    if not callable(metric) and metric not in METRICS:
-        raise ValueError(f"paired_bootstrap: unknown metric {metric!r}; metrics are {METRICS}")
-    g = torch.Generator().manual_seed(seed)
-    n = labels.shape[0]
-    diffs = []
-    for _ in range(n_resamples):
-        idx = torch.randint(0, n, (n,), generator=g)
-        diffs.append(fn(logits_b[idx], labels[idx]) - fn(logits_a[idx], labels[idx]))
-    d = torch.tensor(diffs, dtype=torch.float64)
-    alpha = (1.0 - confidence) / 2
-    return {
-        "diff": fn(logits_b, labels) - fn(logits_a, labels),
-        "low": float(torch.quantile(d, alpha)),
-        "high": float(torch.quantile(d, 1 - alpha)),
-    }
-
-
-def per_example_scores(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
-    """``{"accuracy": [N] 0/1 correct, "nll": [N] -log p(label)}`` (their means are the metrics)."""
-    _check(logits, labels)
-    logp = torch.log_softmax(logits.double(), -1)
-    return {"accuracy": (logits.argmax(-1) == labels).double(), "nll": -logp.gather(-1, labels[:, None]).squeeze(-1)}
-
-
-def paired_bootstrap_mean(
-    scores_a: list[Tensor],
-    scores_b: list[Tensor],
-    n_resamples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Paired bootstrap of the difference of a *mean over groups* of per-example scores.
-
-    ``scores_a[g]`` and ``scores_b[g]`` are ``[N_g]`` per-example scores of two systems on group
-    ``g`` (e.g. one target domain; see :func:`per_example_scores`). The statistic is
-    ``mean_g (mean(scores_b[g]) - mean(scores_a[g]))``; each resample redraws every group's examples
-    (with replacement, within the group), the same draws for both systems. With one group this
-    is :func:`paired_bootstrap` for a per-example metric. Returns ``{"diff", "low", "high"}``.
-    """
-    if len(scores_a) != len(scores_b) or not scores_a:
-        raise ValueError(f"paired_bootstrap_mean: need the same non-zero number of groups, got {len(scores_a)} and {len(scores_b)}")
+    groups_a, groups_b = ([a], [b]) if isinstance(a, Tensor) else (list(a), list(b))
+    if len(groups_a) != len(groups_b) or not groups_a:
+        raise ValueError(f"paired_bootstrap: need the same non-zero number of groups, got {len(groups_a)} and {len(groups_b)}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"paired_bootstrap: `confidence` must be in (0, 1), got {confidence}")
     g = torch.Generator().manual_seed(seed)
     total = torch.zeros(n_resamples, dtype=torch.float64)
-    diff = 0.0
-    for a, b in zip(scores_a, scores_b):
-        if a.shape != b.shape or a.dim() != 1:
-            raise ValueError(f"paired_bootstrap_mean: group scores must be equal-length vectors, got {tuple(a.shape)} and {tuple(b.shape)}")
-        d = (b.double() - a.double())
-        idx = torch.randint(0, d.numel(), (n_resamples, d.numel()), generator=g)
-        total += d[idx].mean(1)
-        diff += float(d.mean())
-    k = len(scores_a)
-    alpha = (1.0 - confidence) / 2
+    value_a = value_b = 0.0
+    for xa, xb in zip(groups_a, groups_b):
+        if xa.shape != xb.shape or xa.dim() == 0 or xa.shape[0] == 0:
+            raise ValueError(f"paired_bootstrap: the two systems' statistics must have the same non-empty shape, got {tuple(xa.shape)} and {tuple(xb.shape)}")
+        n = xa.shape[0]
+        idx = torch.randint(0, n, (n_resamples, n), generator=g)
+        if statistic is None:
+            if xa.dim() != 1:
+                raise ValueError(f"paired_bootstrap: the default statistic (mean) needs 1-D scores, got {tuple(xa.shape)}")
+            d = xb.double() - xa.double()
+            total += d[idx].mean(1)
+            sa, sb = float(xa.double().mean()), float(xb.double().mean())
+        elif of_sums:
+            counts = torch.zeros(n_resamples, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+            ra, rb = xa.double().reshape(n, -1), xb.double().reshape(n, -1)
+            sums_a, sums_b = counts @ ra, counts @ rb
+            total += torch.tensor([statistic(y) - statistic(x) for x, y in zip(sums_a, sums_b)], dtype=torch.float64)
+            sa, sb = float(statistic(ra.sum(0))), float(statistic(rb.sum(0)))
+        else:
+            total += torch.tensor([statistic(xb[i]) - statistic(xa[i]) for i in idx], dtype=torch.float64)
+            sa, sb = float(statistic(xa)), float(statistic(xb))
+        value_a += sa
+        value_b += sb
+    k = len(groups_a)
     total /= k
-    return {"diff": diff / k, "low": float(torch.quantile(total, alpha)), "high": float(torch.quantile(total, 1 - alpha))}
+    alpha = (1.0 - confidence) / 2
+    return {"a": value_a / k, "b": value_b / k, "diff": (value_b - value_a) / k,
+            "low": float(torch.quantile(total, alpha)), "high": float(torch.quantile(total, 1 - alpha))}
 
 
 # ---------------------------------------------------------------------------------------------- predictive uncertainty

@@ -1,10 +1,6 @@
-"""Hugging Face ``transformers`` integration: convert pretrained models to NV models.
+"""Hugging Face ``transformers`` integration (docs/DESIGN.md, "Hugging Face").
 
-``convert`` / ``set_knobs`` / ``get_knobs`` / ``estimate_hf_prior`` need no import of
-transformers; :mod:`nvformer.hf.io` (save/load) and :mod:`nvformer.hf.checkpoints` do.
+``adapters`` (the family table), ``forward`` (the NV forward shared by every converted module),
+``convert`` (in place, and back), ``prior`` (empirical priors through the adapters), ``io``
+(whole-model save/load). Nothing here imports ``transformers`` except ``io.load_pretrained``.
 """
-
-from .adapters import ADAPTERS, supported_classes
-from .convert import SITES, attention_modules, convert, estimate_hf_prior, get_knobs, nv_modules, set_knobs
-
-__all__ = ["ADAPTERS", "SITES", "attention_modules", "convert", "estimate_hf_prior", "get_knobs", "nv_modules", "set_knobs", "supported_classes"]

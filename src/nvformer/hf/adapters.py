@@ -11,11 +11,12 @@ modeling code is "Copied from" another share an entry. The NV forward itself
 from __future__ import annotations
 
 import inspect
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
+
+from ..nn.mha import layer_index as path_layer_index
 
 Linear = tuple[Tensor, Tensor | None]  # (weight [out, in], bias [out] or None)
 
@@ -241,8 +242,6 @@ def looks_like_attention(module: nn.Module) -> bool:
 
 
 def layer_index(module: nn.Module, name: str) -> int | None:
+    """The module's own ``layer_idx``, else the index in its path (``"...layer.3.attention"`` -> 3)."""
     idx = getattr(module, "layer_idx", None)
-    if isinstance(idx, int):
-        return idx
-    m = re.search(r"\.(\d+)\.", f".{name}.")
-    return int(m.group(1)) if m else None
+    return idx if isinstance(idx, int) else path_layer_index(name)

@@ -4,9 +4,10 @@ A converted module's class is a dynamic subclass of its original class whose ``f
 :func:`nv_attention_forward`: it reads the original arguments through the family's
 :class:`~nvformer.hf.adapters.Adapter`, builds the NV latent of the key/value input with the
 module's :class:`~nvformer.NVIB` child, and computes denoising attention in the cache form of
-:mod:`nvformer.cached`. KV caches hold ``[k, b]`` (one extra key channel) and ``[v, extras]``
+:mod:`nvformer.core.keyform`. KV caches hold ``[k, b]`` (one extra key channel) and ``[v, extras]``
 for the token components; the prior component is never cached and is prepended at attention
-time, so ``cache.get_seq_length()``, beam reordering and cropping work unchanged.
+time, so ``cache.get_seq_length()``, beam reordering and cropping work unchanged
+(docs/DESIGN.md, "Hugging Face").
 """
 
 from __future__ import annotations
@@ -17,48 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import compute_dtype
-from ..attention import additive_mask
-from ..cached import apply_rope, attend, head_matrices, inverse_rope_combine, key_terms, repeat_kv, shared_key_terms
-from ..fast import EXCLUDED, sdpa_nv
-from ..nvib import NVLatent
+from ..core.checks import compute_dtype
+from ..core.keyform import attend, head_matrices, key_terms, shared_key_terms
+from ..core.latent import NVLatent
+from ..core.masks import hf_mask_bias, key_padding_from_bias
+from ..core.rope import apply_rope, inverse_rope_combine, repeat_kv
+from ..nn.sdpa import EXCLUDED, sdpa_nv
 from .adapters import Adapter
-
-
-def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    # Hugging Face's bool masks follow SDPA (True = attend); nvformer's own are True = masked out
-    return additive_mask(~mask if mask.dtype == torch.bool else mask, dtype)
-
-
-def _mask_bias(mask: Tensor | None, B: int, Nt: int, Nk: int, causal: bool, dtype: torch.dtype, device: torch.device) -> Tensor | None:
-    """The module's mask as an additive ``[B|1, 1|H, Nt, Nk]`` bias over token columns (or None).
-
-    Accepts the 4D masks of the ``eager`` (additive float) and ``sdpa`` (bool, True = attend)
-    implementations, a 2D ``[B, Nk]`` padding mask (1 = attend), or None, which for a causal
-    module means a causal mask aligned to the last query (as ``is_causal``).
-    """
-    if mask is None:
-        if not causal or Nt == 1:
-            return None
-        t = torch.arange(Nt, device=device)[:, None] + (Nk - Nt)
-        future = torch.arange(Nk, device=device)[None, :] > t
-        return torch.zeros(Nt, Nk, dtype=dtype, device=device).masked_fill(future, float("-inf"))[None, None]
-    if mask.dim() == 2:
-        if mask.shape != (B, Nk):
-            raise ValueError(f"NV attention: a 2D attention mask must have shape [{B}, {Nk}], got {list(mask.shape)}")
-        return _additive(mask.bool() if mask.dtype != torch.bool else mask, dtype)[:, None, None, :]
-    if mask.dim() != 4:
-        raise ValueError(f"NV attention: expected a 4D attention mask [B, 1, Nt, Nk], got shape {list(mask.shape)}")
-    return _additive(mask[..., -Nt:, :Nk], dtype)
-
-
-def _key_padding(bias: Tensor | None, B: int, n_new: int) -> Tensor | None:
-    """``[B, n_new]`` True where a new key is masked for every query (padding)."""
-    if bias is None:
-        return None
-    blocked = bias[..., -n_new:] <= torch.finfo(bias.dtype).min / 2
-    kpm = blocked.all(dim=-2).all(dim=1)
-    return kpm.expand(B, n_new) if kpm.shape[0] == 1 else kpm
 
 
 def _shared_variance(nvib: nn.Module) -> None:
@@ -88,7 +54,7 @@ def _derived(self: nn.Module, name: str, weights: tuple[Tensor, ...], make):
 def _latent(self: nn.Module, kv_in: Tensor, kpm: Tensor | None, raw_mask: Tensor | None) -> NVLatent:
     """The NVIB latent of ``kv_in``; one latent per forward for the shared cross-attention NVIB."""
     nvib = self.nvib
-    if self._nv_site == "cross":
+    if self._nv.site == "cross":
         last = getattr(nvib, "_nv_last", None)
         if last is not None and last[0] is kv_in and last[1] is raw_mask and last[2] == self.training and last[3] == nvib.version:
             return last[4]
@@ -111,11 +77,11 @@ def _cache_for(self: nn.Module, cache, cross: bool):
 
 def nv_attention_forward(self: nn.Module, *args, **kwargs):
     """Denoising attention with the original module's signature and return value."""
-    ad: Adapter = self._nv_adapter
+    ad: Adapter = self._nv.adapter
     call = ad.call_arguments(self, args, kwargs)
     x = ad.hidden_states(self, call)
     B, Nt, _ = x.shape
-    cross = self._nv_site == "cross"
+    cross = self._nv.site == "cross"
     nvib = self.nvib
     if cross:
         kv_in = call.get(ad.arg_kv) if ad.arg_kv else None
@@ -137,12 +103,12 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
     training = self.training
     if nvib.training != training:  # e.g. a submodule's mode was set by hand
         nvib.train(training)
-    sampled = training
+    sampled = training or nvib.prediction == "sample"  # nvformer.set_prediction(model, "sample")
     if not sampled:
         _shared_variance(nvib)
     interp = (not sampled) and nvib.stdev_tau > 0
     rope = call.get(ad.arg_rope) if ad.arg_rope else None
-    if rope is not None and self._nv_formula == "exact" and not sampled:
+    if rope is not None and self._nv.formula == "exact" and not sampled:
         raise ValueError("formula='exact' is not available for rotary-position models (its extra term is key-dependent under RoPE); use 'paper'")
 
     q = F.linear(x, q_w, q_b).view(B, Nt, Hq, d).transpose(1, 2).to(cd)
@@ -177,8 +143,8 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
         k_ext, v_ext = entry.keys, entry.values
     else:
         n_new = kv_in.shape[1]
-        tok_bias = _mask_bias(raw_mask, B, Nt, past + n_new, self.is_causal and not cross, cd, x.device)
-        kpm = _key_padding(tok_bias, B, n_new)
+        tok_bias = hf_mask_bias(raw_mask, B, Nt, past + n_new, self.is_causal and not cross, cd, x.device)
+        kpm = key_padding_from_bias(tok_bias, B, n_new)
         lat = _latent(self, kv_in, kpm, raw_mask)
         m, m0, b = terms(lat)
         b = b.masked_fill(~torch.isfinite(b), EXCLUDED)  # padded keys: finite, so SDPA's GEMM stays NaN-free
@@ -211,8 +177,7 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
                 k_ext, v_ext = layer_cache.update(k_ext, v_ext, self.layer_idx)
                 if cross:
                     cache_obj.is_updated[self.layer_idx] = True
-    if getattr(self, "_nv_store_latent", True):
-        self.last_latent = lat
+    self.last_latent = lat
 
     if layer_cache is not None or n_extra or (cross and cached_cross):
         # the prior component: column 0, recomputed at every call, never cached
@@ -232,7 +197,7 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
     if padding_only:
         bias = None
     elif cross and cached_cross:
-        bias = _mask_bias(raw_mask, B, Nt, Nk, False, cd, x.device)
+        bias = hf_mask_bias(raw_mask, B, Nt, Nk, False, cd, x.device)
     else:
         bias = tok_bias  # already built over the past + new keys, which are all Nk key columns
     position_bias = None
@@ -251,7 +216,7 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
     S_tok = tok_log_s.exp()
     S_0 = lat.logvar[0, 0].double().exp() + sigma2
     prior_logit = None
-    if self._nv_formula == "exact" and not sampled:
+    if self._nv.formula == "exact" and not sampled:
         G = _derived(self, f"G{cd}", (k_w,), lambda: head_matrices(k_w.double(), None, 1.0 / S_0 - 1.0 / S_tok, d).to(cd).repeat_interleave(groups, 0))
         prior_logit = -0.5 * torch.einsum("bhti,hij,bhtj->bht", q, G, q)
 

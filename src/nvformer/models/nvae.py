@@ -24,7 +24,7 @@ interpolation mixes the two sentences' components with weights ``pi_1 (1 - t)`` 
 (for ``"pooled"``: ``z = (1 - t) mu_1 + t mu_2``; for ``"none"``: the same mixture weights over
 the union of the two memories).
 
-Token conventions follow a Marian-style tokenizer (:func:`nvformer.mt.train_tokenizer`):
+Token conventions follow a Marian-style tokenizer (as ``nvformer_studies`` trains):
 sequences end with EOS; the decoder starts from ``start_id`` (the pad id).
 """
 
@@ -38,11 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attention import denoising_attention
-from ..kl import kl_dirichlet, kl_gaussian
-from ..nvib import NVIB, NVLatent
-from ..prior import Prior
-from ..sampling import masked_log_softmax
+from ..core.kl import kl_dirichlet, kl_gaussian
+from ..core.latent import NVLatent
+from ..core.masks import masked_log_softmax
+from ..core.prior import Prior
+from ..nn.functional import denoising_attention
+from ..nn.nvib import NVIB
 
 __all__ = ["BOTTLENECKS", "SCHEDULES", "NVAE", "NVAEConfig", "NVAEOutput", "Memory", "anneal", "gaussian_kl_standard", "sinusoidal_positions"]
 
@@ -283,7 +284,7 @@ class NVAE(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         if c.bottleneck == "nvib":
             prior = Prior(P, var=c.prior_var, log_alpha=c.prior_log_alpha)
-            self.nvib = NVIB(P, c.heads, prior=prior, delta=c.delta, kappa=c.kappa, mu_tau=1.0, stdev_tau=c.init_stdev, alpha_tau=0.0,
+            self.nvib = NVIB(P, c.heads, prior=prior, delta=c.delta, kappa=c.kappa, alpha_tau=0.0, stdev_tau=c.init_stdev, mu_tau=1.0,
                              alpha_threshold=c.alpha_threshold)
             with torch.no_grad():  # learned pseudo-counts log a = w . x + b (the paper's exp-linear form), a = 1 at start
                 self.nvib.alpha_quad.zero_()

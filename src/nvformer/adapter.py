@@ -1,0 +1,212 @@
+"""NV adapters: save what NV adds to a model, and put it on a model the caller loaded.
+
+An adapter folder holds two files (docs/DESIGN.md, "Adapters"):
+
+* ``nvformer.json``: the format version, the :class:`~nvformer.NVConfig` (knobs included), and per
+  converted attention module its site, layer and width, named relative to the model's base model
+  (so an adapter estimated on ``AutoModel`` applies to ``AutoModelForSequenceClassification`` of
+  the same checkpoint, and to any custom head around it);
+* ``nvformer.safetensors``: each NVIB's prior (mean, variance, ``log_alpha``, ``s_alpha``: ``2P + 2``
+  numbers), and the NVIB's parameters only when they were trained away from what the knobs and
+  prior define (the identity initialisation), so an adapter is kilobytes, not a model.
+
+:func:`load_adapter` checks everything before it changes anything: unknown or invalid values in
+the JSON (a negative ``stdev_tau``, a NaN), non-finite priors, and a model whose attention modules
+or widths differ from the saved ones are errors naming what differs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .api import _kind, convert, get_config, nv_modules, site_of
+from .config import SITES, NVConfig, is_module_key
+from .core.prior import Prior
+
+__all__ = ["CONFIG_FILE", "TENSORS_FILE", "load_adapter", "save_adapter"]
+
+FORMAT_VERSION = 2
+CONFIG_FILE = "nvformer.json"
+TENSORS_FILE = "nvformer.safetensors"
+_PRIOR_FIELDS = ("mean", "var", "log_alpha", "log_alpha_std")
+_TOP_KEYS = {"format_version", "nvformer_version", "kind", "architecture", "config", "modules"}
+_MODULE_KEYS = {"site", "layer", "dim", "shares", "trained"}
+
+
+def _base_prefix(model: nn.Module) -> str:
+    """The module path of a Hugging Face model's base model (``"bert"`` in a ``BertFor...``), else ``""``."""
+    base = getattr(model, "base_model", model)
+    if base is model:
+        return ""
+    for name, m in model.named_modules():
+        if m is base:
+            return name
+    return ""
+
+
+def _relative(name: str, prefix: str) -> str:
+    return name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else name
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def save_adapter(model: nn.Module, folder: str | Path) -> Path:
+    """Write the NV state of a converted ``model`` to ``folder`` (created); returns the folder.
+
+    Writes ``nvformer.json`` (configuration, knobs, modules) and ``nvformer.safetensors``
+    (priors, and trained NVIB parameters if any); never the base model's weights.
+    """
+    from safetensors.torch import save_file
+
+    who = "nvformer.save_adapter"
+    kind = _kind(model, who)
+    if not nv_modules(model):
+        raise ValueError(f"{who}: {type(model).__name__} has no NV attention module (convert it first)")
+    prefix = _base_prefix(model)
+    config = get_config(model)
+    owners: dict[int, str] = {}
+    modules: dict[str, dict[str, Any]] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, m in nv_modules(model):
+        info = site_of(model, name, m)
+        rel = _relative(name, prefix)
+        owner = owners.setdefault(id(m.nvib), rel)
+        entry: dict[str, Any] = {"site": info.site, "layer": info.layer, "dim": m.nvib.dim}
+        if owner != rel:
+            entry["shares"] = owner
+        else:
+            for f in _PRIOR_FIELDS:
+                tensors[f"{rel}.prior.{f}"] = getattr(m.nvib.prior, f).detach().float().contiguous().cpu()
+            entry["trained"] = not m.nvib.in_identity_form()
+            if entry["trained"]:
+                for key, t in m.nvib.state_dict().items():
+                    if not key.startswith("prior."):
+                        tensors[f"{rel}.nvib.{key}"] = t.detach().contiguous().cpu()
+        modules[rel] = entry
+    cfg = config.to_dict()
+    # group keys that are module names are stored relative to the base model too
+    cfg["knobs"] = {(_relative(k, prefix) if is_module_key(k) else k): v for k, v in cfg["knobs"].items()}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / TENSORS_FILE))
+    meta = {"format_version": FORMAT_VERSION, "nvformer_version": _version(), "kind": kind, "architecture": type(model).__name__,
+            "config": cfg, "modules": modules}
+    (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def read_adapter(folder: str | Path) -> tuple[dict[str, Any], NVConfig]:
+    """The checked contents of ``folder/nvformer.json``: ``(metadata, NVConfig)``."""
+    who = "nvformer.load_adapter"
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"{who}: {folder} has no {CONFIG_FILE} (not an NV adapter folder)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{who}: {path} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{who}: {path} must hold a JSON object")
+    unknown = set(meta) - _TOP_KEYS
+    if unknown:
+        raise ValueError(f"{who}: unknown key(s) {sorted(unknown)} in {path}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{who}: {path} has format version {meta.get('format_version')!r}; this nvformer reads version {FORMAT_VERSION}")
+    if meta.get("kind") not in ("hf", "torch"):
+        raise ValueError(f"{who}: {path}: `kind` must be 'hf' or 'torch', got {meta.get('kind')!r}")
+    config = NVConfig.from_dict(meta.get("config", {}), f"{who}: {path}: config")
+    modules = meta.get("modules")
+    if not isinstance(modules, dict) or not modules:
+        raise ValueError(f"{who}: {path}: `modules` must be a non-empty mapping")
+    for rel, entry in modules.items():
+        if not isinstance(entry, dict) or set(entry) - _MODULE_KEYS or entry.get("site") not in SITES:
+            raise ValueError(f"{who}: {path}: bad entry for module {rel!r}: {entry!r}")
+        if not isinstance(entry.get("dim"), int) or entry["dim"] < 1:
+            raise ValueError(f"{who}: {path}: module {rel!r} has no valid width `dim`")
+        if "shares" in entry and entry["shares"] not in modules:
+            raise ValueError(f"{who}: {path}: module {rel!r} shares the NVIB of unknown module {entry['shares']!r}")
+    return meta, config
+
+
+def _candidates(model: nn.Module, kind: str, sites: tuple[str, ...]) -> dict[str, int]:
+    """``{name: width}`` of the attention modules ``convert`` would convert at ``sites``."""
+    if kind == "hf":
+        from .hf.convert import attention_modules
+
+        out = {}
+        for name, module, ad, site in attention_modules(model):
+            if site in sites:
+                out[name] = ad.qkv(module)[1][0].shape[1]
+        return out
+    from .nn.mha import torch_site
+
+    return {name: m.kdim for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention) and torch_site(model, name) in sites}
+
+
+def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Convert ``model`` (loaded by the caller, any class) and restore the NV state saved in ``folder``.
+
+    In place; returns ``model``. The model must not be converted yet, and its attention modules
+    (names relative to the base model) and widths must be those the adapter was saved from.
+    """
+    from safetensors.torch import load_file
+
+    who = "nvformer.load_adapter"
+    kind = _kind(model, who)
+    meta, config = read_adapter(folder)
+    if meta["kind"] != kind:
+        raise ValueError(f"{who}: the adapter was saved from a {'Hugging Face' if meta['kind'] == 'hf' else 'PyTorch'} model, "
+                         f"but {type(model).__name__} is {'a Hugging Face' if kind == 'hf' else 'a PyTorch'} model")
+    if nv_modules(model):
+        raise ValueError(f"{who}: {type(model).__name__} is already converted (nvformer.unconvert it first)")
+    prefix = _base_prefix(model)
+    have = {_relative(name, prefix): (name, dim) for name, dim in _candidates(model, kind, config.sites).items()}
+    saved = meta["modules"]
+    if set(have) != set(saved):
+        missing, extra = sorted(set(saved) - set(have)), sorted(set(have) - set(saved))
+        raise ValueError(f"{who}: the model's attention modules differ from the adapter's ({meta.get('architecture')}): "
+                         f"missing in the model {missing[:4]}, not in the adapter {extra[:4]}")
+    for rel, (name, dim) in have.items():
+        if saved[rel]["dim"] != dim:
+            raise ValueError(f"{who}: module {rel!r} reads vectors of width {dim}, the adapter's has width {saved[rel]['dim']}")
+    tensors = load_file(str(Path(folder) / TENSORS_FILE))
+    priors: dict[str, Prior] = {}
+    for rel, entry in saved.items():
+        if "shares" in entry:
+            continue
+        fields = {}
+        for f in _PRIOR_FIELDS:
+            t = tensors.get(f"{rel}.prior.{f}")
+            if t is None or not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{who}: the prior `{f}` of module {rel!r} is missing or not finite")
+            fields[f] = t
+        try:
+            priors[have[rel][0]] = Prior(entry["dim"], **fields)
+        except ValueError as e:
+            raise ValueError(f"{who}: module {rel!r}: {e}") from None
+    full = {rel: name for rel, (name, _) in have.items()}
+    knobs = {full.get(k, k): v for k, v in config.knobs.items()}
+    convert(model, config.with_knobs(knobs), prior=priors)
+    for name, m in nv_modules(model):
+        rel = _relative(name, prefix)
+        if saved[rel].get("trained"):
+            state = {k[len(rel) + 6:]: v for k, v in tensors.items() if k.startswith(f"{rel}.nvib.")}
+            state.update({f"prior.{f}": priors[name].state_dict()[f] for f in _PRIOR_FIELDS})
+            m.nvib.load_state_dict(state)
+    return model
+
+
+def adapter_bytes(folder: str | Path) -> int:
+    """The size of an adapter on disk (both files)."""
+    folder = Path(folder)
+    return sum((folder / f).stat().st_size for f in (CONFIG_FILE, TENSORS_FILE))
+

@@ -1,0 +1,226 @@
+"""One configuration object for NV conversion, and one vocabulary for the knobs.
+
+:class:`NVConfig` is what :func:`nvformer.convert` takes, what :func:`nvformer.get_config`
+returns, what :func:`nvformer.set_knobs` writes and what :func:`nvformer.save_adapter` saves.
+:class:`Knobs` is one knob setting, always in the order ``alpha_tau, stdev_tau, mu_tau``
+(docs/MATH.md section 4):
+
+* ``alpha_tau``: shifts every token's log pseudo-count by ``alpha_tau * s_alpha``, in units of
+  the prior's spread ``s_alpha`` (the prior component's weight relative to a token is about
+  ``exp(-alpha_tau * s_alpha)``); large = identity, small or negative = mass on the prior;
+* ``stdev_tau >= 0``: the token variances are ``(stdev_tau * sigma_p)^2``; 0 = identity;
+* ``mu_tau``: the token means are ``mu_tau x + (1 - mu_tau) mu_p``; 1 = identity.
+
+:data:`IDENTITY` is the setting at which a converted model computes what the original did (up to
+a prior weight of ``exp(-1e4 s_alpha)``, far below float precision for any empirical prior).
+
+Knobs can differ per site and per layer: ``NVConfig.knobs`` maps *group keys* to settings, the
+most specific key winning: a module's own name, then ``"site.layer"`` (e.g. ``"encoder.3"``), then
+the site (``"encoder"``, ``"decoder"``, ``"cross"``), then ``"*"`` (every module).
+
+No state: plain data, validated on construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from .core.checks import check_knob
+
+__all__ = ["FORMULAS", "IDENTITY", "KNOBS", "SITES", "Knobs", "NVConfig", "NVSite", "group_key", "is_module_key"]
+
+SITES = ("encoder", "decoder", "cross")
+FORMULAS = ("paper", "exact")
+KNOBS = ("alpha_tau", "stdev_tau", "mu_tau")  # the one knob order, everywhere
+THRESHOLD_MODES = ("absolute", "relative")
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """One knob setting (module docstring). Validated: finite values, ``stdev_tau >= 0``."""
+
+    alpha_tau: float = 1e4
+    stdev_tau: float = 0.0
+    mu_tau: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in KNOBS:
+            minimum = 0.0 if name == "stdev_tau" else None
+            object.__setattr__(self, name, check_knob(getattr(self, name), name, "Knobs", minimum))
+
+    def replace(self, **changes: float | None) -> Knobs:
+        """A copy with the given knobs changed (None = keep)."""
+        unknown = set(changes) - set(KNOBS)
+        if unknown:
+            raise ValueError(f"Knobs: unknown knob(s) {sorted(unknown)}; knobs are {KNOBS}")
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in KNOBS}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "Knobs") -> Knobs:
+        """Strict: every key must be a knob name (missing ones take the identity value)."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{where}: a knob setting must be a mapping of {KNOBS}, got {type(d).__name__}")
+        unknown = set(d) - set(KNOBS)
+        if unknown:
+            raise ValueError(f"{where}: unknown knob(s) {sorted(unknown)}; knobs are {KNOBS}")
+        try:
+            return cls(**dict(d))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+
+IDENTITY = Knobs()
+
+
+def group_key(site: str | None, layer: int | None) -> str:
+    """The ``NVConfig.knobs`` key of one layer's module(s): ``"site.layer"``, or the site alone."""
+    site = site or "*"
+    return site if layer is None else f"{site}.{layer}"
+
+
+def is_module_key(key: str) -> bool:
+    """True if a knob group key names one module (not ``"*"``, a site or ``"site.layer"``)."""
+    site, _, layer = key.partition(".")
+    return not (key == "*" or (site in SITES and (not layer or layer.isdigit())))
+
+
+def _check_group(key: str, where: str) -> None:
+    if not is_module_key(key):
+        return
+    # anything else must look like a module name (a dotted path), which resolves first
+    if not key or any(not part for part in key.split(".")):
+        raise ValueError(f"{where}: bad knob group {key!r}: use '*', a site {SITES}, 'site.layer' or a module name")
+
+
+@dataclass(frozen=True)
+class NVConfig:
+    """Everything that defines an NV conversion besides the priors.
+
+    Args:
+        sites: the attention sites to convert (``"encoder"``: bidirectional self-attention, one
+            NVIB per layer; ``"decoder"``: causal self-attention; ``"cross"``: one NVIB on the final
+            encoder output shared by all decoder layers, as in Fehr & Henderson 2024).
+        formula: evaluation formula, ``"paper"`` (the publications) or ``"exact"`` (docs/MATH.md
+            section 3).
+        delta: pseudo-count per token of the conditional prior in ``KL_D``.
+        kappa: samples per component in training (1 for Hugging Face models).
+        alpha_threshold, threshold_mode: evaluation-time pruning of token components
+            (``"absolute"``: pseudo-count ``<= alpha_threshold``, the authors' 0.1;
+            ``"relative"``: weight ``a_i / sum a <= alpha_threshold``); None keeps all.
+        prior_component: include the prior component.
+        min_var: variance floor (keeps ``stdev_tau = 0`` finite).
+        alpha_skip: link consecutive NV self-attention layers (Behjati et al. 2023; PyTorch models).
+        knobs: group key -> :class:`Knobs` (module docstring); default ``{"*": IDENTITY}``.
+    """
+
+    sites: tuple[str, ...] = SITES
+    formula: str = "paper"
+    delta: float = 1.0
+    kappa: int = 1
+    alpha_threshold: float | None = None
+    threshold_mode: str = "absolute"
+    prior_component: bool = True
+    min_var: float = 1e-20
+    alpha_skip: bool = False
+    knobs: Mapping[str, Knobs] = field(default_factory=lambda: {"*": IDENTITY})
+
+    def __post_init__(self) -> None:
+        where = "NVConfig"
+        sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
+        bad = [s for s in sites if s not in SITES]
+        if bad or not sites:
+            raise ValueError(f"{where}: unknown or no site(s) {bad}; sites are {SITES}")
+        object.__setattr__(self, "sites", sites)
+        if self.formula not in FORMULAS:
+            raise ValueError(f"{where}: `formula` must be one of {FORMULAS}, got {self.formula!r}")
+        object.__setattr__(self, "delta", check_knob(self.delta, "delta", where, 0.0))
+        if isinstance(self.kappa, bool) or not isinstance(self.kappa, int) or self.kappa < 1:
+            raise ValueError(f"{where}: `kappa` must be an int >= 1, got {self.kappa!r}")
+        if self.alpha_threshold is not None and not check_knob(self.alpha_threshold, "alpha_threshold", where) > 0:
+            raise ValueError(f"{where}: `alpha_threshold` must be > 0 or None, got {self.alpha_threshold!r}")
+        if self.threshold_mode not in THRESHOLD_MODES:
+            raise ValueError(f"{where}: `threshold_mode` must be one of {THRESHOLD_MODES}, got {self.threshold_mode!r}")
+        if not isinstance(self.prior_component, bool) or not isinstance(self.alpha_skip, bool):
+            raise ValueError(f"{where}: `prior_component` and `alpha_skip` must be True or False")
+        if not check_knob(self.min_var, "min_var", where) > 0:
+            raise ValueError(f"{where}: `min_var` must be > 0, got {self.min_var!r}")
+        knobs = {}
+        for key, value in dict(self.knobs).items():
+            if not isinstance(key, str):
+                raise ValueError(f"{where}: knob group keys must be strings, got {key!r}")
+            _check_group(key, where)
+            knobs[key] = value if isinstance(value, Knobs) else Knobs.from_dict(value, f"{where}.knobs[{key!r}]")
+        if not knobs:
+            knobs = {"*": IDENTITY}
+        object.__setattr__(self, "knobs", knobs)
+
+    # ------------------------------------------------------------------ knobs
+    def lookup(self, site: str | None, layer: int | None, name: str | None = None) -> Knobs | None:
+        """The knobs of one module: its name, then ``"site.layer"``, then its site, then ``"*"``;
+        None if no key matches."""
+        for key in (name, None if layer is None else group_key(site, layer), site, "*"):
+            if key is not None and key in self.knobs:
+                return self.knobs[key]
+        return None
+
+    def knobs_for(self, site: str | None, layer: int | None, name: str | None = None) -> Knobs:
+        """:meth:`lookup`, with :data:`IDENTITY` where no key matches."""
+        found = self.lookup(site, layer, name)
+        return IDENTITY if found is None else found
+
+    def with_knobs(self, knobs: Mapping[str, Knobs] | Knobs | None = None, **changes: float | None) -> NVConfig:
+        """A copy whose knobs are ``knobs`` (a mapping, or one setting for every module), and/or
+        whose default setting ``"*"`` has the given knob values changed."""
+        new = dict(self.knobs) if knobs is None else ({"*": knobs} if isinstance(knobs, Knobs) else dict(knobs))
+        if changes:
+            new["*"] = new.get("*", IDENTITY).replace(**changes)
+        return replace(self, knobs=new)
+
+    def nvib_settings(self) -> dict[str, Any]:
+        """The :class:`~nvformer.NVIB` keyword arguments besides knobs and prior."""
+        return {"delta": self.delta, "kappa": self.kappa, "alpha_threshold": self.alpha_threshold,
+                "threshold_mode": self.threshold_mode, "prior_component": self.prior_component, "min_var": self.min_var}
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["sites"] = list(self.sites)
+        d["knobs"] = {k: v.as_dict() for k, v in self.knobs.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "NVConfig") -> NVConfig:
+        """Strict: unknown fields, unknown knobs and invalid values are errors naming them."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{where}: expected a mapping, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; fields are {sorted(names)}")
+        kw = dict(d)
+        if "knobs" in kw:
+            if not isinstance(kw["knobs"], Mapping):
+                raise ValueError(f"{where}: `knobs` must map group keys to knob settings")
+            kw["knobs"] = {k: Knobs.from_dict(v, f"{where}.knobs[{k!r}]") for k, v in kw["knobs"].items()}
+        try:
+            return cls(**kw)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
+
+
+@dataclass(frozen=True)
+class NVSite:
+    """Where one converted attention module sits: its site, layer index, the name of the module
+    whose NVIB it reads (itself, except for the shared cross-attention NVIB), its evaluation
+    formula and, for Hugging Face modules, the family adapter. Stored as ``module._nv``."""
+
+    site: str
+    layer: int | None
+    owner: str
+    formula: str = "paper"
+    adapter: Any = None

@@ -1,0 +1,68 @@
+"""Pure sampling maths used by the NVIB layer and Dirichlet attention (no module state).
+
+Everything here works in log space: pseudo-counts ``a`` are handed around as ``log a`` so that
+they never overflow (``log a`` of a width-4096 model is ~200, far beyond fp32's ``exp`` range).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .masks import masked_log_softmax
+
+__all__ = ["sample_log_gamma", "sample_log_dirichlet"]
+
+# Above this log-concentration the Gamma(a, 1) sample is drawn from its log-normal limit
+# log g ~ N(log a, 1/a): the neglected bias of the mean, -1/(2a), is below 1e-9 there.
+_LOG_A_NORMAL_LIMIT = 20.0
+# Below this log-concentration a is treated as exp(-300), so that the gradient -log(U)/a stays finite.
+_LOG_A_MIN = -300.0
+
+
+def sample_log_gamma(log_concentration: Tensor) -> Tensor:
+    """Reparameterised sample of ``log g``, ``g ~ Gamma(a, 1)``, given ``log a``; any shape.
+
+    Computed in float64 and returned in the input dtype (at least float32). Three regimes, each
+    exact in distribution or negligibly far from it, so that no pseudo-count over/underflows:
+
+    * ``log a <= 20``: ``g = X * U**(1/a)`` with ``X ~ Gamma(a + 1)`` drawn by
+      ``torch.distributions.Gamma.rsample`` (implicit reparameterisation gradients) and
+      ``U ~ Uniform(0, 1)`` (the standard boost for small shapes, Marsaglia & Tsang 2000); in log
+      space ``log g = log X + log(U) / a``, finite for any ``a``; ``log a`` is floored at -300
+      (``a ~ 5e-131``: such a component's weight is 0 in any dtype) so gradients stay finite.
+    * ``log a > 20``: ``log g = log a + eps / sqrt(a)``, ``eps ~ N(0, 1)``: the log-normal limit of
+      a Gamma with ``a > 4.8e8`` (the bias ``-1/(2a)`` is below 1e-9), with pathwise gradients.
+    * ``-inf`` entries (masked components) stay ``-inf``.
+    """
+    out_dtype = torch.promote_types(log_concentration.dtype, torch.float32)
+    lc = log_concentration.to(torch.float64)
+    masked = torch.isneginf(lc)
+    lc = lc.masked_fill(masked, 0.0).clamp_min(_LOG_A_MIN)
+    big = lc > _LOG_A_NORMAL_LIMIT
+
+    a_small = lc.clamp(max=_LOG_A_NORMAL_LIMIT).exp()
+    x = torch.distributions.Gamma(a_small + 1.0, torch.ones_like(a_small)).rsample()
+    u = torch.rand_like(a_small).clamp_min(torch.finfo(torch.float64).tiny)
+    log_g_small = x.clamp_min(torch.finfo(torch.float64).tiny).log() + u.log() / a_small
+
+    lc_big = lc.clamp(min=_LOG_A_NORMAL_LIMIT)
+    log_g_big = lc_big + torch.randn_like(lc_big) * torch.exp(-0.5 * lc_big)
+
+    log_g = torch.where(big, log_g_big, log_g_small).masked_fill(masked, float("-inf"))
+    return log_g.to(out_dtype)
+
+
+def sample_log_dirichlet(log_concentration: Tensor, pad_mask: Tensor | None = None, dim: int = -1) -> Tensor:
+    """Reparameterised ``log pi`` with ``pi ~ Dir(a)`` over ``dim``, given ``log a``.
+
+    ``pi = g / sum(g)`` with ``g_i ~ Gamma(a_i)`` (:func:`sample_log_gamma`), normalised with
+    ``logsumexp``. Entries where ``pad_mask`` is True (or ``log a = -inf``) get ``log pi = -inf``.
+
+    Args:
+        log_concentration: ``[..., K]`` log pseudo-counts.
+        pad_mask: bool, broadcastable, True = excluded.
+    """
+    if pad_mask is not None:
+        log_concentration = log_concentration.masked_fill(pad_mask, float("-inf"))
+    return masked_log_softmax(sample_log_gamma(log_concentration), pad_mask, dim=dim)

@@ -1,0 +1,185 @@
+"""Variational inference on attention weights (Cinquin, Immer, Horn & Fortuin 2021): docs/MATH.md section 5.
+
+Per query ``t`` the attention distribution ``a_t`` over the visible keys gets a Dirichlet
+posterior ``q(a_t) = Dir(c_t)`` built from the attention scores ``s_t = scale q_t K^T`` (+ mask),
+a Dirichlet prior ``p(a_t) = Dir(c0_t)``, reparameterised samples (implicit reparameterisation
+gradients through :func:`nvformer.sample_log_dirichlet`) and the ELBO term ``KL(q || p)``.
+
+The paper's exact parameterisation is not available; ours, configurable in :class:`DirichletSpec`:
+
+* concentration ``"softmax"`` (default): ``c_t = tau n_t softmax(s_t) + eps`` with ``n_t`` the
+  number of visible keys: the posterior mean is (up to ``eps``) the deterministic attention and
+  the total concentration ``tau n_t`` sets how tightly samples gather around it (``tau`` learnt
+  per module when ``learn_tau``, starting at ``tau``);
+  ``"exp"``: ``c_t = tau exp(s_t) + eps`` (an evidential form: large scores give confident
+  posteriors, small ones uncertain ones).
+* prior ``"centred"`` (default): ``c0_t = prior_tau n_t softmax(s_t) + eps`` with the softmax
+  detached (a prior centred on the deterministic attention, penalising only over- or
+  under-dispersion); ``"symmetric"``: ``c0_t = prior_alpha`` for every visible key. The default
+  ``prior_tau`` equals the default ``tau`` (10): the KL is 0 at initialisation and grows only as
+  the learnt concentration moves away from the prior's. A broad prior is a trap: the attention
+  KL is a sum of one Dirichlet KL per query, head and layer (about 10^4 of them, each over up to
+  128 keys, for one 128-token review in MiniLM), so with ``prior_tau = 1`` it outweighs the
+  likelihood, training drives the posterior
+  to the prior's near-uniform noise and the classifier to chance (measured: docs/RESULTS.md,
+  "Bayesian attention").
+* prediction ``"mean"``: attention ``E_q[a_t] = c_t / sum(c_t)``; ``"sample"``: a fresh sample
+  per forward (average the predictions of ``S`` forwards for a Monte Carlo predictive). In
+  training the weights are always sampled.
+
+Sampling and the KL term run in float64 (concentrations from log space, so tiny attention
+probabilities stay exact); the posterior-mean weights without the KL, all that a
+``"mean"`` prediction needs, run in the input's precision (at least float32), at about the cost
+of a softmax. Evaluation-mode forwards skip the KL (``last_kl`` is None) unless
+:func:`set_eval_kl` asks for it, e.g. for a validation ELBO.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..core.masks import masked_log_softmax, safe_softmax
+from ..core.sampling import sample_log_dirichlet
+
+__all__ = ["CONCENTRATIONS", "PREDICTIONS", "PRIORS", "DirichletSpec", "dirichlet_attention", "dirichlet_kl", "log_concentrations",
+           "mean_weights", "working_dtype"]
+
+CONCENTRATIONS = ("softmax", "exp")
+PRIORS = ("centred", "symmetric")
+PREDICTIONS = ("mean", "sample")
+
+
+@dataclass(frozen=True)
+class DirichletSpec:
+    """Parameterisation of Dirichlet attention (module docstring)."""
+
+    concentration: str = "softmax"
+    tau: float = 10.0
+    learn_tau: bool = True
+    eps: float = 1e-4
+    prior: str = "centred"
+    prior_tau: float = 10.0
+    prior_alpha: float = 1.0
+    prediction: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.concentration not in CONCENTRATIONS:
+            raise ValueError(f"DirichletSpec: `concentration` must be one of {CONCENTRATIONS}, got {self.concentration!r}")
+        if self.prior not in PRIORS:
+            raise ValueError(f"DirichletSpec: `prior` must be one of {PRIORS}, got {self.prior!r}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"DirichletSpec: `prediction` must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if not (self.tau > 0 and self.eps > 0 and self.prior_tau > 0 and self.prior_alpha > 0):
+            raise ValueError("DirichletSpec: tau, eps, prior_tau and prior_alpha must be > 0")
+
+
+
+
+def dirichlet_kl(log_cq: Tensor, log_cp: Tensor, pad: Tensor | None = None) -> Tensor:
+    """``KL(Dir(c_q) || Dir(c_p))`` over the last dimension, from log concentrations; float64.
+
+    ``KL = lgamma(C_q) - sum lgamma(c_q) - lgamma(C_p) + sum lgamma(c_p)
+    + sum (c_q - c_p)(digamma(c_q) - digamma(C_q))`` with ``C = sum c``; entries where ``pad``
+    is True are not part of the distribution. Rows with no visible entry give 0.
+    """
+    lq, lp = log_cq.double(), log_cp.double()
+    if pad is None:
+        pad = torch.zeros_like(lq, dtype=torch.bool)
+    keep = ~pad
+    cq = lq.exp().masked_fill(pad, 1.0)
+    cp = lp.exp().masked_fill(pad, 1.0)
+    Cq = (cq * keep).sum(-1)
+    Cp = (cp * keep).sum(-1)
+    empty = ~keep.any(-1)
+    Cq, Cp = Cq.masked_fill(empty, 1.0), Cp.masked_fill(empty, 1.0)
+    terms = (-torch.lgamma(cq) + torch.lgamma(cp) + (cq - cp) * (torch.digamma(cq) - torch.digamma(Cq)[..., None])) * keep
+    kl = torch.lgamma(Cq) - torch.lgamma(Cp) + terms.sum(-1)
+    return kl.masked_fill(empty, 0.0)
+
+
+def log_concentrations(logits: Tensor, spec: DirichletSpec, tau: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(log c [..., N], log c0 [..., N], pad [..., N])`` from masked attention logits, in their
+    dtype (at least float32; pass float64 logits for the exact sampling / KL path).
+
+    ``logits`` are ``scale q.k`` plus the additive mask (``-inf`` = not visible).
+    """
+    lg = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    pad = torch.isneginf(lg)
+    n = (~pad).sum(-1, keepdim=True).clamp_min(1).double()
+    log_p = masked_log_softmax(lg, pad)
+    log_tau = torch.log(torch.as_tensor(tau, device=lg.device)).to(lg.dtype)
+    log_eps = math.log(spec.eps)
+    if spec.concentration == "softmax":
+        core = log_tau + n.log() + log_p
+    else:
+        core = log_tau + lg.masked_fill(pad, 0.0)
+    log_c = torch.logaddexp(core, torch.full_like(core, log_eps)).masked_fill(pad, float("-inf"))
+    if spec.prior == "centred":
+        prior_core = math.log(spec.prior_tau) + n.log() + log_p.detach()
+        log_c0 = torch.logaddexp(prior_core, torch.full_like(prior_core, log_eps))
+    else:
+        log_c0 = torch.full_like(lg, math.log(spec.prior_alpha))
+    return log_c, log_c0.masked_fill(pad, float("-inf")), pad
+
+
+def dirichlet_attention(query: Tensor, key: Tensor, value: Tensor, bias: Tensor | None, spec: DirichletSpec, tau: Tensor | float, *,
+                        sample: bool, kl: bool = True, scale: float | None = None, dropout_p: float = 0.0) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Attention with Dirichlet weights.
+
+    Args:
+        query: ``[B, H, Nq, d]``; key: ``[B, H, Nk, d]``; value: ``[B, H, Nk, d_v]``.
+        bias: additive mask broadcastable to ``[B, H, Nq, Nk]`` (``-inf`` = not visible) or None.
+        sample: draw ``a ~ q`` (training / Monte Carlo prediction) or use ``E_q[a]``.
+        kl: compute the KL term (float64); without it and without sampling, everything runs in
+            the input's precision (at least float32).
+
+    Returns:
+        ``(out [B, H, Nq, d_v], weights [B, H, Nq, Nk], kl [B, H, Nq] or None)`` (``kl`` float64;
+        rows with no visible key get zero weights and zero KL).
+    """
+    if query.dim() != 4 or key.dim() != 4 or value.shape[:-1] != key.shape[:-1]:
+        raise ValueError(f"dirichlet_attention: need query [B, H, Nq, d] and key/value [B, H, Nk, d], got {tuple(query.shape)}, "
+                         f"{tuple(key.shape)}, {tuple(value.shape)}")
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    cd = working_dtype(query.dtype, sample=sample, kl=kl)
+    logits = (query @ key.transpose(-1, -2)).to(cd) * scale
+    if bias is not None:
+        logits = logits + bias.to(cd)
+    if not (sample or kl):
+        weights = mean_weights(logits, spec, tau).to(query.dtype)
+        log_c = log_c0 = pad = None
+    else:
+        log_c, log_c0, pad = log_concentrations(logits, spec, tau)
+        log_a = sample_log_dirichlet(log_c, pad) if sample else masked_log_softmax(log_c, pad)
+        weights = log_a.exp().masked_fill(pad, 0.0).to(query.dtype)
+    w = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
+    return w @ value, weights, (dirichlet_kl(log_c, log_c0, pad) if kl else None)
+
+
+def working_dtype(dtype: torch.dtype, *, sample: bool, kl: bool) -> torch.dtype:
+    """The dtype :func:`dirichlet_attention` works in: float64 when it samples or computes the KL,
+    else the input's (at least float32), for the closed-form posterior mean."""
+    return torch.float64 if (sample or kl) else torch.promote_types(dtype, torch.float32)
+
+
+def mean_weights(logits: Tensor, spec: DirichletSpec, tau: Tensor | float) -> Tensor:
+    """The posterior-mean attention ``E_q[a] = c / sum(c)`` in closed form, in the logits' dtype.
+
+    ``"softmax"``: ``(tau softmax(s) + eps / n) / (tau + eps)`` over the ``n`` visible keys;
+    ``"exp"``: ``softmax(log(tau exp(s) + eps))``. Keys with logit ``-inf`` get 0 (a row with no
+    visible key: all 0).
+    """
+    tau = torch.as_tensor(tau, device=logits.device).to(logits.dtype)
+    if spec.concentration == "softmax":
+        visible = ~torch.isneginf(logits)
+        n = visible.sum(-1, keepdim=True).clamp_min(1).to(logits.dtype)
+        return ((tau * safe_softmax(logits) + spec.eps / n) / (tau + spec.eps)) * visible
+    log_c = torch.logaddexp(tau.log() + logits, torch.full_like(logits, math.log(spec.eps))).masked_fill(torch.isneginf(logits), float("-inf"))
+    return safe_softmax(log_c)
+
+

@@ -1,0 +1,339 @@
+"""The NVIB layer (Henderson & Fehr, ICLR 2023): docs/MATH.md section 1 (layer, sampling) and
+section 4 (identity initialisation and knobs). It returns a :class:`~nvformer.core.latent.NVLatent`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..config import Knobs
+from ..core.checks import check_float, check_knob, check_mask, check_tensor, compute_dtype
+from ..core.keyform import weighted_sq_sum
+from ..core.latent import NVLatent
+from ..core.masks import masked_log_softmax
+from ..core.prior import Prior
+from ..core.sampling import sample_log_gamma
+
+__all__ = ["NVIB"]
+
+
+class NVIB(nn.Module):
+    """Nonparametric variational information bottleneck over a set of vectors.
+
+    Maps ``x [B, N, P]`` to an :class:`NVLatent` with ``N + 1`` components (prior first):
+
+        mu_i = W_mu x_i + b_mu,   log var_i = W_s x_i + b_s,
+        log a_i = w_lin . x_i + w_quad . (x_i * x_i) + b_a   (+ log a_i of the previous layer).
+
+    The parameters start at the identity initialisation of docs/MATH.md section 4, set by the knobs:
+    ``W_mu = mu_tau I``, ``b_mu = (1 - mu_tau) mu_p``, ``W_s = 0``,
+    ``b_s = log((stdev_tau sigma_p)^2)`` (floored at ``log(min_var)``), ``w_lin = 0``,
+    ``w_quad = scale / 2`` (``= 1/(2 sqrt d)``), ``b_a = alpha_tau * s_alpha``. At
+    ``mu_tau=1, stdev_tau=0`` and large ``alpha_tau`` denoising attention over the latent equals
+    standard attention over ``x``.
+
+    Training: ``z_i = mu_i + sigma_i eps`` and ``pi ~ Dir(a)`` (implicit reparameterisation); with
+    ``kappa > 1`` every component is split into ``kappa`` copies with pseudo-count ``a_i / kappa``
+    and its own Gaussian sample (drawing ``pi ~ Dir(a_i/kappa, ...)`` over all copies is the same
+    distribution as ``rho ~ Dir(a)`` times per-component ``Dir(a_i/kappa 1_kappa)`` sub-weights).
+    Evaluation: ``z = mu``, ``pi = a / sum(a)``, optionally thresholded; with ``prediction =
+    "sample"`` (:func:`nvformer.set_prediction`) evaluation forwards sample as in training, for
+    a Monte Carlo predictive.
+
+    Args:
+        dim: ``P``, width of the input vectors.
+        num_heads: heads of the attention that reads the latent (sets ``d = dim // num_heads``).
+        prior: a :class:`Prior` of width ``P``; default ``Prior(dim)`` (standard normal,
+            ``log alpha_p = 0``, ``s_alpha = 1``).
+        delta: strength of the conditional prior in ``KL_D`` (pseudo-count per token).
+        kappa: samples per component in training.
+        alpha_tau, stdev_tau, mu_tau: the knobs (:class:`nvformer.Knobs`; docs/MATH.md section 4).
+        head_dim: ``d`` if it is not ``dim // num_heads``.
+        scale: the attention logit scale (default ``1 / sqrt(d)``); ``1/scale`` plays ``sqrt(d)``.
+        prior_component: include the prior component (False masks it out: "prior switched off").
+        alpha_threshold: evaluation only; drop token components whose pseudo-count is
+            ``<= alpha_threshold`` (``threshold_mode="absolute"``, the authors use 0.1) or whose
+            weight ``a_i / sum a`` is ``<= alpha_threshold`` (``"relative"``). None = keep all.
+            The prior component is never dropped.
+        min_var: floor of the variances (so ``stdev_tau = 0`` stays finite in ``KL_G``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        prior: Prior | None = None,
+        delta: float = 1.0,
+        kappa: int = 1,
+        *,
+        alpha_tau: float = 10.0,
+        stdev_tau: float = 0.0,
+        mu_tau: float = 1.0,
+        head_dim: int | None = None,
+        scale: float | None = None,
+        prior_component: bool = True,
+        alpha_threshold: float | None = None,
+        threshold_mode: str = "absolute",
+        min_var: float = 1e-20,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        where = "NVIB"
+        if not isinstance(dim, int) or dim <= 0:
+            raise ValueError(f"{where}: `dim` must be a positive int, got {dim!r}")
+        if not isinstance(num_heads, int) or num_heads <= 0:
+            raise ValueError(f"{where}: `num_heads` must be a positive int, got {num_heads!r}")
+        if head_dim is None:
+            if dim % num_heads:
+                raise ValueError(f"{where}: `dim` ({dim}) must be divisible by `num_heads` ({num_heads}), or pass `head_dim`")
+            head_dim = dim // num_heads
+        if not isinstance(kappa, int) or kappa < 1:
+            raise ValueError(f"{where}: `kappa` must be an int >= 1, got {kappa!r}")
+        if threshold_mode not in ("absolute", "relative"):
+            raise ValueError(f"{where}: `threshold_mode` must be 'absolute' or 'relative', got {threshold_mode!r}")
+        if alpha_threshold is not None and not alpha_threshold > 0:
+            raise ValueError(f"{where}: `alpha_threshold` must be > 0 or None, got {alpha_threshold!r}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
+        self.scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+        self.delta = check_knob(delta, "delta", where, minimum=0.0)
+        self.kappa = kappa
+        self.prior_component = bool(prior_component)
+        self.alpha_threshold = alpha_threshold
+        self.threshold_mode = threshold_mode
+        self.min_var = float(min_var)
+        self.prediction = "mean"  # evaluation forwards: "mean" (z = mu) or "sample" (as in training)
+        try:
+            knobs = Knobs(alpha_tau=alpha_tau, stdev_tau=stdev_tau, mu_tau=mu_tau)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        self.alpha_tau, self.stdev_tau, self.mu_tau = knobs.alpha_tau, knobs.stdev_tau, knobs.mu_tau
+
+        factory = {"device": device, "dtype": dtype}
+        if prior is None:
+            prior = Prior(dim)
+        prior.check_dim(dim, where)
+        self.prior = prior.to(**{k: v for k, v in factory.items() if v is not None})
+        self.mu_proj = nn.Linear(dim, dim, **factory)
+        self.logvar_proj = nn.Linear(dim, dim, **factory)
+        self.alpha_lin = nn.Parameter(torch.empty(dim, **factory))
+        self.alpha_quad = nn.Parameter(torch.empty(dim, **factory))
+        self.alpha_bias = nn.Parameter(torch.empty((), **factory))
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ knobs and initialisation
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Apply the identity initialisation of docs/MATH.md section 4 with the current knobs and prior."""
+        self.version = getattr(self, "version", 0) + 1  # lets callers invalidate derived caches
+        p = self.prior
+        if p.mean.device.type == "meta" or self.mu_proj.weight.device.type == "meta":
+            return
+        eye = torch.eye(self.dim, device=self.mu_proj.weight.device, dtype=self.mu_proj.weight.dtype)
+        self.mu_proj.weight.copy_(eye * self.mu_tau)
+        self.mu_proj.bias.copy_((1.0 - self.mu_tau) * p.mean)
+        self.logvar_proj.weight.zero_()
+        var = (self.stdev_tau**2) * p.var.double()
+        self.logvar_proj.bias.copy_(var.clamp_min(self.min_var).log())
+        self.alpha_lin.zero_()
+        self.alpha_quad.fill_(self.scale / 2.0)
+        self.alpha_bias.copy_(self.alpha_tau * p.log_alpha_std)
+
+    def set_knobs(self, *, alpha_tau: float | None = None, stdev_tau: float | None = None, mu_tau: float | None = None) -> None:
+        """Change the knobs (None = keep) and re-apply the identity initialisation (overwrites the
+        projections). All values are checked before anything changes."""
+        try:
+            knobs = self.knobs().replace(alpha_tau=alpha_tau, stdev_tau=stdev_tau, mu_tau=mu_tau)
+        except ValueError as e:
+            raise ValueError(f"NVIB.set_knobs: {e}") from None
+        self.alpha_tau, self.stdev_tau, self.mu_tau = knobs.alpha_tau, knobs.stdev_tau, knobs.mu_tau
+        self.reset_parameters()
+
+    def set_prior(self, prior: Prior) -> None:
+        """Replace the prior (same width) and re-apply the identity initialisation."""
+        prior.check_dim(self.dim, "NVIB.set_prior")
+        self.prior = prior.to(device=self.mu_proj.weight.device, dtype=self.mu_proj.weight.dtype)
+        self.reset_parameters()
+
+    def _structure(self) -> tuple[float | None, bool]:
+        """``(c, zero)``: ``mu_proj.weight == c I`` (else None) and ``logvar_proj.weight == 0``.
+
+        Cached by the weights' in-place version counters, so an optimiser step or
+        ``load_state_dict`` is noticed and the check (one pass over two ``P x P`` matrices) reruns.
+        """
+        wm, ws = self.mu_proj.weight, self.logvar_proj.weight
+        key = (wm._version, ws._version, wm.data_ptr(), ws.data_ptr())
+        cached = getattr(self, "_structure_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if wm.device.type == "meta":
+            result: tuple[float | None, bool] = (None, False)
+        else:
+            with torch.no_grad():
+                c = float(wm[0, 0])
+                diag_ok = bool((wm.diagonal() == c).all()) and bool((wm.count_nonzero() == (self.dim if c != 0 else 0)))
+                result = (c if diag_ok else None, bool((ws == 0).all()))
+        self._structure_cache = (key, result)
+        return result
+
+    def knobs(self) -> Knobs:
+        """The current :class:`~nvformer.Knobs`."""
+        return Knobs(alpha_tau=self.alpha_tau, stdev_tau=self.stdev_tau, mu_tau=self.mu_tau)
+
+    @torch.no_grad()
+    def in_identity_form(self) -> bool:
+        """True if every parameter is what :meth:`reset_parameters` sets from the current knobs and
+        prior (so knobs and prior alone describe this layer: nothing was trained)."""
+        ref = NVIB(self.dim, self.num_heads, self.prior, self.delta, self.kappa, head_dim=self.head_dim, scale=self.scale,
+                   min_var=self.min_var, device=self.mu_proj.weight.device, dtype=self.mu_proj.weight.dtype, **self.knobs().as_dict())
+        mine, theirs = self.state_dict(), ref.state_dict()
+        return all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, kappa={self.kappa}, "
+            f"delta={self.delta}, alpha_tau={self.alpha_tau}, stdev_tau={self.stdev_tau}, mu_tau={self.mu_tau}"
+        )
+
+    # ------------------------------------------------------------------ forward
+    def log_alpha_tokens(self, x: Tensor) -> Tensor:
+        """``[B, N]`` log pseudo-counts of the token components, in float64.
+
+        float64 because the quadratic term must cancel ``-scale ||z||^2 / 2`` in the attention
+        logits after a large bias ``alpha_tau * s_alpha`` has been added (in float32 a bias of
+        1000 would leave only 1e-4 of resolution). Products stay in the input's dtype (at least
+        float32) and only the sums are float64 (:func:`nvformer.cached.weighted_sq_sum`).
+        """
+        cd = compute_dtype(x.dtype)
+        xf = x.to(cd)
+        lin = (xf * self.alpha_lin.to(cd)).sum(-1, dtype=torch.float64)
+        return lin + weighted_sq_sum(xf, self.alpha_quad.to(cd)) + self.alpha_bias.to(torch.float64)
+
+    def _prior_rows(self, batch: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        p = self.prior
+        mu0 = p.mean.to(like.dtype).expand(batch, 1, self.dim)
+        lv0 = p.var.log().to(like.dtype).expand(batch, 1, self.dim)
+        la0 = p.log_alpha.to(torch.float64).expand(batch, 1)
+        return mu0, lv0, la0
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, alpha_skip: Tensor | None = None) -> NVLatent:
+        """Build the latent.
+
+        Args:
+            x: ``[B, N, P]`` input vectors.
+            key_padding_mask: ``[B, N]`` bool, True = pad (as in ``nn.MultiheadAttention``).
+            alpha_skip: ``[B, N]`` log pseudo-counts of the token components of the previous NV
+                layer, added to this layer's (alpha skip connection, Behjati et al. 2023).
+
+        Returns:
+            :class:`NVLatent` with ``C = N + 1`` components.
+        """
+        where = "NVIB.forward"
+        check_tensor(x, "x", 3, where, f"[B, N, {self.dim}]")
+        check_float(x, "x", where)
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"{where}: `x` must have shape [B, N, {self.dim}], got {tuple(x.shape)}")
+        B, N, _ = x.shape
+        if key_padding_mask is not None:
+            check_mask(key_padding_mask, "key_padding_mask", (B, N), where, allow_float=False)
+        if alpha_skip is not None and tuple(alpha_skip.shape) != (B, N):
+            raise ValueError(f"{where}: `alpha_skip` must have shape [{B}, {N}], got {tuple(alpha_skip.shape)}")
+
+        c, zero_s = self._structure()
+        # structured shortcuts (no P x P matmul) when no gradient must reach the weights
+        no_weight_grad = not (torch.is_grad_enabled() and self.mu_proj.weight.requires_grad)
+        if c is not None and no_weight_grad:
+            mu_tok = torch.addcmul(self.mu_proj.bias, x, torch.full((), c, dtype=x.dtype, device=x.device)) if c != 1.0 else x + self.mu_proj.bias
+        else:
+            mu_tok = self.mu_proj(x)
+        shared = None
+        if zero_s and not (torch.is_grad_enabled() and self.logvar_proj.weight.requires_grad):
+            shared = self.logvar_proj.bias.clamp_min(math.log(self.min_var))
+            lv_tok = shared.expand(B, N, self.dim)
+        else:
+            lv_tok = self.logvar_proj(x).clamp_min(math.log(self.min_var))
+        la_tok = self.log_alpha_tokens(x)
+        if alpha_skip is not None:
+            la_tok = la_tok + alpha_skip.to(la_tok.dtype)
+        mu0, lv0, la0 = self._prior_rows(B, mu_tok)
+        mu = torch.cat([mu0, mu_tok], dim=1)
+        if shared is not None:  # one [1, C, P] tensor, expanded over the batch (no B x C x P copy)
+            logvar = torch.cat([lv0[:1], shared.to(lv0.dtype).expand(1, N, self.dim)], dim=1).expand(B, N + 1, self.dim)
+        else:
+            logvar = torch.cat([lv0, lv_tok], dim=1)
+        log_alpha = torch.cat([la0, la_tok], dim=1)
+
+        prior_pad = torch.full((B, 1), not self.prior_component, dtype=torch.bool, device=x.device)
+        tok_pad = key_padding_mask if key_padding_mask is not None else torch.zeros(B, N, dtype=torch.bool, device=x.device)
+        pad_mask = torch.cat([prior_pad, tok_pad], dim=1)
+        log_alpha = log_alpha.masked_fill(pad_mask, float("-inf"))
+
+        if self.training or self.prediction == "sample":
+            lat = self._sample(mu, logvar, log_alpha, pad_mask)
+        else:
+            lat = self._mean_latent(mu, logvar, log_alpha, pad_mask)
+        lat.shared_logvar = shared
+        return lat
+
+    def _sample(self, mu: Tensor, logvar: Tensor, log_alpha: Tensor, pad_mask: Tensor) -> NVLatent:
+        k = self.kappa
+        mu_k = mu.repeat_interleave(k, dim=1) if k > 1 else mu
+        lv_k = logvar.repeat_interleave(k, dim=1) if k > 1 else logvar
+        z = mu_k + torch.exp(0.5 * lv_k) * torch.randn_like(mu_k)
+        la_k = log_alpha.repeat_interleave(k, dim=1) - math.log(k) if k > 1 else log_alpha
+        pad_k = pad_mask.repeat_interleave(k, dim=1) if k > 1 else pad_mask
+        log_g = sample_log_gamma(la_k.masked_fill(pad_k, float("-inf")))
+        log_pi = masked_log_softmax(log_g, pad_k)
+        return NVLatent(mu, logvar, log_alpha, pad_mask, z, log_pi, log_w=log_g, kappa=k, copies=k, sampled=True)
+
+    def _mean_latent(self, mu: Tensor, logvar: Tensor, log_alpha: Tensor, pad_mask: Tensor) -> NVLatent:
+        keep_pad = pad_mask
+        if self.alpha_threshold is not None:
+            thr = math.log(self.alpha_threshold)
+            score = log_alpha if self.threshold_mode == "absolute" else masked_log_softmax(log_alpha, pad_mask)
+            drop = score <= thr
+            drop[:, 0] = False
+            keep_pad = pad_mask | drop
+        log_pi = masked_log_softmax(log_alpha, keep_pad)
+        log_w = log_alpha.masked_fill(keep_pad, float("-inf"))
+        return NVLatent(mu, logvar, log_alpha, pad_mask, mu, log_pi, log_w=log_w, kappa=self.kappa, copies=1, sampled=False)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def sample_prior(self, lengths: Tensor) -> NVLatent:
+        """Draw a latent from the prior (docs/MATH.md section 2, "Prior sampling").
+
+        Sequence ``b`` gets ``n_b = lengths[b]`` token components ``z ~ N(mu_p, var_p)`` treated as
+        points (variance ``min_var``) with equal pseudo-counts ``(alpha_p + delta (K - 1)) / K``,
+        ``K = n_b + 1``, after the usual prior component.
+
+        Args:
+            lengths: ``[B]`` int, number of token components per sequence (>= 1).
+
+        Returns:
+            :class:`NVLatent` with ``C = max(lengths) + 1`` components, unsampled form.
+        """
+        if lengths.dim() != 1 or lengths.is_floating_point():
+            raise ValueError(f"NVIB.sample_prior: `lengths` must be a 1-D integer tensor, got {lengths.dtype} {tuple(lengths.shape)}")
+        if bool((lengths < 1).any()):
+            raise ValueError("NVIB.sample_prior: every entry of `lengths` must be >= 1")
+        p = self.prior
+        device, dtype = p.mean.device, self.mu_proj.weight.dtype
+        lengths = lengths.to(device)
+        B, n = lengths.shape[0], int(lengths.max())
+        std = p.var.sqrt().to(dtype)
+        z_tok = p.mean.to(dtype) + std * torch.randn(B, n, self.dim, device=device, dtype=dtype)
+        tok_pad = torch.arange(n, device=device)[None, :] >= lengths[:, None]
+        K = (lengths + 1).to(torch.float64)
+        alpha_p = p.log_alpha.to(torch.float64).exp()
+        la_tok = torch.log((alpha_p + self.delta * (K - 1)) / K)[:, None].expand(B, n)
+        mu0, lv0, la0 = self._prior_rows(B, z_tok)
+        mu = torch.cat([mu0, z_tok], 1)
+        logvar = torch.cat([lv0, torch.full_like(z_tok, math.log(self.min_var))], 1)
+        prior_pad = torch.full((B, 1), not self.prior_component, dtype=torch.bool, device=device)
+        pad_mask = torch.cat([prior_pad, tok_pad], 1)
+        log_alpha = torch.cat([la0, la_tok], 1).masked_fill(pad_mask, float("-inf"))
+        return self._mean_latent(mu, logvar, log_alpha, pad_mask)

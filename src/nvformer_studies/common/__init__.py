@@ -1,0 +1,1 @@
+"""What every study shares: data readers, checkpoints, fine-tuning, plots."""

@@ -1,0 +1,1 @@
+"""Causal language-model perplexity across domains (SmolLM2-135M)."""

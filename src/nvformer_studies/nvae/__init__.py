@@ -1,0 +1,1 @@
+"""NVAE training (HF Accelerate), checkpoints and evaluation."""

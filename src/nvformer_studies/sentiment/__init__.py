@@ -1,0 +1,1 @@
+"""Out-of-domain sentiment: a review classifier fine-tuned on one domain, regularised on six others."""

@@ -1,0 +1,1 @@
+"""Translation across domains (a Marian model trained here on koran)."""

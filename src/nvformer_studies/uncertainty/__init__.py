@@ -1,0 +1,1 @@
+"""Uncertainty of review classifiers: MAP, MC dropout, ensembles, Dirichlet and NV attention."""

@@ -1,0 +1,277 @@
+"""Dirichlet attention (Cinquin et al. 2021) and the uncertainty metrics, against independent computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import nvformer as nv
+from nvformer import metrics
+from nvformer.dirichlet import functional as dfun
+from nvformer.dirichlet import module as dmod
+from nvformer.dirichlet.functional import DirichletSpec, dirichlet_attention, dirichlet_kl, log_concentrations
+from nvformer.dirichlet.module import DirichletAttention
+
+
+def test_dirichlet_kl_matches_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    cq = torch.rand(5, 7, generator=g, dtype=torch.float64) * 5 + 0.05
+    cp = torch.rand(5, 7, generator=g, dtype=torch.float64) * 3 + 0.1
+    ref = torch.distributions.kl_divergence(torch.distributions.Dirichlet(cq), torch.distributions.Dirichlet(cp))
+    torch.testing.assert_close(dirichlet_kl(cq.log(), cp.log()), ref, rtol=1e-10, atol=1e-10)
+    # padded entries are not part of the distribution: equal to the KL over the visible ones
+    pad = torch.zeros(5, 7, dtype=torch.bool)
+    pad[:, 4:] = True
+    ref_vis = torch.distributions.kl_divergence(torch.distributions.Dirichlet(cq[:, :4]), torch.distributions.Dirichlet(cp[:, :4]))
+    torch.testing.assert_close(dirichlet_kl(cq.log().masked_fill(pad, float("-inf")), cp.log(), pad), ref_vis, rtol=1e-10, atol=1e-10)
+    assert float(dirichlet_kl(cq.log(), cq.log()).abs().max()) < 1e-10
+    assert float(dirichlet_kl(cq.log(), cp.log(), torch.ones_like(pad)).abs().max()) == 0.0
+
+
+def test_concentrations_follow_the_documented_forms():
+    logits = torch.tensor([[1.0, 2.0, -0.5, float("-inf")]], dtype=torch.float64)
+    p = torch.softmax(logits, -1)
+    spec = DirichletSpec(tau=3.0, eps=1e-4, prior="centred", prior_tau=2.0)
+    log_c, log_c0, pad = log_concentrations(logits, spec, 3.0)
+    assert pad.tolist() == [[False, False, False, True]]
+    torch.testing.assert_close(log_c.exp()[0, :3], 3.0 * 3 * p[0, :3] + 1e-4)
+    torch.testing.assert_close(log_c0.exp()[0, :3], 2.0 * 3 * p[0, :3] + 1e-4)
+    assert torch.isneginf(log_c[0, 3]) and torch.isneginf(log_c0[0, 3])
+    spec = DirichletSpec(concentration="exp", prior="symmetric", prior_alpha=0.5, tau=2.0)
+    log_c, log_c0, _ = log_concentrations(logits, spec, 2.0)
+    torch.testing.assert_close(log_c.exp()[0, :3], 2.0 * logits[0, :3].exp() + 1e-4)
+    torch.testing.assert_close(log_c0.exp()[0, :3], torch.full((3,), 0.5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="concentration"):
+        DirichletSpec(concentration="relu")
+
+
+def test_sampled_weights_have_dirichlet_moments():
+    """Monte Carlo: 20000 samples; mean within 0.01 and variance within 10% of the Dirichlet's."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 1, 1, 4, dtype=torch.float64)
+    k = torch.randn(1, 1, 5, 4, dtype=torch.float64)
+    v = torch.eye(5, dtype=torch.float64)[None, None]  # out = weights
+    spec = DirichletSpec(tau=2.0)
+    outs = dirichlet_attention(q.expand(1, 1, 20000, 4), k, v, None, spec, 2.0, sample=True)[0][0, 0]  # 20000 independent rows
+    log_c, _, _ = log_concentrations((q @ k.transpose(-1, -2))[0, 0, 0] * 0.5, spec, 2.0)
+    ref = torch.distributions.Dirichlet(log_c.exp())
+    torch.testing.assert_close(outs.mean(0), ref.mean, atol=0.01, rtol=0)
+    torch.testing.assert_close(outs.var(0), ref.variance, rtol=0.1, atol=1e-4)
+    mean_out = dirichlet_attention(q, k, v, None, spec, 2.0, sample=False)[0][0, 0, 0]
+    torch.testing.assert_close(mean_out, ref.mean)
+
+
+def test_gradients_reach_scores_and_tau():
+    """Implicit reparameterisation: d E[f(a)] / d theta from samples agrees with the closed form
+    for f = a_0 (mean) within Monte Carlo error, and the KL passes gradcheck."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    spec = DirichletSpec(tau=4.0)
+    tau = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+
+    def kl_fn(lg, t):
+        a, b, pad = log_concentrations(lg, DirichletSpec(tau=4.0, prior="symmetric"), t)
+        return dirichlet_kl(a, b, pad)
+
+    assert torch.autograd.gradcheck(kl_fn, (logits, tau))
+    from nvformer.core.sampling import sample_log_dirichlet
+
+    log_c, _, pad = log_concentrations(logits, spec, tau)
+    n = 40000
+    a0 = sample_log_dirichlet(log_c.expand(n, 3), pad.expand(n, 3))[:, 0].exp().mean()
+    (g_mc,) = torch.autograd.grad(a0, logits)
+    exact = torch.softmax(logits, -1)[0]  # E[a_0] = c_0 / sum c, ~ softmax(logits)_0 up to eps
+    (g_exact,) = torch.autograd.grad(exact, logits)
+    torch.testing.assert_close(g_mc, g_exact, atol=0.02, rtol=0)
+
+
+def test_module_matches_mha_in_mean_limit_and_masks():
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    dl = DirichletAttention.from_mha(mha, DirichletSpec(eps=1e-12)).eval()
+    x = torch.randn(2, 5, 8)
+    kpm = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    ref, ref_w = mha(x, x, x, key_padding_mask=kpm)
+    out, w = dl(x, x, x, key_padding_mask=kpm)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)  # mean of Dir(tau n softmax + ~0) = softmax
+    torch.testing.assert_close(w, ref_w, rtol=1e-5, atol=1e-6)
+    assert float(w.detach()[1, :, 3:].abs().max()) == 0.0
+    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    torch.testing.assert_close(dl(x, x, x, attn_mask=causal)[0], mha(x, x, x, attn_mask=causal)[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dl(x, x, x, is_causal=True)[0], mha(x, x, x, attn_mask=causal)[0], rtol=1e-5, atol=1e-6)
+    assert dl.last_kl is None  # evaluation forwards skip the KL unless asked
+    dmod.set_eval_kl(dl)
+    dl(x, x, x, key_padding_mask=kpm)
+    assert dl.last_kl.shape == (2,)
+    # sampling: training and prediction="sample" differ between calls, the mean prediction does not
+    dl.train()
+    assert not torch.equal(dl(x, x, x)[0], dl(x, x, x)[0])
+    nv.set_prediction(dl, "sample")
+    dl.eval()
+    assert not torch.equal(dl(x, x, x)[0], dl(x, x, x)[0])
+    with pytest.raises(ValueError, match="no NV or Dirichlet"):
+        nv.set_prediction(torch.nn.Linear(2, 2), "mean")
+
+
+def test_tiny_training_run_lowers_the_elbo():
+    """A one-layer Dirichlet-attention classifier on a toy task: the negative ELBO (NLL + KL / N) falls."""
+    torch.manual_seed(0)
+    N, L, E = 256, 6, 16
+    tokens = torch.randint(0, 20, (N, L))
+    y = (tokens == 3).any(-1).long()  # is token 3 present?
+    emb = torch.nn.Embedding(20, E)
+    att = DirichletAttention(E, 2, spec=DirichletSpec(tau=5.0))
+    head = torch.nn.Linear(E, 2)
+    params = [*emb.parameters(), *att.parameters(), *head.parameters()]
+    opt = torch.optim.Adam(params, 1e-2)
+
+    def neg_elbo():
+        x = emb(tokens)
+        h, _ = att(x, x, x)
+        nll = torch.nn.functional.cross_entropy(head(h.mean(1)), y)
+        return nll + att.last_kl.mean() / N
+
+    att.train()
+    first = float(neg_elbo().detach())
+    for _ in range(150):
+        loss = neg_elbo()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    losses = [float(neg_elbo().detach()) for _ in range(10)]
+    assert sum(losses) / 10 < 0.5 * first
+    assert att.dirichlet.log_tau.grad is not None
+
+
+def test_hf_model_conversion(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                                 attn_implementation="eager")).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    ref = model(ids, attention_mask=mask).last_hidden_state
+    nv.convert_dirichlet(model, DirichletSpec(eps=1e-12))
+    out = model(ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[1, :5], ref[1, :5], rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="set_eval_kl"):
+        dmod.dirichlet_kl_total(model)
+    dmod.set_eval_kl(model)
+    torch.testing.assert_close(model(ids, attention_mask=mask).last_hidden_state, out)  # the float64 path: same output
+    assert dmod.dirichlet_kl_total(model).shape == (2,)
+    model.train()
+    model(ids, attention_mask=mask).last_hidden_state.sum().backward()
+    assert model.encoder.layer[0].attention.self.dirichlet.log_tau.grad is not None
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def test_uncertainty_metrics_against_direct_formulas():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(4, 50, 3, generator=g, dtype=torch.float64) * 2, -1)
+    labels = torch.randint(0, 3, (50,), generator=g)
+    m = metrics.uncertainty_metrics(probs, labels, n_bins=5)
+    p = probs.mean(0)
+    assert m["accuracy"] == pytest.approx(float((p.argmax(-1) == labels).double().mean()))
+    assert m["nll"] == pytest.approx(-sum(math.log(float(p[i, labels[i]])) for i in range(50)) / 50)
+    assert m["brier"] == pytest.approx(sum(float(((p[i] - torch.eye(3, dtype=torch.float64)[labels[i]]) ** 2).sum()) for i in range(50)) / 50)
+    conf, pred = p.max(-1)
+    ece = 0.0
+    for b in range(5):
+        sel = (conf > b / 5) & (conf <= (b + 1) / 5)
+        if sel.any():
+            ece += float(sel.double().mean() * (conf[sel].mean() - (pred[sel] == labels[sel]).double().mean()).abs())
+    assert m["ece"] == pytest.approx(ece, abs=1e-5)
+    bins = metrics.reliability_bins(probs, labels, n_bins=5)
+    assert sum(bins["count"]) == 50
+
+
+def test_entropy_mutual_information_and_auroc():
+    same = torch.tensor([[[0.2, 0.8]], [[0.2, 0.8]]], dtype=torch.float64)
+    assert float(metrics.mutual_information(same)) == pytest.approx(0.0, abs=1e-12)
+    split = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]], dtype=torch.float64)
+    assert float(metrics.mutual_information(split)) == pytest.approx(math.log(2))
+    assert float(metrics.predictive_entropy(same)) == pytest.approx(-(0.2 * math.log(0.2) + 0.8 * math.log(0.8)))
+    s_in, s_out = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.25, 0.4])
+    # pairs (out > in): 0.25 beats 0.1, 0.2 (2 of 3); 0.4 beats all 3 -> 5/6
+    assert metrics.ood_auroc(s_in, s_out) == pytest.approx(5 / 6)
+
+
+def test_fit_temperature_recovers_a_known_temperature():
+    g = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(4000, 3, generator=g, dtype=torch.float64) * 2
+    labels = torch.multinomial(torch.softmax(true_logits, -1), 1, generator=g)[:, 0]
+    t = metrics.fit_temperature(true_logits * 3.0, labels)  # over-confident by 3x
+    assert t == pytest.approx(3.0, rel=0.1)
+
+
+def test_predictive_probs_methods_and_temperature():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from nvformer.tasks import classification_batches
+    from nvformer_studies.translation.study import train_tokenizer
+    from nvformer_studies.uncertainty.harness import apply_temperature, predictive_probs
+
+    tok = train_tokenizer(["a b c d e f g h i"] * 5, 300, min_frequency=1)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=2,
+                     hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+    models = [BertForSequenceClassification(cfg).eval() for _ in range(2)]
+    data = classification_batches(tok, ["a b c", "d e", "f g h i"], [0, 1, 0], batch_size=2, max_length=16)
+    p_map = predictive_probs("map", models[:1], data, samples=5)
+    assert p_map.shape == (1, 3, 2)
+    torch.testing.assert_close(p_map.sum(-1), torch.ones(1, 3, dtype=p_map.dtype))
+    mc = predictive_probs("mc-dropout", models[:1], data, samples=5, seed=1)
+    assert mc.shape == (5, 3, 2) and not torch.equal(mc[0], mc[1])
+    torch.testing.assert_close(predictive_probs("mc-dropout", models[:1], data, samples=5, seed=1), mc)  # seeded
+    assert not models[0].bert.embeddings.dropout.training  # dropout switched back off
+    ens = predictive_probs("ensemble", models, data)
+    assert ens.shape == (2, 3, 2)
+    torch.testing.assert_close(ens[0], p_map[0])
+    nv.convert_dirichlet(models[1])
+    ds = predictive_probs("dirichlet-sample", models[1:], data, samples=3)
+    assert ds.shape == (3, 3, 2) and not torch.equal(ds[0], ds[1])
+    assert predictive_probs("dirichlet-mean", models[1:], data).shape == (1, 3, 2)
+    t = apply_temperature(mc, 2.0)
+    ref = torch.softmax(mc.mean(0).log() / 2.0, -1)
+    torch.testing.assert_close(t[0], ref)
+    with pytest.raises(ValueError, match="method"):
+        predictive_probs("laplace", models, data)
+
+
+def test_mean_path_without_kl_matches_the_float64_path_and_eval_kl_matches_the_formula():
+    """The posterior-mean weights computed in float32 (no KL, the prediction path) equal the float64
+    path's; with set_eval_kl the evaluation KL equals dirichlet_kl of the documented concentrations."""
+    torch.manual_seed(0)
+    spec = DirichletSpec(eps=1e-3)
+    q, k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 4)
+    bias = torch.zeros(2, 1, 5, 7).masked_fill(torch.tensor([False] * 5 + [True] * 2), float("-inf"))
+    out32, w32, kl32 = dfun.dirichlet_attention(q, k, v, bias, spec, 10.0, sample=False, kl=False)
+    out64, w64, kl64 = dfun.dirichlet_attention(q, k, v, bias, spec, 10.0, sample=False, kl=True)
+    assert kl32 is None and w32.dtype == torch.float32
+    torch.testing.assert_close(w32, w64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out32, out64, rtol=1e-5, atol=1e-6)
+    # the closed forms against the Dirichlet mean c / sum(c) of torch.distributions, both concentrations
+    logits = (((q @ k.transpose(-1, -2)) * 0.5) + bias).double()
+    for conc in ("softmax", "exp"):
+        sp = DirichletSpec(concentration=conc, eps=1e-3)
+        lc, _, pd = dfun.log_concentrations(logits, sp, 10.0)
+        ref = torch.distributions.Dirichlet(lc[..., :5].exp()).mean  # the 5 visible keys
+        got = dfun.mean_weights(logits, sp, 10.0)
+        torch.testing.assert_close(got[..., :5], ref, rtol=1e-10, atol=1e-12)
+        assert float(got[..., 5:].abs().max()) == 0.0
+    log_c, log_c0, pad = dfun.log_concentrations(((q @ k.transpose(-1, -2)) * 0.5).double() + bias.double(), spec, 10.0)
+    torch.testing.assert_close(kl64, dfun.dirichlet_kl(log_c, log_c0, pad))
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    dl = DirichletAttention.from_mha(mha, spec).eval()
+    dl(torch.randn(1, 3, 8), torch.randn(1, 3, 8), torch.randn(1, 3, 8))
+    with pytest.raises(RuntimeError, match="set_eval_kl"):
+        dmod.dirichlet_kl_total(dl)
+    with pytest.raises(ValueError, match="no Dirichlet"):
+        dmod.set_eval_kl(torch.nn.Linear(2, 2))
