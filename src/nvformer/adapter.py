@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .api import _kind, convert, get_config, nv_modules, site_of
+from .api import convert, get_config, model_kind, nv_modules, site_of
 from .config import SITES, NVConfig, is_module_key
 from .core.prior import Prior
 
@@ -68,7 +68,7 @@ def save_adapter(model: nn.Module, folder: str | Path) -> Path:
     from safetensors.torch import save_file
 
     who = "nvformer.save_adapter"
-    kind = _kind(model, who)
+    kind = model_kind(model, who)
     if not nv_modules(model):
         raise ValueError(f"{who}: {type(model).__name__} has no NV attention module (convert it first)")
     prefix = _base_prefix(model)
@@ -161,7 +161,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     from safetensors.torch import load_file
 
     who = "nvformer.load_adapter"
-    kind = _kind(model, who)
+    kind = model_kind(model, who)
     meta, config = read_adapter(folder)
     if meta["kind"] != kind:
         raise ValueError(f"{who}: the adapter was saved from a {'Hugging Face' if meta['kind'] == 'hf' else 'PyTorch'} model, "

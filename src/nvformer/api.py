@@ -1,7 +1,7 @@
 """The model-level verbs: convert, unconvert, knobs, configuration, priors, prediction mode.
 
 This is the one place that decides "Hugging Face model or plain PyTorch module?"
-(:func:`_kind`); everything below it is written for one of the two. Converted attention modules
+(:func:`model_kind`); everything below it is written for one of the two. Converted attention modules
 of both kinds carry an :class:`~nvformer.config.NVSite` record (``module._nv``) and an
 :class:`~nvformer.NVIB` child, so knobs, configuration and prediction mode are read and written
 the same way for both.
@@ -16,6 +16,8 @@ from torch import nn
 
 from .config import KNOBS, SITES, Knobs, NVConfig, NVSite, group_key
 from .core.prior import Prior
+from .dirichlet.hf import is_dirichlet_model, unconvert_dirichlet
+from .dirichlet.module import DirichletState
 from .hf.convert import convert_hf, is_hf_model, is_nv_hf_module, unconvert_hf
 from .hf.prior import estimate_hf_prior
 from .nn.empirical import estimate_mha_prior
@@ -29,6 +31,7 @@ __all__ = [
     "get_config",
     "get_knobs",
     "knob_groups",
+    "model_kind",
     "nv_modules",
     "set_knobs",
     "set_prediction",
@@ -39,7 +42,7 @@ __all__ = [
 PREDICTIONS = ("mean", "sample")
 
 
-def _kind(model: nn.Module, who: str) -> str:
+def model_kind(model: nn.Module, who: str) -> str:
     """``"hf"`` for a ``transformers`` model, ``"torch"`` for a module with ``nn.MultiheadAttention``
     / :class:`NVMultiheadAttention` children; anything else is an error."""
     if not isinstance(model, nn.Module):
@@ -68,7 +71,7 @@ def convert(model: nn.Module, config: NVConfig | None = None, *, prior: Prior | 
             applied on top of ``config``.
     """
     who = "nvformer.convert"
-    kind = _kind(model, who)
+    kind = model_kind(model, who)
     config = _with_overrides(config or NVConfig(), overrides, who)
     if kind == "hf":
         return convert_hf(model, config, prior)
@@ -96,9 +99,7 @@ def unconvert(model: nn.Module) -> nn.Module:
     conversion (with the current weights, should they have been trained since).
     """
     who = "nvformer.unconvert"
-    kind = _kind(model, who)
-    from .dirichlet.hf import is_dirichlet_model, unconvert_dirichlet
-
+    kind = model_kind(model, who)
     if kind == "hf" and is_dirichlet_model(model):
         return unconvert_dirichlet(model)
     if not nv_modules(model):
@@ -260,7 +261,7 @@ def estimate_prior(model: nn.Module, batches: Iterable[Any], *, forward: Callabl
     Returns:
         ``{module name: Prior}``; memory is O(width) per module whatever the data size.
     """
-    kind = _kind(model, "nvformer.estimate_prior")
+    kind = model_kind(model, "nvformer.estimate_prior")
     estimate = estimate_hf_prior if kind == "hf" else estimate_mha_prior
     return estimate(model, batches, forward=forward, apply=apply, show_progress=show_progress)
 
@@ -274,8 +275,6 @@ def set_prediction(model: nn.Module, mode: str) -> nn.Module:
     who = "nvformer.set_prediction"
     if mode not in PREDICTIONS:
         raise ValueError(f"{who}: `mode` must be one of {PREDICTIONS}, got {mode!r}")
-    from .dirichlet.module import DirichletState
-
     found = False
     for m in model.modules():
         if isinstance(m, NVIB):

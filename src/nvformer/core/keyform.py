@@ -1,4 +1,4 @@
-"""Denoising attention in key/value-cache form (MATH.md section 3, HF_INTEGRATION.md).
+"""Denoising attention in key/value-cache form (docs/MATH.md section 3; its use in KV caches: docs/DESIGN.md, "Hugging Face").
 
 Both forms of denoising attention can be written with one vector ``m_i`` (``[P]``) and one
 scalar ``b_i`` per latent component, which is what a KV cache can hold:

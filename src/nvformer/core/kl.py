@@ -1,4 +1,4 @@
-"""KL regularisers of an NV latent (MATH.md section 2). One value per sequence, ``[B]``.
+"""KL regularisers of an NV latent (docs/MATH.md section 2). One value per sequence, ``[B]``.
 
 ``KL_D`` is computed from ``log A`` with an evaluation of
 ``KL(Dir(A/K 1_K) || Dir(B/K 1_K))`` that has no catastrophic cancellation, so it stays accurate
@@ -25,7 +25,7 @@ _ASYMPTOTIC_FROM = math.log(1e3)
 
 
 def kl_gaussian(latent: NVLatent, prior: Prior, reduction: str = "mean") -> Tensor:
-    """Weighted Gaussian KL ``KL_G`` of MATH.md section 2; returns ``[B]``.
+    """Weighted Gaussian KL ``KL_G`` of docs/MATH.md section 2; returns ``[B]``.
 
     ``KL_G = kappa * sum_i (a_i / sum_j a_j) * R_p KL(N(mu_ip, var_ip) || N(mu_p, var_p))`` over
     unmasked components, where ``R_p`` is the mean over the ``P`` dimensions
@@ -93,7 +93,7 @@ def kl_symmetric_dirichlet(log_A: Tensor, B: Tensor, K: Tensor) -> Tensor:
 
 
 def kl_dirichlet(latent: NVLatent, prior: Prior, delta: float = 1.0) -> Tensor:
-    """Dirichlet KL ``KL_D`` of MATH.md section 2; returns ``[B]`` (float64).
+    """Dirichlet KL ``KL_D`` of docs/MATH.md section 2; returns ``[B]`` (float64).
 
     With ``n`` unmasked components (prior included), ``K = n * kappa``, ``A = sum_i a_i`` and
     ``B = alpha_p + delta (n - 1)``: ``KL_D = KL(Dir(A/K 1_K) || Dir(B/K 1_K)) / n``.

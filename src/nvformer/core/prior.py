@@ -1,7 +1,7 @@
 """The prior of an NV latent, and its streaming empirical estimate.
 
 A :class:`Prior` is the base distribution of the Dirichlet process that an NVIB layer's posterior
-is built on (MATH.md sections 1 and 4): a diagonal Gaussian ``N(mean, diag(var))`` over the
+is built on (docs/MATH.md sections 1 and 4): a diagonal Gaussian ``N(mean, diag(var))`` over the
 ``P``-dimensional vectors, a log pseudo-count ``log_alpha`` for the prior component, and
 ``log_alpha_std``, the spread ``s_alpha`` that the knob ``alpha_tau`` is measured in.
 
@@ -99,7 +99,7 @@ class Prior(nn.Module):
 
 
 class PriorEstimator:
-    """Streaming empirical prior of MATH.md section 4 (Welford / Chan et al. parallel merge).
+    """Streaming empirical prior of docs/MATH.md section 4 (Welford / Chan et al. parallel merge).
 
     Over the non-pad vectors ``x`` seen by :meth:`update`, it accumulates in float64 the
     per-dimension mean and unbiased variance and the mean and standard deviation of

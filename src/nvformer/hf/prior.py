@@ -62,6 +62,8 @@ def estimate_hf_prior(model: nn.Module, batches: Iterable[Any], *, forward=None,
             seen_cross = True
         hooks.append((module, make_hook(name, ad, site == "cross")))
     run_with_pre_hooks(model, hooks, batches, forward, show_progress)
+    if not any(est.count for est in estimators.values()):
+        raise ValueError("estimate_prior: no data: the batches gave no non-pad vectors")
     priors = {name: est.prior() for name, est in estimators.items()}
     if apply:
         for name, module, _, site in targets:

@@ -100,6 +100,8 @@ def estimate_mha_prior(
         run_with_pre_hooks(model, [(m, make_hook(estimators[name], m)) for name, m in modules.items()], batches, forward, show_progress)
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
+    if not any(est.count for est in estimators.values()):
+        raise ValueError("estimate_prior: no data: the batches gave no non-pad vectors")
     priors = {name: est.prior() for name, est in estimators.items()}
     if apply:
         for name, m in modules.items():

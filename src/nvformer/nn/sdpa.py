@@ -1,7 +1,7 @@
 """Fast denoising attention: one ``scaled_dot_product_attention`` (SDPA) call per form.
 
 Tested against the reference path (:func:`nvformer.nn.functional.denoising_attention` with
-``impl="reference"``). The tricks, all exact (MATH.md section 3):
+``impl="reference"``). The tricks, all exact (docs/MATH.md section 3):
 
 * **Per-key scalars as a channel.** The logit term ``b_i`` of key ``i`` (``log pi_i - scale/2
   ||z_i||^2`` in training; ``log a_i - 1/2 sum mu^2/S - 1/2 sum log S`` in evaluation) rides as one
