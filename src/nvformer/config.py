@@ -6,13 +6,16 @@ returns, what :func:`nvformer.set_knobs` writes and what :func:`nvformer.save_ad
 (docs/MATH.md section 4):
 
 * ``alpha_tau``: shifts every token's log pseudo-count by ``alpha_tau * s_alpha``, in units of
-  the prior's spread ``s_alpha`` (the prior component's weight relative to a token is about
-  ``exp(-alpha_tau * s_alpha)``); large = identity, small or negative = mass on the prior;
+  the prior's spread ``s_alpha`` (the prior component's weight relative to a token scales as
+  ``exp(-alpha_tau * s_alpha)``, times a data-dependent constant); large = identity, small or
+  negative = mass on the prior;
 * ``stdev_tau >= 0``: the token variances are ``(stdev_tau * sigma_p)^2``; 0 = identity;
 * ``mu_tau``: the token means are ``mu_tau x + (1 - mu_tau) mu_p``; 1 = identity.
 
-:data:`IDENTITY` is the setting at which a converted model computes what the original did (up to
-a prior weight of ``exp(-1e4 s_alpha)``, far below float precision for any empirical prior).
+:data:`IDENTITY` is the setting at which a converted model computes what the original did, up to
+a prior weight that scales as ``exp(-1e4 s_alpha)``: below float precision whenever
+``s_alpha > 0.01`` (the empirical priors in docs/RESULTS.md have ``s_alpha`` from 0.025 to 5.4; an
+estimate floors ``s_alpha`` at 1e-6, so data whose vectors all have one norm is not covered).
 
 Knobs can differ per site and per layer: ``NVConfig.knobs`` maps *group keys* to settings, the
 most specific key winning: a module's own name, then ``"site.layer"`` (e.g. ``"encoder.3"``), then

@@ -1,4 +1,4 @@
-"""Reference denoising attention against independent float64 computations (MATH.md section 3)."""
+"""Reference denoising attention against independent float64 computations (docs/MATH.md section 3)."""
 
 import math
 

@@ -50,7 +50,9 @@ class NVIB(nn.Module):
             ``log alpha_p = 0``, ``s_alpha = 1``).
         delta: strength of the conditional prior in ``KL_D`` (pseudo-count per token).
         kappa: samples per component in training.
-        alpha_tau, stdev_tau, mu_tau: the knobs (:class:`nvformer.Knobs`; docs/MATH.md section 4).
+        alpha_tau, stdev_tau, mu_tau: the knobs (docs/MATH.md section 4). The layer's defaults are the
+            authors' for training from scratch (``alpha_tau = 10``); :func:`nvformer.convert` uses
+            :data:`nvformer.IDENTITY` (``alpha_tau = 1e4``) for pretrained models.
         head_dim: ``d`` if it is not ``dim // num_heads``.
         scale: the attention logit scale (default ``1 / sqrt(d)``); ``1/scale`` plays ``sqrt(d)``.
         prior_component: include the prior component (False masks it out: "prior switched off").
@@ -205,7 +207,7 @@ class NVIB(nn.Module):
         float64 because the quadratic term must cancel ``-scale ||z||^2 / 2`` in the attention
         logits after a large bias ``alpha_tau * s_alpha`` has been added (in float32 a bias of
         1000 would leave only 1e-4 of resolution). Products stay in the input's dtype (at least
-        float32) and only the sums are float64 (:func:`nvformer.cached.weighted_sq_sum`).
+        float32) and only the sums are float64 (:func:`nvformer.core.keyform.weighted_sq_sum`).
         """
         cd = compute_dtype(x.dtype)
         xf = x.to(cd)

@@ -3,9 +3,11 @@
 ``tune(model, objective, ...)`` samples ``alpha_tau`` / ``stdev_tau`` (optionally ``mu_tau``) per
 group of a :class:`~nvformer.tuning.space.KnobSpace` of a converted model, applies them with
 :func:`nvformer.set_knobs`, and maximises (or minimises) ``objective(model)``, e.g. accuracy on a
-target validation split. The first trial is always the identity-like corner (largest
-``alpha_tau``, ``stdev_tau = 0``, ``mu_tau = 1``), so the search can only match or beat the
-unregularised model on the objective. Studies live in an Optuna storage: an SQLite file by
+target validation split. The first trial is always the identity-like corner of the space (largest
+``alpha_tau``, ``stdev_tau = 0``, ``mu_tau = 1``), so the search can only match or beat that
+corner on the objective; it is the unregularised model when the top of the ``alpha_tau`` range is
+large for the model's ``s_alpha`` (10 is for MiniLM's priors, not for SmolLM2's: docs/MATH.md
+section 4). Studies live in an Optuna storage: an SQLite file by
 default (resumable), or any Optuna RDB URL / storage object (PostgreSQL, journal file), which lets
 several worker processes or machines share one study. Optuna is imported on first use.
 """
