@@ -21,6 +21,7 @@ Importing nvformer imports torch only; transformers, optuna, safetensors, torchm
 datasets and matplotlib are imported when a feature first needs them.
 """
 
+from ._version import __version__
 from .adapter import load_adapter, save_adapter
 from .api import convert, estimate_prior, get_config, get_knobs, set_knobs, set_prediction, unconvert
 from .config import IDENTITY, Knobs, NVConfig
@@ -29,17 +30,16 @@ from .core.latent import NVLatent
 from .core.prior import Prior, PriorEstimator
 from .core.sampling import sample_log_dirichlet, sample_log_gamma
 from .dirichlet.functional import DirichletSpec, dirichlet_kl
-from .dirichlet.hf import convert_dirichlet
 from .dirichlet.module import DirichletAttention
+from .hf.dirichlet import convert_dirichlet
 from .nn.functional import denoising_attention
 from .nn.mha import KLTerms, NVMultiheadAttention, kl_terms
 from .nn.nvib import NVIB
 from .tuning.search import TuneResult, tune
 from .tuning.space import KnobSpace
 
-__version__ = "0.2.0"
-
 __all__ = [
+    "__version__",
     "IDENTITY",
     "NVIB",
     "DirichletAttention",

@@ -13,6 +13,10 @@ An adapter folder holds two files (docs/DESIGN.md, "Adapters"):
 :func:`load_adapter` checks everything before it changes anything: unknown or invalid values in
 the JSON (a negative ``stdev_tau``, a NaN), non-finite priors, and a model whose attention modules
 or widths differ from the saved ones are errors naming what differs.
+
+:func:`save_pretrained` / :func:`load_pretrained` save and load a whole converted Hugging Face
+model: an ordinary ``save_pretrained`` folder of the *original* model (any ``transformers`` code
+loads it as a plain model) with the adapter files beside the weights.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._version import __version__
 from .api import convert, get_config, model_kind, nv_modules, site_of
 from .config import SITES, NVConfig, is_module_key
 from .core.prior import Prior
+from .hf.convert import is_hf_model
 
-__all__ = ["CONFIG_FILE", "TENSORS_FILE", "load_adapter", "save_adapter"]
+__all__ = ["CONFIG_FILE", "TENSORS_FILE", "load_adapter", "load_pretrained", "read_adapter", "save_adapter", "save_pretrained"]
 
 FORMAT_VERSION = 2
 CONFIG_FILE = "nvformer.json"
@@ -51,12 +57,6 @@ def _base_prefix(model: nn.Module) -> str:
 
 def _relative(name: str, prefix: str) -> str:
     return name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else name
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def save_adapter(model: nn.Module, folder: str | Path) -> Path:
@@ -98,7 +98,7 @@ def save_adapter(model: nn.Module, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / TENSORS_FILE))
-    meta = {"format_version": FORMAT_VERSION, "nvformer_version": _version(), "kind": kind, "architecture": type(model).__name__,
+    meta = {"format_version": FORMAT_VERSION, "nvformer_version": __version__, "kind": kind, "architecture": type(model).__name__,
             "config": cfg, "modules": modules}
     (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     return folder
@@ -210,3 +210,36 @@ def adapter_bytes(folder: str | Path) -> int:
     folder = Path(folder)
     return sum((folder / f).stat().st_size for f in (CONFIG_FILE, TENSORS_FILE))
 
+
+# ---------------------------------------------------------------------------------------------- whole models
+
+
+def save_pretrained(model: nn.Module, folder: str | Path, **kwargs: Any) -> Path:
+    """Save a converted model to ``folder``: the base model (``kwargs`` go to ``model.save_pretrained``) and its adapter."""
+    if not is_hf_model(model):
+        raise ValueError("nvformer.save_pretrained: expected a Hugging Face model converted with nvformer.convert")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base_state = {k: v for k, v in model.state_dict().items() if ".nvib." not in f".{k}"}
+    save_adapter(model, folder)  # checks that the model is converted before anything big is written
+    model.save_pretrained(folder, state_dict=base_state, **kwargs)
+    return folder
+
+
+def load_pretrained(folder: str | Path, model_class: type | None = None, **kwargs: Any) -> nn.Module:
+    """Load a model saved by :func:`save_pretrained`; ``kwargs`` go to ``from_pretrained``.
+
+    ``model_class`` defaults to the ``transformers`` class named in ``nvformer.json``.
+    """
+    folder = Path(folder)
+    meta_path = folder / CONFIG_FILE
+    if not meta_path.exists():
+        raise ValueError(f"nvformer.load_pretrained: {folder} has no {CONFIG_FILE} (not saved by nvformer.save_pretrained)")
+    if model_class is None:
+        import transformers
+
+        name = json.loads(meta_path.read_text()).get("architecture")
+        model_class = getattr(transformers, str(name), None)
+        if model_class is None:
+            raise ValueError(f"nvformer.load_pretrained: transformers has no class {name!r}; pass `model_class`")
+    return load_adapter(model_class.from_pretrained(folder, **kwargs), folder)

@@ -16,9 +16,9 @@ from torch import nn
 
 from .config import KNOBS, SITES, Knobs, NVConfig, NVSite, group_key
 from .core.prior import Prior
-from .dirichlet.hf import is_dirichlet_model, unconvert_dirichlet
 from .dirichlet.module import DirichletState
 from .hf.convert import convert_hf, is_hf_model, is_nv_hf_module, unconvert_hf
+from .hf.dirichlet import is_dirichlet_model, unconvert_dirichlet
 from .hf.prior import estimate_hf_prior
 from .nn.empirical import estimate_mha_prior
 from .nn.mha import NVMultiheadAttention, convert_mha, layer_index, torch_site, unconvert_mha

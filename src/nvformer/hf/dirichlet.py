@@ -7,9 +7,9 @@ from torch import Tensor, nn
 
 from ..core.masks import hf_mask_bias
 from ..core.rope import repeat_kv
-from ..hf.convert import attention_modules
-from .functional import DirichletSpec, dirichlet_attention, working_dtype
-from .module import DirichletState
+from ..dirichlet.functional import DirichletSpec, dirichlet_attention, working_dtype
+from ..dirichlet.module import DirichletState
+from .convert import attention_modules
 
 __all__ = ["HF_NAME", "convert_dirichlet", "is_dirichlet_model", "unconvert_dirichlet"]
 
