@@ -34,7 +34,8 @@ from .config import SITES, NVConfig, is_module_key
 from .core.prior import Prior
 from .hf.convert import is_hf_model
 
-__all__ = ["CONFIG_FILE", "TENSORS_FILE", "load_adapter", "load_pretrained", "read_adapter", "save_adapter", "save_pretrained"]
+__all__ = ["CONFIG_FILE", "TENSORS_FILE", "load_adapter", "load_pretrained", "match_modules", "read_adapter", "read_tensors", "save_adapter",
+           "save_pretrained"]
 
 FORMAT_VERSION = 2
 CONFIG_FILE = "nvformer.json"
@@ -152,35 +153,44 @@ def _candidates(model: nn.Module, kind: str, sites: tuple[str, ...]) -> dict[str
     return {name: m.kdim for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention) and torch_site(model, name) in sites}
 
 
-def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
-    """Convert ``model`` (loaded by the caller, any class) and restore the NV state saved in ``folder``.
-
-    In place; returns ``model``. The model must not be converted yet, and its attention modules
-    (names relative to the base model) and widths must be those the adapter was saved from.
-    """
-    from safetensors.torch import load_file
-
+def match_modules(model: nn.Module, meta: dict[str, Any], config: NVConfig) -> dict[str, tuple[str, int]]:
+    """``{adapter name: (model name, width)}``: the attention modules of ``model`` that the adapter
+    ``(meta, config)`` of :func:`read_adapter` converts, or a ``ValueError`` saying what differs
+    (kind of model, module names relative to the base model, widths). ``model`` is not changed and
+    may live on the meta device."""
     who = "nvformer.load_adapter"
     kind = model_kind(model, who)
-    meta, config = read_adapter(folder)
     if meta["kind"] != kind:
         raise ValueError(f"{who}: the adapter was saved from a {'Hugging Face' if meta['kind'] == 'hf' else 'PyTorch'} model, "
                          f"but {type(model).__name__} is {'a Hugging Face' if kind == 'hf' else 'a PyTorch'} model")
-    if nv_modules(model):
-        raise ValueError(f"{who}: {type(model).__name__} is already converted (nvformer.unconvert it first)")
     prefix = _base_prefix(model)
     have = {_relative(name, prefix): (name, dim) for name, dim in _candidates(model, kind, config.sites).items()}
     saved = meta["modules"]
     if set(have) != set(saved):
         missing, extra = sorted(set(saved) - set(have)), sorted(set(have) - set(saved))
-        raise ValueError(f"{who}: the model's attention modules differ from the adapter's ({meta.get('architecture')}): "
-                         f"missing in the model {missing[:4]}, not in the adapter {extra[:4]}")
-    for rel, (name, dim) in have.items():
+        raise ValueError(f"{who}: the model's attention modules differ from the adapter's: the adapter ({meta.get('architecture')}) has "
+                         f"{missing[:3]} that {type(model).__name__} lacks, and {type(model).__name__} has {extra[:3]} that the adapter lacks")
+    for rel, (_, dim) in have.items():
         if saved[rel]["dim"] != dim:
             raise ValueError(f"{who}: module {rel!r} reads vectors of width {dim}, the adapter's has width {saved[rel]['dim']}")
-    tensors = load_file(str(Path(folder) / TENSORS_FILE))
+    return have
+
+
+def read_tensors(folder: str | Path, meta: dict[str, Any]) -> tuple[dict[str, Prior], dict[str, torch.Tensor]]:
+    """``({adapter name: Prior}, every tensor)`` of an adapter folder, each prior checked (present,
+    finite, of the module's width, positive variances)."""
+    from safetensors.torch import load_file
+
+    who = "nvformer.load_adapter"
+    path = Path(folder) / TENSORS_FILE
+    if not path.is_file():
+        raise ValueError(f"{who}: {folder} has no {TENSORS_FILE}")
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{who}: {path} is not readable ({e})") from None
     priors: dict[str, Prior] = {}
-    for rel, entry in saved.items():
+    for rel, entry in meta["modules"].items():
         if "shares" in entry:
             continue
         fields = {}
@@ -190,25 +200,35 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
                 raise ValueError(f"{who}: the prior `{f}` of module {rel!r} is missing or not finite")
             fields[f] = t
         try:
-            priors[have[rel][0]] = Prior(entry["dim"], **fields)
+            priors[rel] = Prior(entry["dim"], **fields)
         except ValueError as e:
             raise ValueError(f"{who}: module {rel!r}: {e}") from None
+    return priors, tensors
+
+
+def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Convert ``model`` (loaded by the caller, any class) and restore the NV state saved in ``folder``.
+
+    In place; returns ``model``. The model must not be converted yet, and its attention modules
+    (names relative to the base model) and widths must be those the adapter was saved from
+    (:func:`match_modules`); everything is checked before the model changes.
+    """
+    who = "nvformer.load_adapter"
+    meta, config = read_adapter(folder)
+    have = match_modules(model, meta, config)
+    if nv_modules(model):
+        raise ValueError(f"{who}: {type(model).__name__} is already converted (nvformer.unconvert it first)")
+    priors, tensors = read_tensors(folder, meta)
     full = {rel: name for rel, (name, _) in have.items()}
     knobs = {full.get(k, k): v for k, v in config.knobs.items()}
-    convert(model, config.with_knobs(knobs), prior=priors)
-    for name, m in nv_modules(model):
-        rel = _relative(name, prefix)
-        if saved[rel].get("trained"):
+    convert(model, config.with_knobs(knobs), prior={full[rel]: p for rel, p in priors.items()})
+    for rel, entry in meta["modules"].items():
+        if entry.get("trained"):
+            nvib = model.get_submodule(full[rel]).nvib
             state = {k[len(rel) + 6:]: v for k, v in tensors.items() if k.startswith(f"{rel}.nvib.")}
-            state.update({f"prior.{f}": priors[name].state_dict()[f] for f in _PRIOR_FIELDS})
-            m.nvib.load_state_dict(state)
+            state.update({f"prior.{f}": v for f, v in priors[rel].state_dict().items()})
+            nvib.load_state_dict(state)
     return model
-
-
-def adapter_bytes(folder: str | Path) -> int:
-    """The size of an adapter on disk (both files)."""
-    folder = Path(folder)
-    return sum((folder / f).stat().st_size for f in (CONFIG_FILE, TENSORS_FILE))
 
 
 # ---------------------------------------------------------------------------------------------- whole models

@@ -277,6 +277,14 @@ class Metric:
     def __call__(self, rows: Tensor) -> float:
         return float(self.statistic(rows.sum(0) if self.of_sums else rows))
 
+    def compare(self, a: Tensor | Sequence[Tensor], b: Tensor | Sequence[Tensor], **bootstrap: Any) -> dict[str, float]:
+        """:func:`nvformer.metrics.paired_bootstrap` of this metric: system ``b`` against ``a`` on the
+        same examples (per-example statistics, or lists of them per group); ``bootstrap``: its
+        ``n_resamples``, ``confidence``, ``seed``."""
+        from .metrics import paired_bootstrap
+
+        return paired_bootstrap(a, b, self.statistic, of_sums=self.of_sums, **bootstrap)
+
 
 def _classification_metric(name: str) -> Callable[[Tensor], float]:
     def statistic(rows: Tensor) -> float:
