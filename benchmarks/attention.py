@@ -30,19 +30,18 @@ import argparse
 import json
 import math
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+import nvformer as nv
+from nvformer_studies.common.bench import interleaved
+from nvformer_studies.common.docs import markdown_table, read_csv, write_csv, write_section
 
-import nvformer as nv  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 B = 8
 GRID = [(384, 12), (768, 12), (1024, 16)]
@@ -119,17 +118,9 @@ def make(method: str, s: dict):
 
 
 def time_grid(P: int, H: int, N: int, methods: list[str], repeats: int) -> dict[str, float]:
+    """Median seconds of one call of each method on the inputs of ``(P, H, N)``, timed interleaved."""
     s = setup(P, H, N)
-    fns = {m: make(m, s) for m in methods}
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    for fn in fns.values():  # warm-up
-        fn()
-    for _ in range(repeats):
-        for m, fn in fns.items():  # interleaved rounds
-            t0 = time.perf_counter()
-            fn()
-            times[m].append(time.perf_counter() - t0)
-    return {m: statistics.median(v) for m, v in times.items()}
+    return interleaved({m: make(m, s) for m in methods}, repeats)
 
 
 def _maxrss_bytes() -> int:
@@ -157,30 +148,31 @@ def memory(method: str, P: int, H: int, N: int) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def table(rows: list[dict]) -> str:
-    lines = [
-        "| P | H | N | SDPA ms | " + " | ".join(f"{m} (x SDPA)" for m in METHODS[1:5]) + " | SDPA fwd+bwd ms | train-fwd (x SDPA) | train-fwdbwd (x SDPA fwd+bwd) | eval-paper (x sdpa+kv) |",
-        "| --- " * 12 + "|",
-    ]
-    for r in rows:
-        t = r["time"]
-        lines.append(
-            f"| {r['P']} | {r['H']} | {r['N']} | {t['sdpa'] * 1e3:.1f} | "
-            + " | ".join(f"{t[m] / t['sdpa']:.2f}" for m in METHODS[1:5])
-            + f" | {t['sdpa-fwdbwd'] * 1e3:.1f} | {t['train-fwd'] / t['sdpa']:.2f} | {t['train-fwdbwd'] / t['sdpa-fwdbwd']:.2f} | {t['eval-paper'] / t['sdpa+kv']:.2f} |"
-        )
-    lines += ["", "Peak memory growth during one call, as a ratio to SDPA's (SDPA's in MiB):", ""]
-    lines.append("| P | H | N | SDPA MiB | " + " | ".join(f"{m}" for m in METHODS[1:5]) + " | SDPA fwd+bwd MiB | train-fwd | train-fwdbwd (x SDPA fwd+bwd) |")
-    lines.append("| --- " * 10 + "|")
-    for r in rows:
-        mem = r["mem"]
-        base = max(mem["sdpa"], 1)
-        lines.append(
-            f"| {r['P']} | {r['H']} | {r['N']} | {mem['sdpa'] / 2**20:.1f} | "
-            + " | ".join(f"{mem[m] / base:.2f}" for m in METHODS[1:5])
-            + f" | {mem['sdpa-fwdbwd'] / 2**20:.1f} | {mem['train-fwd'] / base:.2f} | {mem['train-fwdbwd'] / max(mem['sdpa-fwdbwd'], 1):.2f} |"
-        )
-    return "\n".join(lines)
+def tables(rows: list[dict]) -> str:
+    """The latency and the memory table of rows ``{"P", "H", "N", "time_<method>": seconds, "mem_<method>": bytes}``."""
+    def t(r, m):
+        return r[f"time_{m}"]
+
+    def mem(r, m):
+        return r[f"mem_{m}"]
+
+    def base(r):
+        return max(mem(r, "sdpa"), 1)
+
+    head = [("P", "{P}"), ("H", "{H}"), ("N", "{N}")]
+    time_columns = [*head, ("SDPA ms", lambda r: f"{t(r, 'sdpa') * 1e3:.1f}"),
+                    *((f"{m} (x SDPA)", lambda r, m=m: f"{t(r, m) / t(r, 'sdpa'):.2f}") for m in METHODS[1:5]),
+                    ("SDPA fwd+bwd ms", lambda r: f"{t(r, 'sdpa-fwdbwd') * 1e3:.1f}"),
+                    ("train-fwd (x SDPA)", lambda r: f"{t(r, 'train-fwd') / t(r, 'sdpa'):.2f}"),
+                    ("train-fwdbwd (x SDPA fwd+bwd)", lambda r: f"{t(r, 'train-fwdbwd') / t(r, 'sdpa-fwdbwd'):.2f}"),
+                    ("eval-paper (x sdpa+kv)", lambda r: f"{t(r, 'eval-paper') / t(r, 'sdpa+kv'):.2f}")]
+    memory_columns = [*head, ("SDPA MiB", lambda r: f"{mem(r, 'sdpa') / 2**20:.1f}"),
+                      *((m, lambda r, m=m: f"{mem(r, m) / base(r):.2f}") for m in METHODS[1:5]),
+                      ("SDPA fwd+bwd MiB", lambda r: f"{mem(r, 'sdpa-fwdbwd') / 2**20:.1f}"),
+                      ("train-fwd", lambda r: f"{mem(r, 'train-fwd') / base(r):.2f}"),
+                      ("train-fwdbwd (x SDPA fwd+bwd)", lambda r: f"{mem(r, 'train-fwdbwd') / max(mem(r, 'sdpa-fwdbwd'), 1):.2f}")]
+    return "\n".join([markdown_table(rows, time_columns), "", "Peak memory growth during one call, as a ratio to SDPA's (SDPA's in MiB):",
+                      "", markdown_table(rows, memory_columns)])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -201,14 +193,14 @@ def main(argv: list[str] | None = None) -> None:
         reps = args.repeats if N < 1024 else max(3, args.repeats // 2)
         t = time_grid(P, H, N, METHODS, reps)
         mem = {m: memory(m, P, H, N) for m in METHODS}
-        rows.append({"P": P, "H": H, "N": N, "time": t, "mem": mem})
+        rows.append({"P": P, "H": H, "N": N, **{f"time_{m}": v for m, v in t.items()}, **{f"mem_{m}": v for m, v in mem.items()}})
         print(json.dumps(rows[-1]), flush=True)
-    text = table(rows)
-    print(text)
-    if not args.quick:
-        sys.path.insert(0, str(ROOT / "experiments"))
-        from identity import write_section  # the same section writer as docs/RESULTS.md
-
+    if args.quick:
+        print(tables(rows))
+    else:
+        # both tables from the CSV file next to the docs: docs/results/attention.csv
+        text = tables(read_csv(write_csv(Path(args.out).parent / "results" / "attention.csv", rows)))
+        print(text)
         header = (
             "## Attention: NV vs SDPA\n\nCommand: `.venv/bin/python benchmarks/attention.py` "
             f"(B={B}, float32, CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; median of "

@@ -7,7 +7,7 @@ Float32 inputs, CPU. Timed interleaved round by round, median of the repeats, ra
 baseline of the same run (this machine is noisy):
 
 * one layer, ``q, k, v [16, 12, N, 32]`` (MiniLM's heads, a batch of 16): ``sdpa`` forward and
-  forward+backward (q, k, v requiring gradients) against :func:`nvformer.bayes.dirichlet_attention`
+  forward+backward (q, k, v requiring gradients) against :func:`nvformer.dirichlet.functional.dirichlet_attention`
   with the default :class:`~nvformer.DirichletSpec`: ``mean`` (posterior-mean weights, forward,
   no KL: the prediction path), ``sample`` (one sampled set of weights, forward, no KL) and
   ``train`` (sampled weights and the KL term,
@@ -21,24 +21,25 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "experiments"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from nvformer import DirichletSpec, convert_dirichlet
+from nvformer.dirichlet.functional import dirichlet_attention
+from nvformer.dirichlet.module import dirichlet_kl_total
+from nvformer_studies.common.bench import benchmark_section, interleaved
+from nvformer_studies.common.checkpoints import load_minilm
+from nvformer_studies.common.data import read_reviews
 
-from models import interleaved, write_table  # noqa: E402
-from nvformer.bayes import DirichletSpec, convert_dirichlet, dirichlet_attention, dirichlet_kl_total  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 LENGTHS = (64, 128, 256)
 
 
-def layer_rows(repeats: int) -> list[str]:
+def layer_rows(repeats: int) -> list[dict]:
+    """One row per length: seconds of the standard and the Dirichlet forms of one attention layer."""
     spec = DirichletSpec()
     rows = []
     for N in LENGTHS:
@@ -64,16 +65,13 @@ def layer_rows(repeats: int) -> list[str]:
             (out.sum() + kl.sum().float()).backward()
 
         t = interleaved({"sdpa": sdpa_fwd, "sdpa-bwd": sdpa_bwd, "mean": dir_fwd(False), "sample": dir_fwd(True), "train": dir_train}, repeats)
-        rows.append(f"| one layer, N = {N} | {t['sdpa'] * 1e3:.1f} ms | {t['mean'] * 1e3:.0f} ms ({t['mean'] / t['sdpa']:.0f}x) | "
-                    f"{t['sample'] * 1e3:.0f} ms ({t['sample'] / t['sdpa']:.0f}x) | {t['sdpa-bwd'] * 1e3:.1f} ms | "
-                    f"{t['train'] * 1e3:.0f} ms ({t['train'] / t['sdpa-bwd']:.0f}x) |")
+        rows.append({"workload": f"one layer, N = {N}", "kind": "layer", "forward": t["sdpa"], "mean": t["mean"], "sample": t["sample"],
+                     "train": t["sdpa-bwd"], "dirichlet_train": t["train"]})
     return rows
 
 
-def minilm_row(repeats: int) -> str:
-    from nvformer.data import read_reviews
-    from nvformer.hf.checkpoints import load_minilm
-
+def minilm_row(repeats: int) -> dict:
+    """Seconds of an evaluation forward and of a training step of MiniLM, standard and Dirichlet attention."""
     model, tok = load_minilm(head="classification")
     dirichlet = convert_dirichlet(copy.deepcopy(model))
     batch = dict(tok(read_reviews("books").texts[:16], padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
@@ -100,8 +98,22 @@ def minilm_row(repeats: int) -> str:
 
     t = interleaved({"std": step(model, False), "dir": step(dirichlet, True), "std-eval": forward(model), "dir-eval": forward(dirichlet)},
                     repeats)
-    return (f"| all-MiniLM-L6-v2, 16 x 128 tokens | {t['std-eval'] * 1e3:.0f} ms | {t['dir-eval'] * 1e3:.0f} ms "
-            f"({t['dir-eval'] / t['std-eval']:.1f}x) | - | {t['std'] * 1e3:.0f} ms | {t['dir'] * 1e3:.0f} ms ({t['dir'] / t['std']:.1f}x) |")
+    return {"workload": "all-MiniLM-L6-v2, 16 x 128 tokens", "kind": "model", "forward": t["std-eval"], "mean": t["dir-eval"], "sample": None,
+            "train": t["std"], "dirichlet_train": t["dir"]}
+
+
+def _time(key: str, base: str | None = None):
+    """A table cell: milliseconds of ``key`` (and its ratio to ``base``); one layer: the standard
+    times to 0.1 ms and whole ratios, the model: whole milliseconds and ratios to 0.1."""
+    def cell(r: dict) -> str:
+        if r[key] is None:
+            return "-"
+        layer = r["kind"] == "layer"
+        if base is None:
+            return f"{r[key] * 1e3:.{1 if layer else 0}f} ms"
+        return f"{r[key] * 1e3:.0f} ms ({r[key] / r[base]:.{0 if layer else 1}f}x)"
+
+    return cell
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,13 +125,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = layer_rows(args.repeats) + [minilm_row(max(3, args.repeats - 2))]
-    write_table("Dirichlet attention (Bayesian attention weights) vs standard attention",
-                f"benchmarks/dirichlet.py{' --threads ' + str(args.threads) if args.threads else ''}", "float32 inputs, CPU",
-                ["workload", "standard, forward", "Dirichlet mean, forward", "Dirichlet sample, forward",
-                 "standard, fwd+bwd / train step", "Dirichlet train (sample + KL), fwd+bwd / train step"], rows, "dirichlet", Path(args.out),
-                note="Dirichlet attention does its maths in float64 (log-space concentrations, Gamma sampling with implicit "
-                "reparameterisation gradients, lgamma/digamma for the KL), elementwise over every [query, key] pair: it cannot use "
-                "a fused attention kernel.")
+    out = Path(args.out)
+    benchmark_section("Dirichlet attention (Bayesian attention weights) vs standard attention",
+                      f"benchmarks/dirichlet.py{' --threads ' + str(args.threads) if args.threads else ''}", "float32 inputs, CPU", rows,
+                      {"workload": "{workload}", "standard, forward": _time("forward"), "Dirichlet mean, forward": _time("mean", "forward"),
+                       "Dirichlet sample, forward": _time("sample", "forward"), "standard, fwd+bwd / train step": _time("train"),
+                       "Dirichlet train (sample + KL), fwd+bwd / train step": _time("dirichlet_train", "train")}, "dirichlet", out,
+                      out.parent / "results",
+                      note="Dirichlet attention does its maths in float64 (log-space concentrations, Gamma sampling with implicit "
+                      "reparameterisation gradients, lgamma/digamma for the KL), elementwise over every [query, key] pair: it cannot use "
+                      "a fused attention kernel.")
 
 
 if __name__ == "__main__":

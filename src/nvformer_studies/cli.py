@@ -48,14 +48,15 @@ def _study(args) -> int:
     from pathlib import Path
 
     from .common.data import default_data_dir
-    from .sentiment.study import StudyConfig, headline, run_study, summary_markdown
+    from .sentiment.report import headline, summary_markdown
+    from .sentiment.study import StudyConfig, run_study
 
     try:
         data = Path(args.data) if args.data else default_data_dir()
     except FileNotFoundError:
         data = Path("../shared/data")
     if not (data / "reviews").is_dir():
-        print(f"nvformer study: no reviews/ folder under {data}. Point --data (or $NVFORMER_DATA) at the data folder "
+        print(f"nvformer-studies study: no reviews/ folder under {data}. Point --data (or $NVFORMER_DATA) at the data folder "
               "that holds reviews/ (see ../shared/data/README.md).", file=sys.stderr)
         return 2
     kw = {"model_dir": args.model, "data_dir": str(data), "seed": args.seed, "split_seed": args.split_seed}
@@ -75,7 +76,8 @@ def _study(args) -> int:
 def _translate_study(args) -> int:
     from dataclasses import replace
 
-    from .translation.study import TranslationStudyConfig, run_translation_study, study_markdown
+    from .translation.report import study_markdown
+    from .translation.study import TranslationStudyConfig, run_translation_study
 
     over = {k: v for k, v in (("n_dev", args.n_dev), ("n_test", args.n_test), ("trials", args.trials)) if v is not None}
     if args.domains:
@@ -87,7 +89,6 @@ def _translate_study(args) -> int:
     print(study_markdown(res))
     print(f"({res['seconds'] / 60:.1f} min; results.json and summary.md in {args.out}/)")
     return 0
-
 
 
 def _nvae_parser(sub) -> None:
@@ -132,7 +133,7 @@ def _nvae(args) -> int:
     if args.op == "train":
         from nvformer.models import NVAE, NVAEConfig
 
-        from .translation.study import train_tokenizer
+        from .common.tokenizer import train_tokenizer
 
         if args.texts:
             texts = [s.strip() for s in open(args.texts, encoding="utf-8") if s.strip()]
@@ -174,7 +175,7 @@ def _nvae(args) -> int:
             print(s)
         return 0
     if args.steps < 2:
-        raise SystemExit("nvformer nvae interpolate: --steps must be >= 2")
+        raise SystemExit("nvformer-studies nvae interpolate: --steps must be >= 2")
     ts = [k / (args.steps - 1) for k in range(args.steps)]
     xa, ma = vae.pad_batch(vae.encode_texts(tok, [args.a], model.config.max_length), model.config.pad_id)
     xb, mb = vae.pad_batch(vae.encode_texts(tok, [args.b], model.config.max_length), model.config.pad_id)

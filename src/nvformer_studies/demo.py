@@ -1,6 +1,6 @@
 """A short demo: build an NV Transformer and check what the core promises.
 
-Run with ``nvformer demo`` (or ``python -m nvformer.demo``). Every line it prints is computed
+Run with ``nvformer-studies demo`` (or ``python -m nvformer_studies.demo``). Every line it prints is computed
 here and now; it exits non-zero if a check fails.
 """
 

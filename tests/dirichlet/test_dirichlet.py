@@ -211,40 +211,6 @@ def test_fit_temperature_recovers_a_known_temperature():
     assert t == pytest.approx(3.0, rel=0.1)
 
 
-def test_predictive_probs_methods_and_temperature():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from nvformer.tasks import classification_batches
-    from nvformer_studies.translation.study import train_tokenizer
-    from nvformer_studies.uncertainty.harness import apply_temperature, predictive_probs
-
-    tok = train_tokenizer(["a b c d e f g h i"] * 5, 300, min_frequency=1)
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=2,
-                     hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
-    models = [BertForSequenceClassification(cfg).eval() for _ in range(2)]
-    data = classification_batches(tok, ["a b c", "d e", "f g h i"], [0, 1, 0], batch_size=2, max_length=16)
-    p_map = predictive_probs("map", models[:1], data, samples=5)
-    assert p_map.shape == (1, 3, 2)
-    torch.testing.assert_close(p_map.sum(-1), torch.ones(1, 3, dtype=p_map.dtype))
-    mc = predictive_probs("mc-dropout", models[:1], data, samples=5, seed=1)
-    assert mc.shape == (5, 3, 2) and not torch.equal(mc[0], mc[1])
-    torch.testing.assert_close(predictive_probs("mc-dropout", models[:1], data, samples=5, seed=1), mc)  # seeded
-    assert not models[0].bert.embeddings.dropout.training  # dropout switched back off
-    ens = predictive_probs("ensemble", models, data)
-    assert ens.shape == (2, 3, 2)
-    torch.testing.assert_close(ens[0], p_map[0])
-    nv.convert_dirichlet(models[1])
-    ds = predictive_probs("dirichlet-sample", models[1:], data, samples=3)
-    assert ds.shape == (3, 3, 2) and not torch.equal(ds[0], ds[1])
-    assert predictive_probs("dirichlet-mean", models[1:], data).shape == (1, 3, 2)
-    t = apply_temperature(mc, 2.0)
-    ref = torch.softmax(mc.mean(0).log() / 2.0, -1)
-    torch.testing.assert_close(t[0], ref)
-    with pytest.raises(ValueError, match="method"):
-        predictive_probs("laplace", models, data)
-
-
 def test_mean_path_without_kl_matches_the_float64_path_and_eval_kl_matches_the_formula():
     """The posterior-mean weights computed in float32 (no KL, the prediction path) equal the float64
     path's; with set_eval_kl the evaluation KL equals dirichlet_kl of the documented concentrations."""

@@ -11,8 +11,8 @@ import torch
 
 from nvformer.models import NVAE, NVAEConfig, anneal
 from nvformer.models.nvae import Memory, gaussian_kl_standard, mix_memories, sinusoidal_positions
+from nvformer_studies.common.tokenizer import train_tokenizer
 from nvformer_studies.nvae import training as vae
-from nvformer_studies.translation.study import train_tokenizer
 
 SENTS = ["the cat sat on the mat .", "a dog ran in the park today .", "birds sing in the early morning .", "she reads a long book ."]
 BOTTLENECKS = ("nvib", "none", "pooled")

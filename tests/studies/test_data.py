@@ -1,4 +1,4 @@
-"""Readers of ../shared/data: counts from the data README, mojibake repair, seeded splits."""
+"""Readers of ../shared/data: counts from the data README, mojibake repair."""
 
 import pytest
 
@@ -16,18 +16,6 @@ def test_review_text_is_extracted_from_the_pseudo_xml():
     r = D.read_reviews("books")
     assert r.texts[1000].startswith("Sphere by Michael Crichton is an excellant novel")  # first positive review
     assert r.labels[1000] == 1 and r.labels[0] == 0
-
-
-def test_stratified_split_is_seeded_disjoint_and_stratified():
-    labels = [0] * 100 + [1] * 60
-    a = D.stratified_split(labels, (0.6, 0.2, 0.2), seed=3)
-    b = D.stratified_split(labels, (0.6, 0.2, 0.2), seed=3)
-    c = D.stratified_split(labels, (0.6, 0.2, 0.2), seed=4)
-    assert a == b and a != c
-    assert sorted(i for p in a for i in p) == list(range(160))
-    assert [sum(labels[i] for i in p) for p in a] == [36, 12, 12]
-    with pytest.raises(ValueError, match="sum to 1"):
-        D.stratified_split(labels, (0.5, 0.2), seed=0)
 
 
 @pytest.mark.parametrize(

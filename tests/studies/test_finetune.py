@@ -4,8 +4,9 @@ import torch
 import transformers as tf
 
 from nvformer_studies.common.checkpoints import load_minilm
-from nvformer_studies.common.data import read_reviews, stratified_split
+from nvformer_studies.common.data import read_reviews
 from nvformer_studies.common.finetune import FinetuneConfig, finetune_classifier
+from nvformer_studies.common.subsets import stratified_split
 
 
 def _tiny(seed=0):

@@ -1,5 +1,5 @@
-"""Causal-LM perplexity: NLL against the model's own loss, the bootstrap against a loop, data
-loading, and a tiny end-to-end study run."""
+"""Causal-LM perplexity: the study's bootstrap of log perplexity against a loop, data loading,
+and a tiny end-to-end study run."""
 
 import math
 
@@ -7,15 +7,10 @@ import pytest
 import torch
 import transformers as tf
 
-from nvformer_studies.lm.study import (
-    LMStudyConfig,
-    bootstrap_log_ppl,
-    lm_markdown,
-    lm_texts,
-    perplexity,
-    run_lm_study,
-    subset,
-)
+from nvformer.tasks import get_task
+from nvformer_studies.common.subsets import seeded_subset
+from nvformer_studies.lm.report import lm_markdown
+from nvformer_studies.lm.study import LMStudyConfig, lm_texts, perplexity, run_lm_study
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +31,8 @@ def test_bootstrap_log_ppl_matches_a_loop():
     n_tok = torch.randint(5, 40, (50,), generator=g)
     a = n_tok * (3.0 + torch.rand(50, generator=g, dtype=torch.float64))
     b = a - n_tok * 0.2 * torch.rand(50, generator=g, dtype=torch.float64)
-    got = bootstrap_log_ppl(a, b, n_tok, n_resamples=300, seed=4)
+    rows = [torch.stack([x, n_tok.double()], 1) for x in (a, b)]  # the per-unit statistics of the causal-lm task
+    got = get_task("causal-lm").metric("nll").compare(*rows, n_resamples=300, seed=4)
     gen = torch.Generator().manual_seed(4)
     idx = torch.randint(0, 50, (300, 50), generator=gen)
     stats = torch.tensor([((b[i] - a[i]).sum() / n_tok[i].sum()).item() for i in idx], dtype=torch.float64)
@@ -48,7 +44,7 @@ def test_domain_texts_are_disjoint_and_seeded():
     prior, val = lm_texts("wikitext", "prior"), lm_texts("wikitext", "validation")
     assert not set(prior) & set(val) and lm_texts("wikitext", "prior") == prior
     assert len(lm_texts("law", "validation")) == 2000 and lm_texts("reviews", "test")[:3] == lm_texts("reviews", "test", seed=0)[:3]
-    assert subset(val, 5, 1) == subset(val, 5, 1) and len(subset(val, 5, 1)) == 5
+    assert seeded_subset(len(val), 5, 1) == seeded_subset(len(val), 5, 1) and len(seeded_subset(len(val), 5, 1)) == 5
     with pytest.raises(ValueError, match="only the source"):
         lm_texts("law", "prior")
     with pytest.raises(ValueError, match="unknown domain"):

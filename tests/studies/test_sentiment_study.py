@@ -8,15 +8,14 @@ import transformers as tf
 from hf_models import build, inputs
 
 from nvformer import convert, estimate_prior
+from nvformer_studies.sentiment.report import headline, summary_markdown
 from nvformer_studies.sentiment.study import (
     MeanPoolClassifier,
     StudyConfig,
     StudyResult,
-    headline,
     information_maximisation,
     prior_only,
     run_study,
-    summary_markdown,
 )
 
 

@@ -1,5 +1,6 @@
-"""Translation study pieces (nvformer.mt): tokenizer, batching, BLEU/chrF and their bootstrap, and a
-tiny end-to-end run (train a tiny Marian model, convert, identity check, a 2-trial knob search)."""
+"""Translation study pieces (nvformer_studies.translation): tokenizer, batching, BLEU/chrF and the
+their paired bootstrap, and a tiny end-to-end run (train a tiny Marian model, convert, identity
+check, a 2-trial knob search)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,14 @@ pytest.importorskip("optuna")
 import sacrebleu  # noqa: E402
 
 import nvformer as nv  # noqa: E402
+from nvformer.tasks import generate_texts, get_task, sentence_stats  # noqa: E402
 from nvformer_studies.common.data import read_parallel  # noqa: E402
+from nvformer_studies.common.tokenizer import train_tokenizer  # noqa: E402
+from nvformer_studies.translation import model as marian  # noqa: E402
 from nvformer_studies.translation import study as mt  # noqa: E402
 
 # a few seconds of training: enough for multi-word (if input-independent) outputs, so BLEU has 4-grams
-TINY = mt.TranslationConfig(vocab_size=1000, d_model=32, layers=1, heads=2, ffn=64, max_length=64, batch_tokens=512, epochs=4, lr=5e-3,
+TINY = marian.TranslationConfig(vocab_size=1000, d_model=32, layers=1, heads=2, ffn=64, max_length=64, batch_tokens=512, epochs=4, lr=5e-3,
                             warmup=10, val_size=16, train_pairs=300, eval_batch_size=16)
 
 
@@ -36,7 +40,7 @@ def koran():
 @pytest.fixture(scope="module")
 def tok(koran):
     train, _ = koran
-    return mt.train_tokenizer(train.de[:1000] + train.en[:1000], vocab_size=600)
+    return train_tokenizer(train.de[:1000] + train.en[:1000], vocab_size=600)
 
 
 def test_tokenizer_round_trip_on_koran_lines(tok, koran, tmp_path):
@@ -63,45 +67,36 @@ def test_tokenizer_round_trip_on_koran_lines(tok, koran, tmp_path):
 
 def test_tokenizer_rejects_bad_input():
     with pytest.raises(ValueError, match="no texts"):
-        mt.train_tokenizer([])
+        train_tokenizer([])
     with pytest.raises(ValueError, match="vocab_size"):
-        mt.train_tokenizer(["a b"], vocab_size=100)
+        train_tokenizer(["a b"], vocab_size=100)
 
 
 def test_length_batches_and_collate():
     src = [5, 3, 9, 3, 7, 1, 12]
     tgt = [4, 6, 8, 2, 9, 2, 3]
-    batches = mt.length_batches(src, tgt, batch_tokens=20)
+    batches = marian.length_batches(src, tgt, batch_tokens=20)
     assert sorted(i for b in batches for i in b) == list(range(len(src)))
     for b in batches:
         assert len(b) == 1 or len(b) * max(max(src[i], tgt[i]) for i in b) <= 20
     flat = [i for b in batches for i in b]
     assert [src[i] for i in flat] == sorted(src)
-    out = mt.collate([[7, 8, 1], [9, 1]], [[4, 5, 6, 1], [3, 1]], pad_id=0)
+    out = marian.collate([[7, 8, 1], [9, 1]], [[4, 5, 6, 1], [3, 1]], pad_id=0)
     assert out["input_ids"].tolist() == [[7, 8, 1], [9, 1, 0]]
     assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert out["labels"].tolist() == [[4, 5, 6, 1], [3, 1, -100, -100]]
     assert out["decoder_input_ids"].tolist() == [[0, 4, 5, 6], [0, 3, 1, 0]]
     assert out["decoder_attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     with pytest.raises(ValueError, match="targets"):
-        mt.collate([[1]], [[1], [2]], pad_id=0)
+        marian.collate([[1]], [[1], [2]], pad_id=0)
     with pytest.raises(ValueError, match="lengths"):
-        mt.length_batches([1, 2], [1], 10)
-
-
-def test_seeded_subset():
-    a = mt.seeded_subset(100, 10, seed=3)
-    assert a == mt.seeded_subset(100, 10, seed=3) and a != mt.seeded_subset(100, 10, seed=4)
-    assert len(set(a)) == 10 and a == sorted(a)
-    b = mt.seeded_subset(100, 50, seed=3, exclude=a)
-    assert not set(a) & set(b)
-    assert mt.seeded_subset(5, None, seed=0) == [0, 1, 2, 3, 4]
+        marian.length_batches([1, 2], [1], 10)
 
 
 def test_koran_dev_subset_avoids_the_checkpoint_selection_pairs(koran):
     cfg = mt.TranslationStudyConfig(train=TINY, domains=("koran", "law"), n_dev=300, n_test=10, subset_seed=1)
     sets = mt._domain_sets(cfg, None)
-    val = mt.koran_splits(TINY)["val_idx"]
+    val = marian.koran_splits(TINY)["val_idx"]
     assert len(val) == TINY.val_size and not set(val) & set(sets["koran"]["indices"]["dev"])
     assert len(sets["koran"]["indices"]["dev"]) == 300 and len(sets["law"]["indices"]["test"]) == 10
     _, dev = koran
@@ -139,22 +134,28 @@ HYP_B = ["the cat sat on the mat", "the dog ran in the park with joy", "he reads
 
 def test_corpus_scores_equal_sacrebleu_and_a_direct_computation():
     for hyps in (HYP_A, HYP_B, REFS):
-        got = mt.corpus_scores(hyps, REFS)
+        got = marian.corpus_scores(hyps, REFS)
         assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [REFS]).score, abs=1e-12)
         assert got["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [REFS]).score, abs=1e-12)
         assert got["bleu"] == pytest.approx(_direct_bleu(hyps, REFS), abs=1e-9)
-    assert mt.corpus_scores(REFS, REFS) == {"bleu": pytest.approx(100.0), "chrf": pytest.approx(100.0)}
-    assert 0 < mt.corpus_scores(HYP_A, REFS)["bleu"] < 100
+    assert marian.corpus_scores(REFS, REFS) == {"bleu": pytest.approx(100.0), "chrf": pytest.approx(100.0)}
+    assert 0 < marian.corpus_scores(HYP_A, REFS)["bleu"] < 100
     with pytest.raises(ValueError, match="hypotheses"):
-        mt.corpus_scores(HYP_A[:3], REFS)
+        marian.corpus_scores(HYP_A[:3], REFS)
     with pytest.raises(ValueError, match="no sentences"):
-        mt.corpus_scores([], [])
+        marian.corpus_scores([], [])
+
+
+def _bootstrap_bleu(hyps_a, hyps_b, refs, n=1000, seed=0):
+    """The study's bootstrap of corpus BLEU and chrF: the task metrics on per-sentence sacrebleu statistics."""
+    return {name: get_task("seq2seq").metric(name).compare(sentence_stats(name, hyps_a, refs), sentence_stats(name, hyps_b, refs),
+                                                           n_resamples=n, seed=seed) for name in ("bleu", "chrf")}
 
 
 def test_paired_bootstrap_equals_a_direct_resampling_loop():
     n, seed = 40, 7
-    got = mt.paired_bootstrap_bleu(HYP_A, HYP_B, REFS, n=n, seed=seed)
-    idx = mt.bootstrap_indices(len(REFS), n, seed)
+    got = _bootstrap_bleu(HYP_A, HYP_B, REFS, n=n, seed=seed)
+    idx = torch.randint(0, len(REFS), (n, len(REFS)), generator=torch.Generator().manual_seed(seed))
     for name, fn in (("bleu", sacrebleu.corpus_bleu), ("chrf", sacrebleu.corpus_chrf)):
         diffs = []
         for row in idx.tolist():
@@ -167,12 +168,12 @@ def test_paired_bootstrap_equals_a_direct_resampling_loop():
         assert got[name]["low"] == pytest.approx(float(torch.quantile(d, 0.025)), abs=1e-9)
         assert got[name]["high"] == pytest.approx(float(torch.quantile(d, 0.975)), abs=1e-9)
         assert got[name]["low"] < got[name]["high"]
-    swapped = mt.paired_bootstrap_bleu(HYP_B, HYP_A, REFS, n=n, seed=seed)
+    swapped = _bootstrap_bleu(HYP_B, HYP_A, REFS, n=n, seed=seed)
     assert swapped["bleu"]["low"] == pytest.approx(-got["bleu"]["high"], abs=1e-9)
-    same = mt.paired_bootstrap_bleu(HYP_A, HYP_A, REFS, n=n, seed=seed)
+    same = _bootstrap_bleu(HYP_A, HYP_A, REFS, n=n, seed=seed)
     assert all(same[k][q] == 0 for k in ("bleu", "chrf") for q in ("diff", "low", "high"))
     with pytest.raises(ValueError, match="hypotheses"):
-        mt.paired_bootstrap_bleu(HYP_A, HYP_B[:2], REFS)
+        _bootstrap_bleu(HYP_A, HYP_B[:2], REFS)
 
 
 def test_study_config_rejects_bad_settings():
@@ -181,15 +182,15 @@ def test_study_config_rejects_bad_settings():
     with pytest.raises(ValueError, match="site"):
         mt.TranslationStudyConfig(sites=("self",))
     with pytest.raises(ValueError, match="vocab_size"):
-        mt.TranslationConfig(vocab_size=0)
+        marian.TranslationConfig(vocab_size=0)
 
 
 def test_tiny_end_to_end_translation_study(koran, tmp_path):
     torch.set_num_threads(min(2, torch.get_num_threads()))
     model_dir = tmp_path / "model"
-    model, tok, info = mt.load_or_train(model_dir, TINY, show_progress=False)
-    assert info["train_pairs"] == 300 and info["history"]["steps"] > 0 and (model_dir / mt.INFO_FILE).exists()
-    again, _, info2 = mt.load_or_train(model_dir, TINY, show_progress=False)  # cached: loaded, not retrained
+    model, tok, info = marian.load_or_train(model_dir, TINY, show_progress=False)
+    assert info["train_pairs"] == 300 and info["history"]["steps"] > 0 and (model_dir / marian.INFO_FILE).exists()
+    again, _, info2 = marian.load_or_train(model_dir, TINY, show_progress=False)  # cached: loaded, not retrained
     assert info2 == info
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
@@ -222,10 +223,10 @@ def test_tiny_end_to_end_translation_study(koran, tmp_path):
 
     # the conversion is live: identity logits at alpha_tau = 1e4, different ones with the knobs moved
     test = read_parallel("koran", "test")
-    before = mt.translate(model, tok, test.de[:8], batch_size=4, max_new_tokens=24)
+    before = generate_texts(model, tok, test.de[:8], batch_size=4, max_new_tokens=24)
     assert all(len(h.split()) >= 4 for h in before)  # 4-grams exist, so the BLEU identity check above is not vacuous
     enc = [tok(x, truncation=True, max_length=64)["input_ids"] for x in (test.de[:8], test.en[:8])]
-    batch = mt.collate(*enc, tok.pad_token_id)
+    batch = marian.collate(*enc, tok.pad_token_id)
     batch.pop("labels")
     valid = batch["decoder_attention_mask"].bool()
     with torch.no_grad():
@@ -233,12 +234,12 @@ def test_tiny_end_to_end_translation_study(koran, tmp_path):
         nvm = nv.convert(model, prior=None, alpha_tau=1e4)
         id_err = float((nvm(**batch).logits[valid] - ref).abs().max())
         assert id_err < 1e-4
-        assert mt.translate(nvm, tok, test.de[:8], batch_size=4, max_new_tokens=24) == before
+        assert generate_texts(nvm, tok, test.de[:8], batch_size=4, max_new_tokens=24) == before
         for site in ("encoder", "cross", "decoder"):  # (the tiny model barely reads its input: small but clear changes)
             nv.set_knobs(nvm, alpha_tau=1e4, stdev_tau=0.0)
             nv.set_knobs(nvm, site=site, alpha_tau=-1e4)
             assert (nvm(**batch).logits[valid] - ref).abs().max() > max(1e-3, 100 * id_err), site
-    with pytest.raises(ValueError, match="no sentences"):
-        mt.translate(nvm, tok, [])
+    with pytest.raises(ValueError, match="no texts"):
+        generate_texts(nvm, tok, [])
     with pytest.raises(ValueError, match="positions"):
-        mt.translate(nvm, tok, ["Und"], max_length=TINY.max_positions + 1)
+        generate_texts(nvm, tok, ["Und"], max_length=TINY.max_positions + 1)

@@ -22,8 +22,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 REVIEW_DOMAINS = ("books", "dvd", "electronics", "kitchen", "airline", "imdb", "blog")
 MT_DOMAINS = ("koran", "it", "law", "medical")
 _REVIEW_TEXT = re.compile(r"<review_text>(.*?)</review_text>", re.DOTALL)
@@ -76,23 +74,6 @@ def read_reviews(domain: str, data_dir: str | Path | None = None) -> Reviews:
     if not texts:
         raise ValueError(f"read_reviews: no reviews found in {folder}")
     return Reviews(domain, texts, labels)
-
-
-def stratified_split(labels: list[int], fractions: tuple[float, ...], seed: int) -> list[list[int]]:
-    """Seeded stratified split of indices into ``len(fractions)`` parts (fractions sum to 1)."""
-    if abs(sum(fractions) - 1.0) > 1e-9:
-        raise ValueError(f"stratified_split: fractions must sum to 1, got {fractions}")
-    g = torch.Generator().manual_seed(seed)
-    parts: list[list[int]] = [[] for _ in fractions]
-    for label in sorted(set(labels)):
-        idx = [i for i, y in enumerate(labels) if y == label]
-        perm = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
-        start = 0
-        for k, frac in enumerate(fractions):
-            end = len(perm) if k == len(fractions) - 1 else start + round(frac * len(perm))
-            parts[k].extend(perm[start:end])
-            start = end
-    return [sorted(p) for p in parts]
 
 
 def _as_byte(ch: str) -> int | None:

@@ -1,6 +1,8 @@
-"""Small plotting helpers shared by the studies (matplotlib, Agg backend, nothing shown).
+"""The plots of the studies and the docs (matplotlib, Agg backend, nothing shown): one set-up
+(:func:`pyplot`) and one way of writing a figure (:func:`save`) for every figure, and two shared
+panel plots.
 
-All functions take plain numbers (no tensors) and write one PNG; they return its path.
+The panel functions take plain numbers (no tensors) and write one PNG; they return its path.
 """
 
 from __future__ import annotations
@@ -8,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["interval_panels", "line_panels"]
+__all__ = ["interval_panels", "line_panels", "pyplot", "save"]
 
 
-def _pyplot():
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,13 +23,13 @@ def _pyplot():
     return plt
 
 
-def _save(plt, fig, path: str | Path) -> Path:
-    """Lay out ``fig``, write it to ``path`` (parents created) and close it."""
+def save(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out ``fig``, write it to ``path`` (parents created) and close it; returns the path."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
     return path
 
 
@@ -45,7 +48,7 @@ def interval_panels(panels: Mapping[str, Mapping[str, Sequence[tuple[str, float,
             for label, v, lo, hi in rows:
                 if not lo <= v <= hi:
                     raise ValueError(f"interval_panels: {name}/{s}/{label}: value {v} outside its interval [{lo}, {hi}]")
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 0.45 * max(
         len({r[0] for rows in series.values() for r in rows}) for series in panels.values()) + 1.4), squeeze=False)
     for ax, (name, series) in zip(axes[0], panels.items()):
@@ -61,7 +64,7 @@ def interval_panels(panels: Mapping[str, Mapping[str, Sequence[tuple[str, float,
         ax.set(xlabel=xlabel, title=name)
         if k > 1:
             ax.legend(fontsize=7)
-    return _save(plt, fig, path)
+    return save(fig, path)
 
 
 def line_panels(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]], path: str | Path, *,
@@ -70,7 +73,7 @@ def line_panels(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequenc
     ``diagonal`` adds the y = x line (reliability diagrams)."""
     if not panels:
         raise ValueError("line_panels: nothing to plot")
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 3.4), squeeze=False)
     for ax, (name, series) in zip(axes[0], panels.items()):
         for s, (xs, ys) in series.items():
@@ -81,4 +84,4 @@ def line_panels(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequenc
             ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
         ax.set(xlabel=xlabel, ylabel=ylabel, title=name)
         ax.legend(fontsize=7)
-    return _save(plt, fig, path)
+    return save(fig, path)

@@ -4,12 +4,15 @@ Text units (a WikiText paragraph, a sentence of the MT corpora, a review) are to
 truncated to ``max_tokens``, prefixed with the tokenizer's BOS token and evaluated in
 length-sorted batches; every text token is predicted. Perplexity is ``exp(sum NLL / sum
 tokens)`` over the units, and its confidence intervals come from a paired bootstrap over units
-(the ratio of sums is recomputed per resample).
+(the ratio of sums is recomputed per resample: :meth:`nvformer.tasks.Metric.compare` of the
+``nll`` metric of the ``causal-lm`` task). The conversion and the searches follow the shared
+protocol (:mod:`nvformer_studies.common.protocol`); tables, figure and doc section:
+:mod:`nvformer_studies.lm.report`.
 
 Domains (:data:`LM_DOMAINS`): ``wikitext`` (the general-domain source: its prior and source
 validation text come from ``valid.txt``, disjoint seeded halves, its test text from ``test.txt``),
 ``koran``, ``it``, ``law``, ``medical`` (English sides of ``mt-domains``: ``dev.en`` validation,
-``test.en`` test) and ``reviews`` (``dvd`` Amazon reviews, the :func:`nvformer.sentiment.domain_splits`
+``test.en`` test) and ``reviews`` (``dvd`` Amazon reviews, the :func:`nvformer_studies.sentiment.data.domain_splits`
 validation / test splits).
 """
 
@@ -25,11 +28,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nvformer.tasks import lm_batches, lm_nll
+from nvformer import IDENTITY, KnobSpace
+from nvformer._progress import progress
+from nvformer.tasks import TextBatches, get_task, lm_batches, lm_nll
 
 from ..common.data import read_parallel, read_wikitext
+from ..common.protocol import Choice, Protocol, convert_at_identity
+from ..common.subsets import seeded_subset
 
-__all__ = ["LM_DOMAINS", "lm_texts", "perplexity", "bootstrap_log_ppl", "LMStudyConfig", "run_lm_study"]
+__all__ = ["LM_DOMAINS", "LMStudyConfig", "LMStudyResult", "lm_texts", "perplexity", "run_lm_study", "unit_stats"]
 
 LM_DOMAINS = ("wikitext", "koran", "it", "law", "medical", "reviews")
 
@@ -50,7 +57,7 @@ def lm_texts(domain: str, split: str, data_dir=None, seed: int = 0) -> list[str]
         if split == "test":
             return read_wikitext("test", data_dir)
         paras = list(dict.fromkeys(read_wikitext("valid", data_dir)))  # a few paragraphs repeat verbatim
-        perm = torch.randperm(len(paras), generator=torch.Generator().manual_seed(seed)).tolist()
+        perm = seeded_subset(len(paras), None, seed, sort=False)
         half = perm[: len(perm) // 2] if split == "prior" else perm[len(perm) // 2:]
         return [paras[i] for i in half]
     if domain == "reviews":
@@ -60,34 +67,16 @@ def lm_texts(domain: str, split: str, data_dir=None, seed: int = 0) -> list[str]
     return read_parallel(domain, "dev" if split == "validation" else "test", data_dir).en
 
 
-def subset(texts: list[str], n: int | None, seed: int) -> list[str]:
-    """A seeded random subset of ``n`` units (all if ``n`` is None or larger)."""
-    if n is None or n >= len(texts):
-        return list(texts)
-    idx = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))[:n].tolist()
-    return [texts[i] for i in sorted(idx)]
-
-
 def perplexity(nll: Tensor, n_tokens: Tensor) -> float:
     """``exp(sum nll / sum n_tokens)``."""
     return math.exp(float(nll.sum() / n_tokens.sum()))
 
 
-def bootstrap_log_ppl(nll_a: Tensor, nll_b: Tensor, n_tokens: Tensor, n_resamples: int = 1000, confidence: float = 0.95,
-                      seed: int = 0) -> dict[str, float]:
-    """Paired bootstrap over units of ``log ppl(b) - log ppl(a)`` (negative: ``b`` is better).
-
-    Returns ``{"diff", "low", "high"}`` in nats per token; ``exp`` of them is the perplexity ratio.
-    """
-    if not (nll_a.shape == nll_b.shape == n_tokens.shape) or nll_a.dim() != 1:
-        raise ValueError(f"bootstrap_log_ppl: shapes differ: {tuple(nll_a.shape)}, {tuple(nll_b.shape)}, {tuple(n_tokens.shape)}")
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, nll_a.numel(), (n_resamples, nll_a.numel()), generator=g)
-    tok = n_tokens.double()[idx].sum(1)
-    d = (nll_b.double() - nll_a.double())[idx].sum(1) / tok
-    alpha = (1.0 - confidence) / 2
-    return {"diff": float((nll_b.double() - nll_a.double()).sum() / n_tokens.double().sum()),
-            "low": float(torch.quantile(d, alpha)), "high": float(torch.quantile(d, 1 - alpha))}
+def unit_stats(nll: Tensor, data: TextBatches) -> Tensor:
+    """``[N, 2]`` float64 per-unit statistics of the ``causal-lm`` task: summed NLL ``nll [N]`` and
+    the number of predicted tokens of each unit of ``data`` (its ``nll`` / ``perplexity`` metrics
+    are ratios of their sums)."""
+    return torch.stack([nll, data.n_tokens.double()], 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +107,7 @@ class LMStudyConfig:
     trials: int = 16
     alpha_tau: tuple[float, float] = (0.3, 1e4)
     stdev_tau: tuple[float, float] = (0.0, 0.5)
-    identity_alpha: float = 1e4
+    identity_alpha: float = IDENTITY.alpha_tau
     seed: int = 0
     bootstrap: int = 1000
     samples: tuple[str, ...] = ("The history of the city", "In the name of God,", "The software update")
@@ -133,6 +122,8 @@ class LMStudyConfig:
 
 @dataclass
 class LMStudyResult:
+    """What :func:`run_lm_study` measured (``results.json``): its config, the test rows, the generation samples, timing and checks."""
+
     config: dict[str, Any]
     rows: list[dict[str, Any]] = field(default_factory=list)
     samples: list[dict[str, str]] = field(default_factory=list)
@@ -149,12 +140,8 @@ def run_lm_study(cfg: LMStudyConfig, out_dir: str | Path | None = None, model=No
     perplexity), and once on the source's validation text; test perplexity of each with paired
     bootstrap CIs against the unregularised model; ``generate()`` samples under the choices.
 
-    ``model, tok`` default to SmolLM2-135M-Instruct (:func:`nvformer.hf.checkpoints.load_smollm2`).
+    ``model, tok`` default to SmolLM2-135M-Instruct (:func:`nvformer_studies.common.checkpoints.load_smollm2`).
     """
-    from nvformer import KnobSpace, convert, estimate_prior, set_knobs, tune
-    from nvformer._progress import progress
-    from nvformer.tuning.space import apply_knobs
-
     t0 = time.time()
     if model is None:
         from ..common.checkpoints import load_smollm2
@@ -163,12 +150,15 @@ def run_lm_study(cfg: LMStudyConfig, out_dir: str | Path | None = None, model=No
     result = LMStudyResult(config=asdict(cfg))
     sets = {}
     domains = ("wikitext", *cfg.targets)
+
+    def units(domain: str, split: str, n: int) -> TextBatches:
+        texts = lm_texts(domain, split, cfg.data_dir, cfg.seed)
+        return lm_batches(tok, [texts[i] for i in seeded_subset(len(texts), n, cfg.seed)], max_tokens=cfg.max_tokens, batch_size=cfg.batch_size)
+
     for d in domains:
         for split, n in (("validation", cfg.n_val), ("test", cfg.n_test)):
-            sets[(d, split)] = lm_batches(tok, subset(lm_texts(d, split, cfg.data_dir, cfg.seed), n, cfg.seed),
-                                             max_tokens=cfg.max_tokens, batch_size=cfg.batch_size)
-    prior_set = lm_batches(tok, subset(lm_texts("wikitext", "prior", cfg.data_dir, cfg.seed), cfg.n_prior, cfg.seed),
-                              max_tokens=cfg.max_tokens, batch_size=cfg.batch_size)
+            sets[(d, split)] = units(d, split, n)
+    prior_set = units("wikitext", "prior", cfg.n_prior)
     original = {d: lm_nll(model, sets[(d, "test")]) for d in domains}
     prompts = [{k: v for k, v in tok(p, return_tensors="pt").items() if k in ("input_ids", "attention_mask")} for p in cfg.samples]
 
@@ -181,66 +171,40 @@ def run_lm_study(cfg: LMStudyConfig, out_dir: str | Path | None = None, model=No
         return outs
 
     original_samples = generate_all()
-    convert(model, prior=estimate_prior(model, prior_set.batches, show_progress=False), alpha_tau=cfg.identity_alpha)
+    protocol = Protocol(model, identity=IDENTITY.replace(alpha_tau=cfg.identity_alpha), seed=cfg.seed)
+    convert_at_identity(model, prior_set.batches, protocol.identity)
     identity = {d: lm_nll(model, sets[(d, "test")]) for d in domains}
     result.info["identity_max_abs_nll_diff"] = max(float((identity[d] - original[d]).abs().max()) for d in domains)
     result.info["identity_samples_equal"] = generate_all() == original_samples
     space = KnobSpace(alpha_tau=cfg.alpha_tau, stdev_tau=cfg.stdev_tau, log_alpha=True)
 
-    def reset() -> None:
-        set_knobs(model, alpha_tau=cfg.identity_alpha, stdev_tau=0.0, mu_tau=1.0)
-
     def objective(domain: str):
         data = sets[(domain, "validation")]
         return lambda m: perplexity(lm_nll(m, data), data.n_tokens)
 
-    choices = {}
-    for d in progress(domains, "LM study", show_progress):
-        reset()
-        res = tune(model, objective(d), space=space, n_trials=cfg.trials, direction="minimize", seed=cfg.seed, show_progress=False)
-        choices[d] = (dict(res.best_params), res.best_value, res.identity_value)
+    choices = {d: protocol.search(Choice("target", d), space, objective(d), cfg.trials, direction="minimize")
+               for d in progress(domains, "LM study", show_progress)}
+    log_ppl = get_task("causal-lm").metric("nll")
     for d in domains:
         test = sets[(d, "test")]
         for method, chosen_on in (("target", d), ("source", "wikitext")):
             if method == "target" and d == "wikitext":
                 continue
-            params, val, val_id = choices[chosen_on]
-            reset()
-            apply_knobs(model, space, params)
+            choice = choices[chosen_on]
+            protocol.apply(choice)
             nll = lm_nll(model, test)
-            ci = bootstrap_log_ppl(identity[d], nll, test.n_tokens, cfg.bootstrap, seed=cfg.seed)
-            result.rows.append({"domain": d, "method": method, "params": params, "val_ppl": val, "val_ppl_identity": val_id,
-                                "test_ppl_original": perplexity(original[d], test.n_tokens),
+            ci = log_ppl.compare(unit_stats(identity[d], test), unit_stats(nll, test), n_resamples=cfg.bootstrap, seed=cfg.seed)
+            result.rows.append({"domain": d, "method": method, "params": choice.params, "val_ppl": choice.value,
+                                "val_ppl_identity": choice.identity_value, "test_ppl_original": perplexity(original[d], test.n_tokens),
                                 "test_ppl_identity": perplexity(identity[d], test.n_tokens), "test_ppl": perplexity(nll, test.n_tokens),
                                 "ratio": math.exp(ci["diff"]), "ratio_low": math.exp(ci["low"]), "ratio_high": math.exp(ci["high"]),
                                 "test_tokens": int(test.n_tokens.sum()), "test_units": len(test)})
             if method == "target" or d == "wikitext":
-                result.samples += [{"domain": d, "knobs": json.dumps({k: round(v, 3) for k, v in params.items()}),
+                result.samples += [{"domain": d, "knobs": json.dumps({k: round(v, 3) for k, v in choice.params.items()}),
                                     "prompt": p, "original": o, "regularised": r}
                                    for p, o, r in zip(cfg.samples, original_samples, generate_all())]
-    reset()
+    protocol.reset()
     result.info["seconds"] = time.time() - t0
     if out_dir is not None:
         result.save(Path(out_dir))
     return result
-
-
-def lm_markdown(result: LMStudyResult) -> str:
-    """The perplexity table and the generation samples."""
-    lines = ["| domain | units / tokens (test) | original | identity NV | tuned on target | ratio [95% CI] | tuned on source (wikitext) | ratio [95% CI] | target choice |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    domains = list(dict.fromkeys(r["domain"] for r in result.rows))
-    for d in domains:
-        t = next((r for r in result.rows if r["domain"] == d and r["method"] == "target"), None)
-        s = next(r for r in result.rows if r["domain"] == d and r["method"] == "source")
-        def cell(r):
-            return "-" if r is None else f"{r['test_ppl']:.2f}"
-
-        def ratio(r):
-            return "-" if r is None else f"{r['ratio']:.3f} [{r['ratio_low']:.3f}, {r['ratio_high']:.3f}]"
-
-        choice = s if t is None else t
-        knobs = ", ".join(f"{k.split('/')[1][0]}={v:.3g}" for k, v in choice["params"].items())
-        lines.append(f"| {d} | {s['test_units']} / {s['test_tokens']} | {s['test_ppl_original']:.2f} | {s['test_ppl_identity']:.2f} | "
-                     f"{cell(t)} | {ratio(t)} | {cell(s)} | {ratio(s)} | {knobs} |")
-    return "\n".join(lines) + "\n"

@@ -2,7 +2,8 @@
 
 * Data: :func:`wikitext_sentences` (sentences of both WikiText-2 files, seeded train / valid /
   test split), :func:`ood_sentences` (English sentences of another domain), a byte-level BPE
-  tokenizer trained on the training sentences (:func:`nvformer.mt.train_tokenizer`).
+  tokenizer trained on the training sentences (:func:`nvformer_studies.common.tokenizer.train_tokenizer`);
+  token-id batches right-padded by :func:`nvformer.tasks.pad_rows` (:func:`pad_batch`).
 * Training: :func:`train` runs a standard Accelerate loop: one process, or several with
   ``torchrun --nproc_per_node N`` (CPU: the gloo backend). ``split_batches=True`` splits every
   global batch across the processes, so N processes take the same optimiser steps on the same
@@ -20,7 +21,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import random
 import re
 import time
 from collections.abc import Sequence
@@ -33,8 +33,10 @@ from torch import Tensor
 
 from nvformer._progress import progress
 from nvformer.models.nvae import NVAE, NVAEConfig
+from nvformer.tasks import pad_rows
 
 from ..common.data import read_parallel, read_wikitext
+from ..common.subsets import seeded_subset
 
 __all__ = [
     "TrainConfig",
@@ -79,7 +81,7 @@ def wikitext_sentences(seed: int = 0, n_valid: int = 500, n_test: int = 1000, da
     """Distinct sentences of WikiText-2 ``valid.txt`` and ``test.txt`` (the two files we have),
     shuffled with ``seed`` and split into ``train`` / ``valid`` (``n_valid``) / ``test`` (``n_test``)."""
     sents = list(dict.fromkeys(s for split in ("valid", "test") for p in read_wikitext(split, data_dir) for s in split_sentences(p, **kw)))
-    random.Random(seed).shuffle(sents)
+    sents = [sents[i] for i in seeded_subset(len(sents), None, seed, sort=False, generator="python")]
     if len(sents) < n_valid + n_test + 1:
         raise ValueError(f"wikitext_sentences: only {len(sents)} sentences for {n_valid} valid + {n_test} test")
     return {"valid": sents[:n_valid], "test": sents[n_valid : n_valid + n_test], "train": sents[n_valid + n_test :]}
@@ -89,8 +91,7 @@ def ood_sentences(domain: str = "law", n: int = 1000, seed: int = 0, data_dir=No
     """``n`` seeded English sentences of ``mt-domains/{domain}/test.en`` with ``min_words..max_words`` words."""
     lines = [s.strip() for s in read_parallel(domain, "test", data_dir).en]
     keep = list(dict.fromkeys(s for s in lines if min_words <= len(s.split()) <= max_words))
-    random.Random(seed).shuffle(keep)
-    return keep[:n]
+    return [keep[i] for i in seeded_subset(len(keep), n, seed, sort=False, generator="python")]
 
 
 def encode_texts(tok, texts: Sequence[str], max_length: int) -> list[list[int]]:
@@ -102,12 +103,9 @@ def encode_texts(tok, texts: Sequence[str], max_length: int) -> list[list[int]]:
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """``(input_ids [B, S], attention_mask [B, S])`` right-padded."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return ids, torch.arange(width)[None, :] < torch.tensor([len(s) for s in seqs])[:, None]
+    """``(input_ids [B, S], mask [B, S] bool)`` right-padded (the NVAE's input form)."""
+    ids, mask = pad_rows(seqs, pad_id)
+    return ids, mask.bool()
 
 
 # ---------------------------------------------------------------------------------------------- files

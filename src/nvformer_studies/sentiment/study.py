@@ -1,5 +1,5 @@
 """The out-of-domain sentiment study: NV post-training regularisation against what a user would
-try instead (the project's main demo, ``nvformer study``).
+try instead (the project's main demo, ``nvformer-studies study``).
 
 A classifier fine-tuned on the source domain (all-MiniLM-L6-v2 + head, books) is converted to an
 NV model with an empirical prior from its source training text (identity knobs: outputs
@@ -27,13 +27,18 @@ unchanged) and evaluated on six target domains, with no training, under these *m
 ==================  ==========================================================================
 
 Every search uses :func:`nvformer.tune` (Optuna TPE, seeded, identity corner first, so ties keep
-the unregularised model) with forward passes through a :class:`nvformer.evaluate.KnobCache`
+the unregularised model) with forward passes through a :class:`nvformer.tuning.cache.KnobCache`
 (tokenised once, length-batched, memoised, layers before the first changed one replayed).
 The *frozen-feature* setting repeats the NV methods on the pretrained encoder with mean-pooled,
 normalised sentence features and a logistic-regression head fitted on the source train split.
 
-Splits: every domain is split by :func:`nvformer.sentiment.domain_splits` (stratified
-0.7 / 0.1 / 0.2, ``split_seed``); ``n_val`` / ``n_test`` take seeded stratified subsets.
+Every search and setting goes through the shared protocol (:mod:`nvformer_studies.common.protocol`):
+the source prior, conversion at :data:`nvformer.IDENTITY`, searches from the identity.
+
+Splits: every domain is split by :func:`nvformer_studies.sentiment.data.domain_splits` (stratified
+0.7 / 0.1 / 0.2, ``split_seed``); ``n_val`` / ``n_test`` take seeded stratified subsets
+(:func:`nvformer_studies.common.subsets.seeded_subset`). Tables, plots and the headline:
+:mod:`nvformer_studies.sentiment.report`.
 """
 
 from __future__ import annotations
@@ -48,24 +53,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from nvformer import KnobSpace, tune
-from nvformer.api import nv_modules, set_knobs
-from nvformer.metrics import classification_metrics, paired_bootstrap
+from nvformer import KnobSpace, estimate_prior, set_knobs
+from nvformer.api import nv_modules
+from nvformer.metrics import classification_metrics
 from nvformer.tasks import TextBatches, classification_batches
 from nvformer.tuning.cache import KnobCache
-from nvformer.tuning.space import apply_knobs
 
-from ..common.data import stratified_split
+from ..common.protocol import Choice, Protocol, convert_at_identity
+from ..common.subsets import seeded_subset
 from .data import domain_splits
 
-__all__ = ["TARGETS", "MeanPoolClassifier", "StudyConfig", "StudyResult", "headline", "information_maximisation", "plot",
-           "prior_only", "run_study", "summary_markdown"]
+__all__ = ["TARGETS", "MeanPoolClassifier", "SentimentChoice", "StudyConfig", "StudyResult", "information_maximisation", "prior_only",
+           "run_study"]
 
 TARGETS = ("dvd", "electronics", "kitchen", "airline", "imdb", "blog")
-REFERENCE = {"alpha_tau": 1e4, "stdev_tau": 0.0, "mu_tau": 1.0}  # the identity knobs the model is converted with
 CONTROL_ALPHA = -1e4  # token pseudo-counts exp(-1e4 * s_alpha) = 0: all attention on the prior component
-MAIN = ("baseline", "nv-target", "nv-source", "nv-label-free", "nv-best-layer", "nv-per-layer", "control-target",
-        "wise-target", "wise-source", "wise+nv-target")
 
 
 @dataclass
@@ -74,7 +76,7 @@ class StudyConfig:
 
     Args:
         model_dir: the fine-tuned source classifier (fine-tuned there first if missing; see
-            :func:`nvformer.sentiment.load_or_finetune`).
+            :func:`nvformer_studies.sentiment.data.load_or_finetune`).
         pretrained_dir: the pretrained encoder (WiSE-FT end point, frozen features); None = the
             all-MiniLM-L6-v2 package.
         max_length, batch_size: tokenisation and evaluation batches.
@@ -156,10 +158,6 @@ def prior_only(model: nn.Module, layers) -> None:
     set_knobs(model, layers=layers, alpha_tau=CONTROL_ALPHA, stdev_tau=0.0, mu_tau=1.0)
 
 
-def reset(model: nn.Module) -> None:
-    set_knobs(model, **REFERENCE)
-
-
 class MeanPoolClassifier(nn.Module):
     """A frozen encoder with mean-pooled, L2-normalised features and a linear head.
 
@@ -210,24 +208,13 @@ class MeanPoolClassifier(nn.Module):
         return {"val_accuracy": best[0], "l2": best[1]}
 
 
-def _subset(texts: list[str], labels: list[int], n: int | None, seed: int) -> tuple[list[str], list[int]]:
-    if n is None or n >= len(texts):
-        return texts, labels
-    idx = stratified_split(labels, (n / len(texts), 1 - n / len(texts)), seed)[0]
-    return [texts[i] for i in idx], [labels[i] for i in idx]
-
-
 @dataclass
-class Choice:
-    """A configuration chosen by a method for a target (``space`` + ``params``, or control layers)."""
+class SentimentChoice(Choice):
+    """A configuration chosen by a method for a target: knobs (:class:`Choice`), and the WiSE
+    weight ``lam`` of the encoder and the layers ``control`` sent to the prior component."""
 
-    method: str
-    target: str
     lam: float = 1.0
-    space: KnobSpace | None = None
-    params: dict[str, float] = field(default_factory=dict)
     control: tuple[int, ...] = ()
-    val: float | None = None
 
 
 @dataclass
@@ -261,13 +248,15 @@ class StudyResult:
 # the runner
 
 
-class _Runner:
-    """Searches and evaluations of one converted model over the study's data sets."""
+class _Runner(Protocol):
+    """Searches and evaluations of one converted model over the study's data sets (the protocol
+    with the study's memoised logits, control layers and result rows)."""
 
     def __init__(self, model: nn.Module, cfg: StudyConfig, sets: dict[tuple[str, str], TextBatches], setting: str,
                  result: StudyResult, bar) -> None:
-        self.model, self.cfg, self.sets, self.setting, self.result, self.bar = model, cfg, sets, setting, result, bar
-        reset(model)
+        super().__init__(model, seed=cfg.seed)
+        self.cfg, self.sets, self.setting, self.result, self.bar = cfg, sets, setting, result, bar
+        self.reset()
         self.cache = KnobCache(model, max_bytes=6e9)
         self.cache.clear(tag=1.0)
         self.n_layers = len(self.cache.stack)
@@ -286,16 +275,15 @@ class _Runner:
     def space(self, **kw) -> KnobSpace:
         return KnobSpace(alpha_tau=self.cfg.alpha_tau, stdev_tau=self.cfg.stdev_tau, **kw)
 
-    def search(self, method: str, target: str, space: KnobSpace, objective, n_trials: int, lam: float = 1.0) -> Choice:
-        reset(self.model)
-        res = tune(self.model, objective, space=space, n_trials=n_trials, seed=self.cfg.seed, show_progress=False)
+    def tuned(self, method: str, target: str, space: KnobSpace, objective, n_trials: int, lam: float = 1.0) -> SentimentChoice:
+        """The protocol's search for ``method`` on ``target`` (one step of the progress bar)."""
+        choice = self.search(SentimentChoice(method, target, lam=lam), space, objective, n_trials)
         self.bar.update(1)
-        return Choice(method, target, lam, space, dict(res.best_params), val=res.best_value)
+        return choice
 
-    def apply(self, choice: Choice) -> None:
-        reset(self.model)
-        if choice.space is not None:
-            apply_knobs(self.model, choice.space, choice.params)
+    def apply(self, choice: SentimentChoice) -> None:
+        """The protocol's :meth:`~Protocol.apply`, then the choice's control layers."""
+        super().apply(choice)
         if choice.control:
             prior_only(self.model, choice.control)
 
@@ -303,16 +291,16 @@ class _Runner:
         n = self.n_layers
         return [()] + [(layer,) for layer in range(n)] + [tuple(range(n - k, n)) for k in range(2, n + 1)]
 
-    def choose_control(self, target: str) -> tuple[Choice, dict[tuple[int, ...], float]]:
+    def choose_control(self, target: str) -> tuple[SentimentChoice, dict[tuple[int, ...], float]]:
         objective = self.accuracy(target)
         vals = {}
         for layers in self.control_candidates():
-            self.apply(Choice("control", target, control=layers))
+            self.apply(SentimentChoice("control", target, control=layers))
             vals[layers] = objective(self.model)
         best = max(vals, key=lambda k: vals[k])  # first maximum: "none" wins ties
-        return Choice("control-target", target, control=best, val=vals[best]), vals
+        return SentimentChoice("control-target", target, control=best, value=vals[best]), vals
 
-    def record(self, choice: Choice, *, test_domains, extra: dict | None = None) -> None:
+    def record(self, choice: SentimentChoice, *, test_domains, extra: dict | None = None) -> None:
         """Evaluate ``choice`` on the test split of ``test_domains`` and store rows + logits."""
         self.apply(choice)
         for domain in test_domains:
@@ -323,28 +311,28 @@ class _Runner:
             self.result.labels[domain] = data.labels
             m = classification_metrics(logits, data.labels)
             self.result.rows.append({"setting": self.setting, "method": choice.method, "target": choice.target,
-                                     "domain": domain, "lam": choice.lam, "val": choice.val,
+                                     "domain": domain, "lam": choice.lam, "val": choice.value,
                                      "params": choice.params, "control": list(choice.control), **m, **(extra or {})})
-        reset(self.model)
+        self.reset()
 
     # -- the phases ---------------------------------------------------------------------------
 
-    def knob_methods(self, targets, label_free: bool = True, per_layer: bool = True) -> dict[str, Choice]:
+    def knob_methods(self, targets, label_free: bool = True, per_layer: bool = True) -> dict[str, SentimentChoice]:
         """Every method that moves knobs of the unchanged weights; returns the ``nv-source`` choice."""
         cfg, src = self.cfg, self.cfg.source
-        self.record(Choice("baseline", src), test_domains=[src, *targets])
-        source = self.search("nv-source", src, self.space(), self.accuracy(src), cfg.trials)
+        self.record(SentimentChoice("baseline", src), test_domains=[src, *targets])
+        source = self.tuned("nv-source", src, self.space(), self.accuracy(src), cfg.trials)
         self.record(source, test_domains=[src, *targets])
         for t in targets:
-            chosen = [self.search("nv-target", t, self.space(), self.accuracy(t), cfg.trials)]
+            chosen = [self.tuned("nv-target", t, self.space(), self.accuracy(t), cfg.trials)]
             if label_free:
-                chosen.append(self.search("nv-label-free", t, self.space(), self.label_free(t), cfg.trials))
-            layers = [self.search(f"nv-layer-{layer}", t, self.space(layers=(layer,)), self.accuracy(t), cfg.layer_trials)
+                chosen.append(self.tuned("nv-label-free", t, self.space(), self.label_free(t), cfg.trials))
+            layers = [self.tuned(f"nv-layer-{layer}", t, self.space(layers=(layer,)), self.accuracy(t), cfg.layer_trials)
                       for layer in range(self.n_layers)]
-            best = max(layers, key=lambda c: c.val)
+            best = max(layers, key=lambda c: c.value)
             chosen.append(replace(best, method="nv-best-layer"))
             if per_layer:
-                chosen.append(self.search("nv-per-layer", t, self.space(per_layer=True), self.accuracy(t), cfg.joint_trials))
+                chosen.append(self.tuned("nv-per-layer", t, self.space(per_layer=True), self.accuracy(t), cfg.joint_trials))
             control, vals = self.choose_control(t)
             self.bar.update(1)
             chosen.append(control)
@@ -353,7 +341,7 @@ class _Runner:
             for c in layers:
                 self.record(c, test_domains=[t])
             for layer in range(self.n_layers):
-                self.record(Choice(f"control-layer-{layer}", t, control=(layer,), val=vals[(layer,)]), test_domains=[t])
+                self.record(SentimentChoice(f"control-layer-{layer}", t, control=(layer,), value=vals[(layer,)]), test_domains=[t])
         return {"nv-source": source}
 
 
@@ -375,20 +363,15 @@ def _wise_set(model: nn.Module, pretrained: dict[str, Tensor], finetuned: dict[s
             params[name].copy_(torch.lerp(pretrained[name], ft, lam))
 
 
-def _estimate_prior(model: nn.Module, data: TextBatches) -> None:
-    from nvformer import estimate_prior
-
-    reset(model)
-    estimate_prior(model, data.batches, show_progress=False)
-
-
 def _build_sets(cfg: StudyConfig, tok) -> tuple[dict[tuple[str, str], TextBatches], TextBatches, TextBatches]:
     sets = {}
     for domain in (cfg.source, *cfg.targets):
         s = domain_splits(domain, cfg.split_seed, cfg.data_dir)
         for split, n in (("validation", cfg.n_val), ("test", cfg.n_test)):
-            texts, labels = _subset(*s[split], n, cfg.split_seed)
-            sets[(domain, split)] = classification_batches(tok, texts, labels, batch_size=cfg.batch_size, max_length=cfg.max_length)
+            texts, labels = s[split]
+            idx = seeded_subset(len(labels), n, cfg.split_seed, labels=labels)
+            sets[(domain, split)] = classification_batches(tok, [texts[i] for i in idx], [labels[i] for i in idx], batch_size=cfg.batch_size,
+                                                           max_length=cfg.max_length)
     train = domain_splits(cfg.source, cfg.split_seed, cfg.data_dir)["train"]
     prior_set = classification_batches(tok, train[0][: cfg.prior_examples], batch_size=cfg.batch_size, max_length=cfg.max_length)
     train_set = classification_batches(tok, *train, batch_size=cfg.batch_size, max_length=cfg.max_length)
@@ -396,10 +379,11 @@ def _build_sets(cfg: StudyConfig, tok) -> tuple[dict[tuple[str, str], TextBatche
 
 
 def run_study(cfg: StudyConfig, out_dir: str | Path | None = None, show_progress: bool = True) -> StudyResult:
-    """Run every method of the study (see the module docstring); optionally save to ``out_dir``."""
-    from nvformer import convert, estimate_prior
-
+    """Run every method of the study (see the module docstring); optionally save to ``out_dir``
+    (``results.json``, ``logits.pt``, ``summary.md`` and the plots of
+    :func:`nvformer_studies.sentiment.report.plot`)."""
     from .data import load_or_finetune
+    from .report import plot, summary_markdown
 
     t0 = time.time()
     given = Path(cfg.model_dir)
@@ -420,8 +404,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path | None = None, show_progress
         (1 + len(targets) * (1 + n_layers + 1)) if cfg.frozen else 0)
     with _bar(total, show_progress) as bar:
         # --- the fine-tuned model, NV knobs --------------------------------------------------
-        source_prior = estimate_prior(model, prior_set.batches, show_progress=False)
-        convert(model, prior=source_prior, **REFERENCE)
+        source_prior = convert_at_identity(model, prior_set.batches)
         run = _Runner(model, cfg, sets, "fine-tuned", result, bar)
         run.knob_methods(targets)
         # --- WiSE-FT and NV on top -----------------------------------------------------------
@@ -437,8 +420,9 @@ def run_study(cfg: StudyConfig, out_dir: str | Path | None = None, show_progress
             if lam == 1.0:
                 for name, m in nv_modules(model):
                     m.nvib.set_prior(source_prior[name])
-            else:
-                _estimate_prior(model, prior_set)
+            else:  # the prior of the interpolated model, estimated at the identity
+                run.reset()
+                estimate_prior(model, prior_set.batches, show_progress=False)
             run.cache.clear(tag=lam)
 
         domains = [cfg.source, *targets]
@@ -457,12 +441,12 @@ def run_study(cfg: StudyConfig, out_dir: str | Path | None = None, show_progress
         for lam in sorted(set(pick.values())):
             interpolate(lam)
             if pick[cfg.source] == lam:
-                run.record(Choice("wise-source", cfg.source, lam, val=curve[lam][cfg.source]), test_domains=[cfg.source, *targets])
+                run.record(SentimentChoice("wise-source", cfg.source, lam=lam, value=curve[lam][cfg.source]), test_domains=[cfg.source, *targets])
             for t in targets:
                 if pick[t] != lam:
                     continue
-                run.record(Choice("wise-target", t, lam, val=curve[lam][t]), test_domains=[t, cfg.source])
-                both = run.search("wise+nv-target", t, run.space(), run.accuracy(t), cfg.trials, lam=lam)
+                run.record(SentimentChoice("wise-target", t, lam=lam, value=curve[lam][t]), test_domains=[t, cfg.source])
+                both = run.tuned("wise+nv-target", t, run.space(), run.accuracy(t), cfg.trials, lam=lam)
                 run.record(both, test_domains=[t, cfg.source])
         interpolate(1.0)
         result.info["wise_pick"] = pick
@@ -474,7 +458,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path | None = None, show_progress
             frozen = MeanPoolClassifier(enc, model.config.num_labels).eval()
             src_val = sets[(cfg.source, "validation")]
             result.info["frozen_head"] = frozen.fit_head(train_set, src_val)
-            convert(frozen.encoder, prior=estimate_prior(frozen.encoder, prior_set.batches, show_progress=False), **REFERENCE)
+            convert_at_identity(frozen.encoder, prior_set.batches)
             fr = _Runner(frozen, cfg, sets, "frozen", result, bar)
             fr.knob_methods(targets, label_free=False, per_layer=False)
             result.info["frozen_cache_calls"] = dict(fr.cache.calls)
@@ -502,210 +486,3 @@ def _bar(total: int, enabled: bool):
     return tqdm(total=total, desc="study")
 
 
-# ---------------------------------------------------------------------------------------------
-# summaries
-
-
-def _gain(result: StudyResult, setting: str, method: str, targets, metric: str = "accuracy", n: int = 1000):
-    a, b = [], []
-    for t in targets:
-        base = result.logits.get(f"{setting}|baseline|{cfg_source(result)}|{t}")
-        meth = result.logits.get(f"{setting}|{method}|{cfg_source(result) if _shared(method) else t}|{t}")
-        if base is None or meth is None:
-            return None
-        y = result.labels[t]
-        a.append(per_example_scores(base, y)[metric])
-        b.append(per_example_scores(meth, y)[metric])
-    return paired_bootstrap(a, b, n_resamples=n)
-
-
-def per_example_scores(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
-    """``{"accuracy": [N] 0/1 correct, "nll": [N] -log p(label)}`` (their means are the metrics)."""
-    logp = torch.log_softmax(logits.double(), -1)
-    return {"accuracy": (logits.argmax(-1) == labels).double(), "nll": -logp.gather(-1, labels[:, None]).squeeze(-1)}
-
-
-def cfg_source(result: StudyResult) -> str:
-    return result.config["source"]
-
-
-def _fmt_ci(g: dict | None, scale: float = 100.0, digits: int = 1) -> str:
-    if g is None:
-        return "-"
-    return f"{g['diff'] * scale:+.{digits}f} [{g['low'] * scale:+.{digits}f}, {g['high'] * scale:+.{digits}f}]"
-
-
-def _shared(method: str) -> bool:
-    """Methods with one configuration for every target (chosen without target data)."""
-    return method == "baseline" or method.endswith("-source")
-
-
-def method_rows(result: StudyResult, setting: str, method: str) -> dict[str, dict]:
-    """``{target: row}``: a method's test metrics on each target (its own choice per target)."""
-    out = {}
-    for x in result.rows:
-        if x["setting"] == setting and x["method"] == method and x["domain"] in result.config["targets"] \
-                and (x["target"] == x["domain"] or _shared(method)):
-            out.setdefault(x["domain"], x)
-    return out
-
-
-def describe(result: StudyResult, row: dict) -> str:
-    """A short text for a row's configuration, omitting knob groups at the identity corner."""
-    high, low = result.config["alpha_tau"][1], result.config["stdev_tau"][0]
-    parts = [] if row["lam"] == 1.0 else [f"l={row['lam']:g}"]
-    if row["control"]:
-        parts.append("prior-only layers " + ",".join(map(str, row["control"])))
-    groups: dict[str, dict[str, float]] = {}
-    for k, v in row["params"].items():
-        g, knob = k.split("/")
-        groups.setdefault(g, {})[knob] = v
-    for g, kn in groups.items():
-        if kn.get("alpha_tau") == high and kn.get("stdev_tau") == low:
-            continue
-        name = "" if g == "all" else g.replace("encoder.", "layer ") + " "
-        parts.append(f"{name}a={kn['alpha_tau']:.2f} s={kn['stdev_tau']:.2f}")
-    return ", ".join(parts) or "identity"
-
-
-def in_domain_change(result: StudyResult, setting: str, method: str) -> float | None:
-    """Mean over targets of the source test accuracy change under each target's chosen configuration."""
-    src = cfg_source(result)
-    base = [x for x in result.rows if x["setting"] == setting and x["method"] == "baseline" and x["domain"] == src]
-    rows = [x for x in result.rows if x["setting"] == setting and x["method"] == method and x["domain"] == src]
-    if not base or not rows:
-        return None
-    return sum(x["accuracy"] for x in rows) / len(rows) - base[0]["accuracy"]
-
-
-def methods_present(result: StudyResult, setting: str) -> list[str]:
-    seen = []
-    for x in result.rows:
-        if x["setting"] == setting and x["method"] not in seen:
-            seen.append(x["method"])
-    return seen
-
-
-def summary_markdown(result: StudyResult, setting: str = "fine-tuned") -> str:
-    """Markdown tables: per-target test accuracy, averaged metrics with CIs, and per-layer gains."""
-    targets = list(result.config["targets"])
-    n = result.config["bootstrap"]
-    present = methods_present(result, setting)
-    main = [m for m in MAIN if m in present]
-    lines = [f"**Test accuracy per target** ({setting} model; each method's own choice per target)", "",
-             "| method | " + " | ".join(targets) + " | mean | gain [95% CI] (points) |",
-             "| --- |" + " --- |" * (len(targets) + 2)]
-    for m in main:
-        rows = method_rows(result, setting, m)
-        if len(rows) < len(targets):
-            continue
-        accs = [rows[t]["accuracy"] for t in targets]
-        gain = None if m == "baseline" else _gain(result, setting, m, targets, n=n)
-        lines.append(f"| {m} | " + " | ".join(f"{a:.3f}" for a in accs) + f" | {sum(accs) / len(accs):.3f} | {_fmt_ci(gain)} |")
-    lines += ["", f"**Averaged over the {len(targets)} targets** (test; NLL gain < 0 is better) and in-domain cost "
-              f"({result.config['source']} test accuracy change under the targets' choices)", "",
-              "| method | accuracy | macro-F1 | NLL | ECE | NLL change [95% CI] | in-domain accuracy change (points) |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for m in main:
-        rows = method_rows(result, setting, m)
-        if len(rows) < len(targets):
-            continue
-        avg = {k: sum(rows[t][k] for t in targets) / len(targets) for k in ("accuracy", "macro_f1", "nll", "ece")}
-        nll = None if m == "baseline" else _gain(result, setting, m, targets, metric="nll", n=n)
-        dom = in_domain_change(result, setting, m)
-        lines.append(f"| {m} | {avg['accuracy']:.3f} | {avg['macro_f1']:.3f} | {avg['nll']:.3f} | {avg['ece']:.3f} | "
-                     f"{_fmt_ci(nll, 1.0, 3)} | {'-' if dom is None else f'{dom * 100:+.1f}'} |")
-    layers = sorted({int(m.rsplit("-", 1)[1]) for m in present if m.startswith("nv-layer-")})
-    if layers:
-        lines += ["", "**Where the gain lives**: mean target test accuracy gain (points, 95% CI) of the knob search "
-                  "restricted to one layer vs the prior-only control on that layer", "",
-                  "| layer | NV knobs on this layer only | prior-only control on this layer |", "| --- | --- | --- |"]
-        for layer in layers:
-            lines.append(f"| {layer} | {_fmt_ci(_gain(result, setting, f'nv-layer-{layer}', targets, n=n))} | "
-                         f"{_fmt_ci(_gain(result, setting, f'control-layer-{layer}', targets, n=n))} |")
-    chosen = [f"- {t}: " + "; ".join(f"{m}: {describe(result, method_rows(result, setting, m)[t])}" for m in main
-                                      if m != "baseline" and t in method_rows(result, setting, m)) for t in targets]
-    lines += ["", "Chosen configurations (a = alpha_tau, s = stdev_tau, l = WiSE weight; knob groups left at the identity "
-              "corner are not listed):", "", *chosen]
-    return "\n".join(lines) + "\n"
-
-
-def plot(result: StudyResult, out: Path) -> list[Path]:
-    """``gains.png`` (mean OOD accuracy gain per method with CIs), ``layers.png`` (per-layer NV
-    vs control), ``wise.png`` (validation accuracy against the WiSE weight)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    targets = list(result.config["targets"])
-    n = result.config["bootstrap"]
-    paths = []
-    settings = [s for s in ("fine-tuned", "frozen") if methods_present(result, s)]
-    fig, axes = plt.subplots(1, len(settings), figsize=(5.2 * len(settings), 3.6), squeeze=False)
-    for ax, setting in zip(axes[0], settings):
-        ms = [m for m in MAIN if m != "baseline" and m in methods_present(result, setting)
-              and len(method_rows(result, setting, m)) == len(targets)]
-        gains = [_gain(result, setting, m, targets, n=n) for m in ms]
-        y = range(len(ms))
-        ax.errorbar([g["diff"] * 100 for g in gains], y, xerr=[[(g["diff"] - g["low"]) * 100 for g in gains],
-                                                               [(g["high"] - g["diff"]) * 100 for g in gains]], fmt="o", capsize=3)
-        ax.axvline(0, color="grey", lw=0.8)
-        ax.set_yticks(list(y), ms)
-        ax.set(xlabel="mean target accuracy gain (points, 95% CI)", title=f"{setting} model")
-    fig.tight_layout()
-    paths.append(out / "gains.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    fig, axes = plt.subplots(1, len(settings), figsize=(5.2 * len(settings), 3.4), squeeze=False)
-    for ax, setting in zip(axes[0], settings):
-        layers = sorted({int(m.rsplit("-", 1)[1]) for m in methods_present(result, setting) if m.startswith("nv-layer-")})
-        for k, (kind, label) in enumerate((("nv-layer", "NV knobs (this layer)"), ("control-layer", "prior-only control"))):
-            gains = [_gain(result, setting, f"{kind}-{layer}", targets, n=n) for layer in layers]
-            x = [layer + (k - 0.5) * 0.25 for layer in layers]
-            ax.errorbar(x, [g["diff"] * 100 for g in gains], yerr=[[(g["diff"] - g["low"]) * 100 for g in gains],
-                                                                  [(g["high"] - g["diff"]) * 100 for g in gains]],
-                        fmt="o", capsize=3, label=label)
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set(xlabel="layer", ylabel="mean target accuracy gain (points)", title=f"{setting} model")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "layers.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    if result.wise_curve:
-        fig, ax = plt.subplots(figsize=(5.2, 3.4))
-        domains = list(dict.fromkeys(r["domain"] for r in result.wise_curve))
-        for d in domains:
-            pts = sorted((r["lam"], r["val_accuracy"]) for r in result.wise_curve if r["domain"] == d)
-            ax.plot(*zip(*pts), "o-", ms=3, label=d)
-        ax.set(xlabel="WiSE weight l (1 = fine-tuned)", ylabel="validation accuracy", title="WiSE-FT interpolation")
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        paths.append(out / "wise.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-    return paths
-
-
-def mean_accuracy(result: StudyResult, setting: str, method: str) -> float | None:
-    rows = method_rows(result, setting, method)
-    targets = result.config["targets"]
-    return sum(rows[t]["accuracy"] for t in targets) / len(targets) if len(rows) == len(targets) else None
-
-
-def headline(result: StudyResult) -> str:
-    """One paragraph: the goal (+2.0 points mean OOD accuracy, in-domain not lower, ahead of the
-    control and WiSE-FT) checked against the measured numbers."""
-    base = mean_accuracy(result, "fine-tuned", "baseline")
-    nv = mean_accuracy(result, "fine-tuned", "nv-target")
-    ctrl = mean_accuracy(result, "fine-tuned", "control-target")
-    wise = mean_accuracy(result, "fine-tuned", "wise-target")
-    dom = in_domain_change(result, "fine-tuned", "nv-target")
-    if None in (base, nv, ctrl, wise) or dom is None:
-        return "incomplete study"
-    gain = (nv - base) * 100
-    ok = gain >= 2.0 and dom >= 0 and nv > ctrl and nv > wise
-    return (f"nv-target mean target accuracy {nv:.3f} vs baseline {base:.3f} ({gain:+.1f} points), control {ctrl:.3f}, "
-            f"WiSE-FT {wise:.3f}; in-domain change {dom * 100:+.1f} points. Goal (>= +2.0, in-domain not lower, ahead of "
-            f"control and WiSE-FT): {'reached' if ok else 'NOT reached'}.")

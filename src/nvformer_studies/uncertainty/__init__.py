@@ -1,1 +1,2 @@
-"""Uncertainty of review classifiers: MAP, MC dropout, ensembles, Dirichlet and NV attention."""
+"""Uncertainty of review classifiers: MAP, MC dropout, ensembles, Dirichlet and NV attention (the
+harness), the Bayesian-attention study and its doc section."""

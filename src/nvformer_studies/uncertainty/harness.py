@@ -7,11 +7,12 @@ Methods (each a set of predictive samples ``[S, N, C]``, :func:`predictive_probs
 * ``mc-dropout``: the same model with its dropout layers active at test time (Gal & Ghahramani 2016).
 * ``ensemble``: the MAP models of several seeds (Lakshminarayanan et al. 2017), one sample each.
 * ``dirichlet-mean`` / ``dirichlet-sample``: a model fine-tuned with Dirichlet attention in every
-  layer (ELBO: NLL + KL / N_train, :func:`nvformer.bayes.convert_dirichlet`), predicting with the
+  layer (ELBO: NLL + KL / N_train, :func:`nvformer.convert_dirichlet`), predicting with the
   posterior-mean attention or averaging S sampled-attention forwards.
 * ``nv-sample``: the MAP model reinterpreted as an NV model (empirical prior on the source
   training text, identity initialisation) whose attention latents are *sampled* at test time
-  (training form of denoising attention, no dropout), ``stdev_tau`` chosen on source validation NLL.
+  (:func:`nvformer.set_prediction` ``"sample"``: training form of denoising attention, no dropout),
+  ``stdev_tau`` chosen on source validation NLL.
 
 Temperature scaling (Guo et al. 2017) of any method: ``T`` fitted on the source validation split
 to the log of the mean predictive, applied to every domain.
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from nvformer import DirichletSpec, convert_dirichlet, set_prediction
+from nvformer import IDENTITY, DirichletSpec, convert_dirichlet, set_prediction
 from nvformer.dirichlet.module import dirichlet_kl_total
 from nvformer.tasks import TextBatches
 
@@ -85,20 +86,15 @@ def _probs(model: nn.Module, data: TextBatches) -> Tensor:
     return data.unsort(torch.cat(rows))
 
 
-def sampled_nv(model: nn.Module, prior_batches, stdev_tau: float, alpha_tau: float = 1e4) -> nn.Module:
+def sampled_nv(model: nn.Module, prior_batches, stdev_tau: float, alpha_tau: float = IDENTITY.alpha_tau) -> nn.Module:
     """Convert ``model`` (in place) to NV with the empirical prior of ``prior_batches`` and the
-    given knobs, then put its attention modules in sampling (training-form) mode without dropout."""
+    given knobs; it stays in evaluation mode (no dropout anywhere) and samples its NV latents in
+    every forward (:func:`nvformer.set_prediction` ``"sample"``: the training form of denoising
+    attention)."""
     from nvformer import convert, estimate_prior
-    from nvformer.api import nv_modules
 
     convert(model, prior=estimate_prior(model, prior_batches, show_progress=False), alpha_tau=alpha_tau, stdev_tau=stdev_tau)
-    model.eval()
-    for _, m in nv_modules(model):
-        m.train()
-        for d in m.modules():
-            if isinstance(d, nn.Dropout):
-                d.p = 0.0
-    return model
+    return set_prediction(model.eval(), "sample")
 
 
 def predictive_probs(method: str, models: list[nn.Module], data: TextBatches, samples: int = 8, seed: int = 0) -> Tensor:
