@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from nvformer_studies.common.docs import write_section
-from nvformer_studies.sentiment.report import copy_figures, plot, section
+from nvformer_studies.sentiment.report import copy_figures, section, write_outputs
 from nvformer_studies.sentiment.study import StudyConfig, StudyResult, run_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,11 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"))
     args = parser.parse_args(argv)
     out, results = Path(args.out), Path(args.results)
-    if args.reuse:
-        result = StudyResult.load(out)
-        plot(result, out)
-    else:
-        result = run_study(StudyConfig.full(model_dir=args.model), out)
+    result = StudyResult.load(out) if args.reuse else run_study(StudyConfig.full(model_dir=args.model), out)
+    write_outputs(result, out)
     copy_figures(out, ROOT / "docs" / "figures")
     text = section(result, results.parent / "results")
     print(text)

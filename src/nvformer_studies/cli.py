@@ -48,7 +48,7 @@ def _study(args) -> int:
     from pathlib import Path
 
     from .common.data import default_data_dir
-    from .sentiment.report import headline, summary_markdown
+    from .sentiment.report import headline, summary_markdown, write_outputs
     from .sentiment.study import StudyConfig, run_study
 
     try:
@@ -65,6 +65,7 @@ def _study(args) -> int:
     cfg = StudyConfig.demo(**kw) if args.budget == "demo" else StudyConfig.full(**kw)
     out = Path(args.out or f"runs/study-{args.budget}")
     result = run_study(cfg, out)
+    write_outputs(result, out)
     print(summary_markdown(result))
     if cfg.frozen:
         print(summary_markdown(result, "frozen"))

@@ -8,7 +8,7 @@ import transformers as tf
 from hf_models import build, inputs
 
 from nvformer import convert, estimate_prior
-from nvformer_studies.sentiment.report import headline, summary_markdown
+from nvformer_studies.sentiment.report import headline, summary_markdown, write_outputs
 from nvformer_studies.sentiment.study import (
     MeanPoolClassifier,
     StudyConfig,
@@ -97,6 +97,7 @@ def test_tiny_study_end_to_end(tmp_path):
                         max_length=32, n_val=24, n_test=30, prior_examples=16, trials=2, layer_trials=2, joint_trials=2,
                         wise=(0.5,), frozen=True, bootstrap=50)
     result = run_study(study, tmp_path / "out", show_progress=False)
+    write_outputs(result, tmp_path / "out")
     methods = {(r["setting"], r["method"]) for r in result.rows}
     for m in ("baseline", "nv-target", "nv-source", "nv-label-free", "nv-layer-0", "nv-layer-1", "nv-best-layer", "nv-per-layer",
               "control-target", "control-layer-1", "wise-target", "wise-source", "wise+nv-target"):

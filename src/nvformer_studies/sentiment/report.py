@@ -23,7 +23,7 @@ from ..common.plots import pyplot, save
 if TYPE_CHECKING:
     from .study import StudyResult
 
-__all__ = ["MAIN", "gain", "fmt_ci", "headline", "in_domain_change", "plot", "section", "source_model_section", "summary_markdown"]
+__all__ = ["MAIN", "gain", "fmt_ci", "headline", "in_domain_change", "plot", "section", "source_model_section", "summary_markdown", "write_outputs"]
 
 MAIN = ("baseline", "nv-target", "nv-source", "nv-label-free", "nv-best-layer", "nv-per-layer", "control-target",
         "wise-target", "wise-source", "wise+nv-target")
@@ -307,6 +307,13 @@ def reading(result: StudyResult) -> str:
             "So in this setting the variational machinery (the Gaussian posterior, the pseudo-count interpolation) adds "
             "nothing measurable over sending the last layers' attention to the source mean.")
     return "\n\n".join(text)
+
+
+def write_outputs(result: StudyResult, out: Path) -> None:
+    """``summary.md`` (:func:`summary_markdown`) and the plots (:func:`plot`) of a study in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(summary_markdown(result))
+    plot(result, out)
 
 
 def copy_figures(out: Path, figures: Path) -> None:

@@ -379,11 +379,9 @@ def _build_sets(cfg: StudyConfig, tok) -> tuple[dict[tuple[str, str], TextBatche
 
 
 def run_study(cfg: StudyConfig, out_dir: str | Path | None = None, show_progress: bool = True) -> StudyResult:
-    """Run every method of the study (see the module docstring); optionally save to ``out_dir``
-    (``results.json``, ``logits.pt``, ``summary.md`` and the plots of
-    :func:`nvformer_studies.sentiment.report.plot`)."""
+    """Run every method of the study (see the module docstring); optionally save ``results.json``
+    and ``logits.pt`` to ``out_dir`` (tables and plots: :func:`nvformer_studies.sentiment.report.write_outputs`)."""
     from .data import load_or_finetune
-    from .report import plot, summary_markdown
 
     t0 = time.time()
     given = Path(cfg.model_dir)
@@ -464,10 +462,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path | None = None, show_progress
             result.info["frozen_cache_calls"] = dict(fr.cache.calls)
     result.info["seconds"] = time.time() - t0
     if out_dir is not None:
-        out = Path(out_dir)
-        result.save(out)
-        (out / "summary.md").write_text(summary_markdown(result))
-        plot(result, out)
+        result.save(Path(out_dir))
     return result
 
 
