@@ -88,3 +88,24 @@ def output(model, kw):
         if hasattr(out, name):
             return getattr(out, name)
     raise AssertionError(type(out))
+
+
+def tiny_llama(tok, positions: int = 128, **overrides):
+    """A tiny Llama causal LM (GQA, RoPE) over a BERT WordPiece tokenizer whose BOS token is set
+    (e.g. ``[CLS]``); seeded random weights, evaluation mode."""
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(**{**dict(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=positions, bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id), **overrides})
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_marian(tok, positions: int = 128, **overrides):
+    """A tiny Marian encoder-decoder over a BERT WordPiece tokenizer (pad = decoder start, [SEP] = EOS);
+    seeded random weights, evaluation mode."""
+    torch.manual_seed(0)
+    cfg = tf.MarianConfig(**{**dict(vocab_size=tok.vocab_size, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                    decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=positions,
+                                    pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id, decoder_start_token_id=tok.pad_token_id),
+                             **overrides})
+    return tf.MarianMTModel(cfg).eval()

@@ -5,8 +5,7 @@ import math
 import pytest
 import sacrebleu
 import torch
-import transformers as tf
-from hf_models import perturb
+from hf_models import perturb, tiny_llama, tiny_marian
 
 from nvformer.metrics import classification_metrics
 from nvformer.tasks import (
@@ -32,20 +31,12 @@ def tok():
 
 @pytest.fixture(scope="module")
 def llama(tok):
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=128, bos_token_id=tok.bos_token_id, eos_token_id=tok.sep_token_id,
-                         pad_token_id=tok.pad_token_id)
-    return tf.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(tok)
 
 
 @pytest.fixture(scope="module")
 def marian(tok):
-    torch.manual_seed(0)
-    cfg = tf.MarianConfig(vocab_size=tok.vocab_size, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                          decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
-                          pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id, decoder_start_token_id=tok.pad_token_id)
-    return perturb(tf.MarianMTModel(cfg))
+    return perturb(tiny_marian(tok))
 
 
 TEXTS = ["the cat sat on the mat .", "a much longer sentence about the law and its articles , in several parts", "hello"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from hf_models import perturb
+from hf_models import perturb, tiny_llama, tiny_marian
 
 from nvformer.cli import main
 from nvformer_studies.common.checkpoints import load_minilm
@@ -105,11 +105,7 @@ def llama_dir(root) -> Path:
     """A tiny Llama causal LM (GQA, RoPE) with the MiniLM tokenizer, BOS = [CLS]."""
     tok = _tokenizer()
     tok.bos_token = "[CLS]"
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id, eos_token_id=tok.sep_token_id,
-                         pad_token_id=tok.pad_token_id)
-    model = perturb(tf.LlamaForCausalLM(cfg), std=0.1)
+    model = perturb(tiny_llama(tok, positions=256), std=0.1)
     folder = root / "llama-lm"
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -120,12 +116,7 @@ def llama_dir(root) -> Path:
 def marian_dir(root) -> Path:
     """A tiny Marian encoder-decoder with the MiniLM tokenizer."""
     tok = _tokenizer()
-    torch.manual_seed(0)
-    cfg = tf.MarianConfig(vocab_size=tok.vocab_size, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                          decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=256, dropout=0.0,
-                          attention_dropout=0.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id,
-                          decoder_start_token_id=tok.pad_token_id)
-    model = perturb(tf.MarianMTModel(cfg), std=0.1)
+    model = perturb(tiny_marian(tok, positions=256, dropout=0.0, attention_dropout=0.0), std=0.1)
     folder = root / "marian-mt"
     model.save_pretrained(folder)
     tok.save_pretrained(folder)

@@ -11,8 +11,8 @@ import transformers as tf
 from hf_models import ALL, CAUSAL, V, build, inputs, output
 
 import nvformer as nv
-from nvformer.hf.convert import attention_modules
 from nvformer.adapter import load_pretrained, save_pretrained
+from nvformer.hf.convert import attention_modules
 
 IDENTITY = dict(mu_tau=1.0, stdev_tau=0.0, alpha_tau=60.0)  # default prior: s_alpha = 1, prior weight ~ e^-60
 AWAY = dict(mu_tau=0.8, stdev_tau=0.4, alpha_tau=0.5)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-import transformers as tf
+from hf_models import tiny_llama
 
 from nvformer.tasks import get_task
 from nvformer_studies.common.subsets import seeded_subset
@@ -19,11 +19,7 @@ def tiny():
 
     _, tok = load_minilm()
     tok.bos_token = "[CLS]"
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=128, bos_token_id=tok.bos_token_id, eos_token_id=tok.sep_token_id,
-                         pad_token_id=tok.pad_token_id)
-    return tf.LlamaForCausalLM(cfg).eval(), tok
+    return tiny_llama(tok), tok
 
 
 def test_bootstrap_log_ppl_matches_a_loop():
