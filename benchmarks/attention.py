@@ -40,6 +40,7 @@ import torch.nn.functional as F
 import nvformer as nv
 from nvformer_studies.common.bench import interleaved
 from nvformer_studies.common.docs import markdown_table, read_csv, write_csv, write_section
+from nvformer_studies.common.scripts import script_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,11 +177,9 @@ def tables(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__, ROOT, doc_file="PERFORMANCE.md", doc_option="--out", repeats=7)
     parser.add_argument("--quick", action="store_true", help="only P=768, H=12, N=512; print, do not write docs")
-    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--memory", nargs=4, metavar=("METHOD", "P", "H", "N"), help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=str(ROOT / "docs" / "PERFORMANCE.md"))
     args = parser.parse_args(argv)
     if args.memory:
         m, P, H, N = args.memory

@@ -19,7 +19,6 @@ baseline of the same run (this machine is noisy):
 
 from __future__ import annotations
 
-import argparse
 import copy
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from nvformer.dirichlet.module import dirichlet_kl_total
 from nvformer_studies.common.bench import benchmark_section, interleaved
 from nvformer_studies.common.checkpoints import load_minilm
 from nvformer_studies.common.data import read_reviews
+from nvformer_studies.common.scripts import script_parser, set_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,13 +117,8 @@ def _time(key: str, base: str | None = None):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", default=str(ROOT / "docs" / "PERFORMANCE.md"))
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = script_parser(__doc__, ROOT, doc_file="PERFORMANCE.md", doc_option="--out", threads=True, repeats=5).parse_args(argv)
+    set_threads(args)
     rows = layer_rows(args.repeats) + [minilm_row(max(3, args.repeats - 2))]
     out = Path(args.out)
     benchmark_section("Dirichlet attention (Bayesian attention weights) vs standard attention",

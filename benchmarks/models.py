@@ -12,7 +12,6 @@ generation of 48 new tokens with the KV cache from a batch of 4 WikiText-2 `test
 
 from __future__ import annotations
 
-import argparse
 import copy
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import nvformer as nv
 from nvformer_studies.common.bench import benchmark_section, interleaved
 from nvformer_studies.common.checkpoints import load_minilm, load_smollm2
 from nvformer_studies.common.data import read_reviews, read_wikitext
+from nvformer_studies.common.scripts import script_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,10 +74,7 @@ def _speed(key: str):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=str(ROOT / "docs" / "PERFORMANCE.md"))
-    args = parser.parse_args(argv)
+    args = script_parser(__doc__, ROOT, doc_file="PERFORMANCE.md", doc_option="--out", repeats=5).parse_args(argv)
     out = Path(args.out)
     rows = [minilm(args.repeats), smollm2(max(3, args.repeats - 2))]
     benchmark_section("Whole models: converted vs original", "benchmarks/models.py", "float32, CPU", rows,

@@ -14,13 +14,11 @@ docs/results/bayes*.csv): ``nvformer_studies.uncertainty.report``.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from nvformer_studies.common.docs import write_section
+from nvformer_studies.common.scripts import script_parser, set_threads
 from nvformer_studies.uncertainty.report import section
 from nvformer_studies.uncertainty.study import run_bayes_study
 
@@ -28,19 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(ROOT / "runs" / "bayes"))
-    parser.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"))
-    parser.add_argument("--no-results", action="store_true")
-    parser.add_argument("--reuse", action="store_true")
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--quiet", action="store_true")
-    parser.add_argument("--threads", type=int, default=None)
+    parser = script_parser(__doc__, ROOT, run="bayes", no_results=True, reuse="rewrite the section from OUT without rerunning",
+                           smoke="tiny models and data (seconds; checks the command end to end)", threads=True)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--seeds", default=None, help="comma list: only compute (and cache) these seeds; run again without it to aggregate")
     parser.add_argument("--train-only", action="store_true", help="only fine-tune (cached) the models of the seeds")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     out, results = Path(args.out), Path(args.results)
     if args.reuse:
         res = json.loads((out / "results.json").read_text())

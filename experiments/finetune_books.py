@@ -14,11 +14,11 @@ docs/results/source-model.csv).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from nvformer_studies.common.docs import write_section
 from nvformer_studies.common.finetune import FinetuneConfig
+from nvformer_studies.common.scripts import script_parser
 from nvformer_studies.sentiment.data import load_or_finetune
 from nvformer_studies.sentiment.report import source_model_section
 
@@ -27,10 +27,8 @@ SPLIT_SEED = 0
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(ROOT / "runs" / "minilm-books"))
+    parser = script_parser(__doc__, ROOT, run="minilm-books")
     parser.add_argument("--force", action="store_true", help="retrain even if a matching checkpoint exists")
-    parser.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"))
     args = parser.parse_args(argv)
     results = Path(args.results)
     config = FinetuneConfig()

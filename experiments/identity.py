@@ -10,19 +10,17 @@ Data and measurements: the docstring of ``nvformer_studies.identity``.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from nvformer_studies.common.docs import write_section
+from nvformer_studies.common.scripts import script_parser
 from nvformer_studies.identity import measure_checkpoints, plot, section
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"))
-    args = parser.parse_args(argv)
+    args = script_parser(__doc__, ROOT).parse_args(argv)
     results = Path(args.results)
     rows = measure_checkpoints()
     fig = plot(rows, ROOT / "docs" / "figures" / "identity_knobs.png")

@@ -11,13 +11,13 @@ docs/results/lm-domains*.csv) and docs/figures/lm_domains.png.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 
 from nvformer_studies.common.docs import write_section
+from nvformer_studies.common.scripts import script_parser, set_threads
 from nvformer_studies.lm.report import section
 from nvformer_studies.lm.study import LMStudyConfig, LMStudyResult, run_lm_study
 
@@ -25,14 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(ROOT / "runs" / "lm-domains"))
-    parser.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"))
-    parser.add_argument("--reuse", action="store_true", help="rewrite the section from OUT/results.json without rerunning")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = script_parser(__doc__, ROOT, run="lm-domains", reuse="rewrite the section from OUT/results.json without rerunning",
+                         threads=True).parse_args(argv)
+    set_threads(args)
     results = Path(args.results)
     if args.reuse:
         res = LMStudyResult(**json.loads((Path(args.out) / "results.json").read_text()))

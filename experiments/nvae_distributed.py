@@ -9,11 +9,11 @@ the section (table via docs/results/nvae-distributed.csv): ``nvformer_studies.nv
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from nvformer_studies.common.docs import write_section
+from nvformer_studies.common.scripts import script_parser
 from nvformer_studies.nvae.distributed import run_distributed
 from nvformer_studies.nvae.report import distributed_section
 
@@ -21,12 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(ROOT / "runs" / "nvae-distributed"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"))
-    parser.add_argument("--reuse", action="store_true")
+    parser = script_parser(__doc__, ROOT, run="nvae-distributed", reuse="rewrite the section from OUT without rerunning")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (each run on 1 and on 2 processes)")
+    parser.add_argument("--epochs", type=int, default=4, help="training epochs of every run")
     args = parser.parse_args(argv)
     out, results = Path(args.out), Path(args.results)
     res = json.loads((out / "results.json").read_text()) if args.reuse else run_distributed(out, args.seeds, args.epochs, ROOT)

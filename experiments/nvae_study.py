@@ -11,13 +11,11 @@ docs/results/nvae*.csv): ``nvformer_studies.nvae.report``.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from nvformer_studies.common.docs import write_section
+from nvformer_studies.common.scripts import script_parser, set_threads
 from nvformer_studies.nvae.report import section
 from nvformer_studies.nvae.study import MODELS, run_nvae_study
 
@@ -25,18 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(ROOT / "runs" / "nvae"))
-    parser.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"))
-    parser.add_argument("--no-results", action="store_true")
-    parser.add_argument("--train-only", action="store_true")
-    parser.add_argument("--models", default=",".join(MODELS), help="comma list of " + ", ".join(MODELS))
-    parser.add_argument("--reuse", action="store_true")
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--threads", type=int, default=None)
+    parser = script_parser(__doc__, ROOT, run="nvae", no_results=True, reuse="rewrite the section from OUT without rerunning",
+                           smoke="tiny models and data (seconds; checks the command end to end)", threads=True)
+    parser.add_argument("--train-only", action="store_true", help="only train (and cache) the models")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma list of the models to train and evaluate")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     out = Path(args.out)
     if args.reuse:
         res = json.loads((out / "results.json").read_text())

@@ -10,10 +10,10 @@ docs/figures/ and writes the tables (via docs/results/ood-study-*.csv) into docs
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from nvformer_studies.common.docs import write_section
+from nvformer_studies.common.scripts import script_parser
 from nvformer_studies.sentiment.report import copy_figures, section, write_outputs
 from nvformer_studies.sentiment.study import StudyConfig, StudyResult, run_study
 
@@ -21,11 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(ROOT / "runs" / "study-full"))
-    parser.add_argument("--model", default=str(ROOT / "runs" / "minilm-books"))
-    parser.add_argument("--reuse", action="store_true", help="load the saved results instead of running the study")
-    parser.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"))
+    parser = script_parser(__doc__, ROOT, run="study-full", reuse="load the saved results instead of running the study")
+    parser.add_argument("--model", default=str(ROOT / "runs" / "minilm-books"), help="the fine-tuned books classifier (fine-tuned there if missing)")
     args = parser.parse_args(argv)
     out, results = Path(args.out), Path(args.results)
     result = StudyResult.load(out) if args.reuse else run_study(StudyConfig.full(model_dir=args.model), out)

@@ -27,16 +27,14 @@ Writes ``runs/translation-study/`` (results.json, summary.md, the Optuna studies
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import torch
-
 from nvformer_studies.common.docs import write_section
+from nvformer_studies.common.scripts import script_parser, set_threads
 from nvformer_studies.translation.model import INFO_FILE, load_or_train, measure_training_speed
 from nvformer_studies.translation.report import figure, section
 from nvformer_studies.translation.study import SMOKE_STUDY, SMOKE_TRAIN, TranslationStudyConfig, run_translation_study, with_train
@@ -59,26 +57,21 @@ def _relevant_args(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__, ROOT, run="translation-study", no_results=True, threads=True,
+                           reuse="rewrite the section and figure from OUT/results.json without rerunning",
+                           smoke="a tiny model and study (seconds; checks the command end to end)")
     parser.add_argument("--model", default=str(ROOT / "runs" / "marian-koran"), help="checkpoint folder (trained if missing)")
-    parser.add_argument("--out", default=str(ROOT / "runs" / "translation-study"))
-    parser.add_argument("--results", default=str(ROOT / "docs" / "RESULTS.md"))
-    parser.add_argument("--no-results", action="store_true", help="do not write docs/RESULTS.md")
     parser.add_argument("--force", action="store_true", help="retrain even if a matching checkpoint exists")
-    parser.add_argument("--train-only", action="store_true")
-    parser.add_argument("--time-steps", type=int, default=0, help="only time this many training steps of the model config")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--epochs", type=int, default=None, help="override the training epochs (a different cache key)")
-    parser.add_argument("--n-dev", type=int, default=None)
-    parser.add_argument("--n-test", type=int, default=None)
-    parser.add_argument("--trials", type=int, default=None)
-    parser.add_argument("--domains", default=None, help="comma list (default: koran,law,medical,it)")
-    parser.add_argument("--sites", default=None, help="comma list (default: encoder,cross,decoder)")
-    parser.add_argument("--smoke", action="store_true", help="a tiny model and study (seconds; checks the command end to end)")
-    parser.add_argument("--reuse", action="store_true", help="rewrite the section and figure from OUT/results.json without rerunning")
+    parser.add_argument("--train-only", action="store_true", help="only train (or load) the model")
+    parser.add_argument("--time-steps", type=int, default=0, help="only time this many training steps of the model config (0: off)")
+    parser.add_argument("--epochs", type=int, default=None, help="override the training epochs (a different cache key; none: the config's)")
+    parser.add_argument("--n-dev", type=int, default=None, help="dev pairs per domain for the knob search (none: the study's)")
+    parser.add_argument("--n-test", type=int, default=None, help="test pairs per domain (none: the study's)")
+    parser.add_argument("--trials", type=int, default=None, help="Optuna trials per (domain, site) (none: the study's)")
+    parser.add_argument("--domains", default=None, help="comma list (none: koran,law,medical,it)")
+    parser.add_argument("--sites", default=None, help="comma list (none: encoder,cross,decoder)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     cfg = TranslationStudyConfig()
     if args.smoke:
         cfg = replace(with_train(cfg, **SMOKE_TRAIN), **SMOKE_STUDY)

@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import argparse
 
+from .common.scripts import HelpFormatter
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nvformer-studies", description="The studies of nvformer (docs/RESULTS.md) and a self-check demo")
+    parser = argparse.ArgumentParser(prog="nvformer-studies", description="The studies of nvformer (docs/RESULTS.md) and a self-check demo",
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="build an NV Transformer and print what it verifies")
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="build an NV Transformer and print what it verifies", formatter_class=HelpFormatter)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the models and data")
     demo.add_argument("--steps", type=int, default=150, help="training steps of the two small models")
-    study = sub.add_parser("study", help="the out-of-domain sentiment study (fine-tunes MiniLM on books once, then no training)")
+    study = sub.add_parser("study", help="the out-of-domain sentiment study (fine-tunes MiniLM on books once, then no training)", formatter_class=HelpFormatter)
     study.add_argument("--budget", choices=("demo", "full"), default="demo", help="demo: minutes; full: the docs/RESULTS.md budget")
     study.add_argument("--model", default="runs/minilm-books", help="fine-tuned classifier folder (created by fine-tuning if missing)")
     study.add_argument("--data", default=None, help="folder holding reviews/ (default: ../shared/data or $NVFORMER_DATA)")
     study.add_argument("--targets", default=None, help="comma list of target domains (default: all six)")
     study.add_argument("--out", default=None, help="output folder (default: runs/study-BUDGET)")
     study.add_argument("--seed", type=int, default=0, help="sampler seed")
-    study.add_argument("--split-seed", type=int, default=0)
-    ts = sub.add_parser("translate-study", help="the cross-domain translation study (trains the koran Marian model once, ~1 h on 2 cores)")
+    study.add_argument("--split-seed", type=int, default=0, help="seed of the stratified train/validation/test splits")
+    ts = sub.add_parser("translate-study", help="the cross-domain translation study (trains the koran Marian model once, ~1 h on 2 cores)", formatter_class=HelpFormatter)
     ts.add_argument("--model", default="runs/marian-koran", help="checkpoint folder (trained and cached there if missing)")
     ts.add_argument("--out", default="runs/translation-study", help="output folder: results.json, summary.md, Optuna studies")
     ts.add_argument("--domains", default=None, help="comma list of target domains (default: koran,law,medical,it)")
@@ -93,10 +96,10 @@ def _translate_study(args) -> int:
 
 
 def _nvae_parser(sub) -> None:
-    nv = sub.add_parser("nvae", help="train an NVAE (or a baseline) and encode / reconstruct / sample / interpolate with it")
+    nv = sub.add_parser("nvae", help="train an NVAE (or a baseline) and encode / reconstruct / sample / interpolate with it", formatter_class=HelpFormatter)
     ops = nv.add_subparsers(dest="op", required=True)
     tr = ops.add_parser("train", help="train on WikiText-2 sentences or a text file (run under `torchrun --nproc_per_node N -m "
-                                      "nvformer_studies.cli nvae train ...` for N processes; gloo on CPU)")
+                                      "nvformer_studies.cli nvae train ...` for N processes; gloo on CPU)", formatter_class=HelpFormatter)
     tr.add_argument("--out", required=True, help="output folder: model, tokenizer, log.csv, checkpoint/ (resumed if present)")
     tr.add_argument("--bottleneck", choices=("nvib", "none", "pooled"), default="nvib", help="nvib = NVAE; none = autoencoder; pooled = Gaussian VAE")
     tr.add_argument("--texts", default=None, help="a text file, one sentence per line (default: WikiText-2 training sentences, split seed 0)")
@@ -112,14 +115,14 @@ def _nvae_parser(sub) -> None:
     tr.add_argument("--cpu", action="store_true", help="force the CPU even when an accelerator is available")
     tr.add_argument("--no-progress", action="store_true")
     for op, text in (("encode", "print the latent of each sentence (vectors kept, pseudo-counts)"), ("reconstruct", "greedy reconstructions")):
-        o = ops.add_parser(op, help=text)
+        o = ops.add_parser(op, help=text, formatter_class=HelpFormatter)
         o.add_argument("model")
         o.add_argument("sentences", nargs="+")
-    sa = ops.add_parser("sample", help="decode latents drawn from the prior")
+    sa = ops.add_parser("sample", help="decode latents drawn from the prior", formatter_class=HelpFormatter)
     sa.add_argument("model")
     sa.add_argument("-n", type=int, default=5)
     sa.add_argument("--seed", type=int, default=0)
-    ip = ops.add_parser("interpolate", help="decode along t between two sentences")
+    ip = ops.add_parser("interpolate", help="decode along t between two sentences", formatter_class=HelpFormatter)
     ip.add_argument("model")
     ip.add_argument("a")
     ip.add_argument("b")

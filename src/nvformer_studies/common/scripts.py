@@ -1,0 +1,56 @@
+"""The command line of the scripts in experiments/ and benchmarks/: one parser with the options
+they share, every option's help showing its default."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["HelpFormatter", "script_parser", "set_threads"]
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and ``(default: ...)`` after every option's help (also options without one)."""
+
+    def add_argument(self, action: argparse.Action) -> None:
+        if action.help is None and action.option_strings and action.default is not argparse.SUPPRESS:
+            action.help = "(default: %(default)s)"
+        super().add_argument(action)
+
+
+def script_parser(doc: str | None, root: Path, *, run: str | None = None, doc_file: str = "RESULTS.md", doc_option: str = "--results",
+                  no_results: bool = False, reuse: str | None = None, smoke: str | None = None, threads: bool = False,
+                  repeats: int | None = None) -> argparse.ArgumentParser:
+    """A parser for a script of the repository at ``root`` with the shared options.
+
+    Args:
+        run: the run folder's name under ``root/runs`` (``--out``: cached models and results).
+        doc_file, doc_option: the doc under ``root/docs`` whose section the script writes, and the
+            option naming it (``--results``; benchmarks: ``--out``).
+        no_results: add ``--no-results`` (compute, print, but do not write the doc).
+        reuse, smoke: the help of ``--reuse`` / ``--smoke`` (None: no such option).
+        threads: add ``--threads``; repeats: add ``--repeats`` with this default.
+    """
+    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+    if run is not None:
+        p.add_argument("--out", default=str(root / "runs" / run), help="the run's folder (cached models, results.json)")
+    p.add_argument(doc_option, default=str(root / "docs" / doc_file), help="the markdown file whose section this command writes")
+    if no_results:
+        p.add_argument("--no-results", action="store_true", help="print the section, do not write it")
+    if reuse is not None:
+        p.add_argument("--reuse", action="store_true", help=reuse)
+    if smoke is not None:
+        p.add_argument("--smoke", action="store_true", help=smoke)
+    if threads:
+        p.add_argument("--threads", type=int, default=None, help="torch threads (none: torch's choice)")
+    if repeats is not None:
+        p.add_argument("--repeats", type=int, default=repeats, help="timed repeats of each workload (interleaved; the median is reported)")
+    return p
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    """Apply ``--threads`` (if given) to torch."""
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
