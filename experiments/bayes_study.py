@@ -17,8 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nvformer_studies.common.docs import write_section
-from nvformer_studies.common.scripts import script_parser, set_threads
+from nvformer_studies.common.scripts import doc_dirs, publish, script_parser, set_threads
 from nvformer_studies.uncertainty.report import section
 from nvformer_studies.uncertainty.study import run_bayes_study
 
@@ -26,14 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = script_parser(__doc__, ROOT, run="bayes", no_results=True, reuse="rewrite the section from OUT without rerunning",
-                           smoke="tiny models and data (seconds; checks the command end to end)", threads=True)
+    parser = script_parser(__doc__, ROOT, run="bayes", no_results=True, reuse=True,
+                           smoke=True, threads=True)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--seeds", default=None, help="comma list: only compute (and cache) these seeds; run again without it to aggregate")
     parser.add_argument("--train-only", action="store_true", help="only fine-tune (cached) the models of the seeds")
     args = parser.parse_args(argv)
     set_threads(args)
-    out, results = Path(args.out), Path(args.results)
+    out = Path(args.out)
     if args.reuse:
         res = json.loads((out / "results.json").read_text())
     else:
@@ -41,10 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         res = run_bayes_study(out, smoke=args.smoke, seeds=seeds, quiet=args.quiet, train_only=args.train_only)
     if res is None:
         return
-    text = section(res, out / "figures" if args.no_results else ROOT / "docs" / "figures", None if args.no_results else results.parent / "results")
-    print(text)
-    if not args.no_results:
-        write_section(text, "bayes", results)
+    publish(section(res, *doc_dirs(args, ROOT)), "bayes", args)
 
 
 if __name__ == "__main__":

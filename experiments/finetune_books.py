@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nvformer_studies.common.docs import write_section
 from nvformer_studies.common.finetune import FinetuneConfig
-from nvformer_studies.common.scripts import script_parser
+from nvformer_studies.common.scripts import doc_dirs, publish, script_parser
 from nvformer_studies.sentiment.data import load_or_finetune
 from nvformer_studies.sentiment.report import source_model_section
 
@@ -30,12 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = script_parser(__doc__, ROOT, run="minilm-books")
     parser.add_argument("--force", action="store_true", help="retrain even if a matching checkpoint exists")
     args = parser.parse_args(argv)
-    results = Path(args.results)
     config = FinetuneConfig()
     model, tok, info = load_or_finetune(Path(args.out), "books", SPLIT_SEED, config, force=args.force)
-    text = source_model_section(model, tok, info, config, SPLIT_SEED, results.parent / "results")
-    print(text)
-    write_section(text, "source-model", results)
+    publish(source_model_section(model, tok, info, config, SPLIT_SEED, doc_dirs(args, ROOT)[1]), "source-model", args)
 
 
 if __name__ == "__main__":

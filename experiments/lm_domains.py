@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from nvformer_studies.common.docs import write_section
-from nvformer_studies.common.scripts import script_parser, set_threads
+from nvformer_studies.common.scripts import doc_dirs, publish, script_parser, set_threads
 from nvformer_studies.lm.report import section
 from nvformer_studies.lm.study import LMStudyConfig, LMStudyResult, run_lm_study
 
@@ -28,16 +27,13 @@ def main(argv: list[str] | None = None) -> None:
     args = script_parser(__doc__, ROOT, run="lm-domains", reuse="rewrite the section from OUT/results.json without rerunning",
                          threads=True).parse_args(argv)
     set_threads(args)
-    results = Path(args.results)
     if args.reuse:
         res = LMStudyResult(**json.loads((Path(args.out) / "results.json").read_text()))
     else:
         res = run_lm_study(LMStudyConfig(), args.out)
         res.info["threads"] = torch.get_num_threads()
         res.save(Path(args.out))
-    text = section(res, ROOT / "docs" / "figures", results.parent / "results")
-    print(text)
-    write_section(text, "lm-domains", results)
+    publish(section(res, *doc_dirs(args, ROOT)), "lm-domains", args)
 
 
 if __name__ == "__main__":

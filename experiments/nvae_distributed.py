@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nvformer_studies.common.docs import write_section
-from nvformer_studies.common.scripts import script_parser
+from nvformer_studies.common.scripts import doc_dirs, publish, script_parser
 from nvformer_studies.nvae.distributed import run_distributed
 from nvformer_studies.nvae.report import distributed_section
 
@@ -21,15 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = script_parser(__doc__, ROOT, run="nvae-distributed", reuse="rewrite the section from OUT without rerunning")
+    parser = script_parser(__doc__, ROOT, run="nvae-distributed", reuse=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (each run on 1 and on 2 processes)")
     parser.add_argument("--epochs", type=int, default=4, help="training epochs of every run")
     args = parser.parse_args(argv)
-    out, results = Path(args.out), Path(args.results)
+    out = Path(args.out)
     res = json.loads((out / "results.json").read_text()) if args.reuse else run_distributed(out, args.seeds, args.epochs, ROOT)
-    text = distributed_section(res, ROOT / "docs" / "figures", results.parent / "results")
-    print(text)
-    write_section(text, "nvae-distributed", results)
+    publish(distributed_section(res, *doc_dirs(args, ROOT)), "nvae-distributed", args)
 
 
 if __name__ == "__main__":

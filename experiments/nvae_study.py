@@ -14,8 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nvformer_studies.common.docs import write_section
-from nvformer_studies.common.scripts import script_parser, set_threads
+from nvformer_studies.common.scripts import doc_dirs, publish, script_parser, set_threads
 from nvformer_studies.nvae.report import section
 from nvformer_studies.nvae.study import MODELS, run_nvae_study
 
@@ -23,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = script_parser(__doc__, ROOT, run="nvae", no_results=True, reuse="rewrite the section from OUT without rerunning",
-                           smoke="tiny models and data (seconds; checks the command end to end)", threads=True)
+    parser = script_parser(__doc__, ROOT, run="nvae", no_results=True, reuse=True,
+                           smoke=True, threads=True)
     parser.add_argument("--train-only", action="store_true", help="only train (and cache) the models")
     parser.add_argument("--models", default=",".join(MODELS), help="comma list of the models to train and evaluate")
     args = parser.parse_args(argv)
@@ -36,12 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         res = run_nvae_study(out, [n.strip() for n in args.models.split(",")], smoke=args.smoke, train_only=args.train_only)
         if res is None:
             return
-    results = Path(args.results)
-    text = section(res, out, out / "figures" if args.no_results else ROOT / "docs" / "figures",
-                   None if args.no_results else results.parent / "results")
-    print(text)
-    if not args.no_results:
-        write_section(text, "nvae", results)
+    publish(section(res, out, *doc_dirs(args, ROOT)), "nvae", args)
 
 
 if __name__ == "__main__":

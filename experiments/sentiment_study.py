@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nvformer_studies.common.docs import write_section
-from nvformer_studies.common.scripts import script_parser
+from nvformer_studies.common.scripts import doc_dirs, publish, script_parser
 from nvformer_studies.sentiment.report import copy_figures, section, write_outputs
 from nvformer_studies.sentiment.study import StudyConfig, StudyResult, run_study
 
@@ -24,13 +23,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = script_parser(__doc__, ROOT, run="study-full", reuse="load the saved results instead of running the study")
     parser.add_argument("--model", default=str(ROOT / "runs" / "minilm-books"), help="the fine-tuned books classifier (fine-tuned there if missing)")
     args = parser.parse_args(argv)
-    out, results = Path(args.out), Path(args.results)
+    out = Path(args.out)
     result = StudyResult.load(out) if args.reuse else run_study(StudyConfig.full(model_dir=args.model), out)
     write_outputs(result, out)
     copy_figures(out, ROOT / "docs" / "figures")
-    text = section(result, results.parent / "results")
-    print(text)
-    write_section(text, "ood-study", results)
+    publish(section(result, doc_dirs(args, ROOT)[1]), "ood-study", args)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from nvformer_studies.common.docs import write_section
-from nvformer_studies.common.scripts import script_parser, set_threads
+from nvformer_studies.common.scripts import doc_dirs, publish, script_parser, set_threads
 from nvformer_studies.translation.model import INFO_FILE, load_or_train, measure_training_speed
 from nvformer_studies.translation.report import figure, section
 from nvformer_studies.translation.study import SMOKE_STUDY, SMOKE_TRAIN, TranslationStudyConfig, run_translation_study, with_train
@@ -110,13 +109,10 @@ def main(argv: list[str] | None = None) -> None:
 def write(res: dict, info: dict, command: str, args) -> None:
     """Print the section; unless ``--no-results``, draw the figure and write the section (and its
     tables' CSV files) next to the results file."""
-    name, results = None, Path(args.results)
+    name = None
     if not args.no_results:
         name = figure(res, ROOT / "docs" / "figures" / "translation.png").name
-    text = section(res, info, command, ROOT, name, None if args.no_results else results.parent / "results")
-    print(text)
-    if not args.no_results:
-        write_section(text, "translation", results)
+    publish(section(res, info, command, ROOT, name, doc_dirs(args, ROOT)[1]), "translation", args)
 
 
 if __name__ == "__main__":

@@ -93,11 +93,7 @@ def bert_dir(root) -> Path:
                 opt.zero_grad()
                 model(**batch, labels=labels).loss.backward()
                 opt.step()
-    model.eval()
-    folder = root / "bert-classifier"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return _saved(model.eval(), tok, root / "bert-classifier")
 
 
 @pytest.fixture(scope="session")
@@ -105,19 +101,18 @@ def llama_dir(root) -> Path:
     """A tiny Llama causal LM (GQA, RoPE) with the MiniLM tokenizer, BOS = [CLS]."""
     tok = _tokenizer()
     tok.bos_token = "[CLS]"
-    model = perturb(tiny_llama(tok, positions=256), std=0.1)
-    folder = root / "llama-lm"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return _saved(perturb(tiny_llama(tok, positions=256), std=0.1), tok, root / "llama-lm")
 
 
 @pytest.fixture(scope="session")
 def marian_dir(root) -> Path:
     """A tiny Marian encoder-decoder with the MiniLM tokenizer."""
     tok = _tokenizer()
-    model = perturb(tiny_marian(tok, positions=256, dropout=0.0, attention_dropout=0.0), std=0.1)
-    folder = root / "marian-mt"
+    return _saved(perturb(tiny_marian(tok, positions=256, dropout=0.0, attention_dropout=0.0), std=0.1), tok, root / "marian-mt")
+
+
+def _saved(model, tok, folder: Path) -> Path:
+    """``folder`` with the model and its tokenizer saved in it (a model folder as users have them)."""
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-__all__ = ["HelpFormatter", "script_parser", "set_threads"]
+__all__ = ["HelpFormatter", "doc_dirs", "publish", "script_parser", "set_threads"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -19,7 +19,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def script_parser(doc: str | None, root: Path, *, run: str | None = None, doc_file: str = "RESULTS.md", doc_option: str = "--results",
-                  no_results: bool = False, reuse: str | None = None, smoke: str | None = None, threads: bool = False,
+                  no_results: bool = False, reuse: bool | str = False, smoke: bool | str = False, threads: bool = False,
                   repeats: int | None = None) -> argparse.ArgumentParser:
     """A parser for a script of the repository at ``root`` with the shared options.
 
@@ -28,7 +28,8 @@ def script_parser(doc: str | None, root: Path, *, run: str | None = None, doc_fi
         doc_file, doc_option: the doc under ``root/docs`` whose section the script writes, and the
             option naming it (``--results``; benchmarks: ``--out``).
         no_results: add ``--no-results`` (compute, print, but do not write the doc).
-        reuse, smoke: the help of ``--reuse`` / ``--smoke`` (None: no such option).
+        reuse, smoke: add ``--reuse`` (rewrite the section from the saved run) / ``--smoke`` (a tiny
+            end-to-end run); a string replaces the option's standard help.
         threads: add ``--threads``; repeats: add ``--repeats`` with this default.
     """
     p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
@@ -37,10 +38,11 @@ def script_parser(doc: str | None, root: Path, *, run: str | None = None, doc_fi
     p.add_argument(doc_option, default=str(root / "docs" / doc_file), help="the markdown file whose section this command writes")
     if no_results:
         p.add_argument("--no-results", action="store_true", help="print the section, do not write it")
-    if reuse is not None:
-        p.add_argument("--reuse", action="store_true", help=reuse)
-    if smoke is not None:
-        p.add_argument("--smoke", action="store_true", help=smoke)
+    if reuse:
+        p.add_argument("--reuse", action="store_true", help=reuse if isinstance(reuse, str) else "rewrite the section from OUT without rerunning")
+    if smoke:
+        p.add_argument("--smoke", action="store_true",
+                       help=smoke if isinstance(smoke, str) else "tiny models and data (seconds; checks the command end to end)")
     if threads:
         p.add_argument("--threads", type=int, default=None, help="torch threads (none: torch's choice)")
     if repeats is not None:
@@ -54,3 +56,21 @@ def set_threads(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+
+
+def doc_dirs(args: argparse.Namespace, root: Path) -> tuple[Path, Path | None]:
+    """``(figures folder, CSV folder)`` of a script's section: ``docs/figures`` and the
+    ``results/`` folder beside ``--results``; with ``--no-results`` the run's own ``OUT/figures``
+    and no CSV."""
+    if getattr(args, "no_results", False):
+        return Path(args.out) / "figures", None
+    return root / "docs" / "figures", Path(args.results).parent / "results"
+
+
+def publish(text: str, key: str, args: argparse.Namespace) -> None:
+    """Print a section and write it into ``--results`` under ``key`` (not with ``--no-results``)."""
+    from .docs import write_section
+
+    print(text)
+    if not getattr(args, "no_results", False):
+        write_section(text, key, Path(args.results))
