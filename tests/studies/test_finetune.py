@@ -31,3 +31,11 @@ def test_finetune_lowers_loss_is_seeded_and_restores_the_best_epoch():
     assert h1.train_loss == h2.train_loss and h1.val_accuracy == h2.val_accuracy
     for a, b in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(a, b)
+
+
+def test_the_classification_head_is_seeded():
+    a, _ = load_minilm(head="classification", seed=3)
+    torch.manual_seed(123)
+    b, _ = load_minilm(head="classification", seed=3)
+    c, _ = load_minilm(head="classification", seed=4)
+    assert torch.equal(a.classifier.weight, b.classifier.weight) and not torch.equal(a.classifier.weight, c.classifier.weight)

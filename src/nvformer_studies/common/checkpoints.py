@@ -46,8 +46,9 @@ def _offline() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def load_minilm(head: str | None = None, num_labels: int = 2, **kwargs):
-    """``(model, tokenizer)``: the MiniLM encoder (``head=None``) or with a sequence-classification head."""
+def load_minilm(head: str | None = None, num_labels: int = 2, seed: int = 0, **kwargs):
+    """``(model, tokenizer)``: the MiniLM encoder (``head=None``) or with a sequence-classification
+    head, initialised from ``torch.manual_seed(seed)`` (torch seeds each new process at random)."""
     _offline()
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -56,6 +57,7 @@ def load_minilm(head: str | None = None, num_labels: int = 2, **kwargs):
     if head is None:
         model = AutoModel.from_pretrained(path, **kwargs)
     elif head == "classification":
+        torch.manual_seed(seed)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
     else:
         raise ValueError(f"load_minilm: `head` must be None or 'classification', got {head!r}")

@@ -48,7 +48,7 @@ def load_or_finetune(out: str | Path, source: str = "books", split_seed: int = 0
         _, tok = load_minilm()
         return AutoModelForSequenceClassification.from_pretrained(out).eval(), tok, json.loads(info_file.read_text())
     splits = domain_splits(source, split_seed, data_dir)
-    model, tok = load_minilm(head="classification")
+    model, tok = load_minilm(head="classification", seed=config.seed)
     hist = finetune_classifier(model, tok, *splits["train"], *splits["validation"], config=config, show_progress=show_progress)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

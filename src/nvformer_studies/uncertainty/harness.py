@@ -54,7 +54,7 @@ def finetune_variant(out: str | Path, attention: str, seed: int, config, spec: D
     out = Path(out)
     meta = {"config": asdict(config), "attention": attention, "spec": asdict(spec) if attention == "dirichlet" else None,
             "source": source, "split_seed": split_seed, "n_train": n_train, "fractions": list(FRACTIONS), "base": "all-MiniLM-L6-v2"}
-    model, tok = load_minilm(head="classification")
+    model, tok = load_minilm(head="classification", seed=seed)
     if attention == "dirichlet":
         convert_dirichlet(model, spec)
     info_file = out / "nvformer_variant.json"
