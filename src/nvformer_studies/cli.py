@@ -3,27 +3,55 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from .common.scripts import HelpFormatter
 
+DEFAULT_MODELS = {"study": "runs/minilm-books", "translate-study": "runs/marian-koran"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors are one line on stderr and exit code 2 (no usage dump)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _refuse(command: str, message: str) -> int:
+    print(f"nvformer-studies {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _model_dir(command: str, given: str | None) -> tuple[str | None, str | None]:
+    """``(model folder, error)``: a folder given with ``--model`` must exist (a typo is never a reason
+    to train); without ``--model`` the study's own folder is used, trained there once if missing."""
+    if given is None:
+        return DEFAULT_MODELS[command], None
+    if not Path(given).is_dir():
+        return None, (f"--model {given}: no such folder (omit --model to use {DEFAULT_MODELS[command]}, "
+                      "trained there once if missing)")
+    return given, None
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nvformer-studies", description="The studies of nvformer (docs/RESULTS.md) and a self-check demo",
-                                     formatter_class=HelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="nvformer-studies", description="The studies of nvformer (docs/RESULTS.md) and a self-check demo",
+                     formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo = sub.add_parser("demo", help="build an NV Transformer and print what it verifies", formatter_class=HelpFormatter)
     demo.add_argument("--seed", type=int, default=0, help="seed of the models and data")
     demo.add_argument("--steps", type=int, default=150, help="training steps of the two small models")
     study = sub.add_parser("study", help="the out-of-domain sentiment study (fine-tunes MiniLM on books once, then no training)", formatter_class=HelpFormatter)
     study.add_argument("--budget", choices=("demo", "full"), default="demo", help="demo: minutes; full: the docs/RESULTS.md budget")
-    study.add_argument("--model", default="runs/minilm-books", help="fine-tuned classifier folder (created by fine-tuning if missing)")
+    study.add_argument("--model", default=None, help="a fine-tuned classifier folder (none: runs/minilm-books, fine-tuned there once if missing)")
     study.add_argument("--data", default=None, help="folder holding reviews/ (default: ../shared/data or $NVFORMER_DATA)")
     study.add_argument("--targets", default=None, help="comma list of target domains (default: all six)")
     study.add_argument("--out", default=None, help="output folder (default: runs/study-BUDGET)")
     study.add_argument("--seed", type=int, default=0, help="sampler seed")
     study.add_argument("--split-seed", type=int, default=0, help="seed of the stratified train/validation/test splits")
     ts = sub.add_parser("translate-study", help="the cross-domain translation study (trains the koran Marian model once, ~1 h on 2 cores)", formatter_class=HelpFormatter)
-    ts.add_argument("--model", default="runs/marian-koran", help="checkpoint folder (trained and cached there if missing)")
+    ts.add_argument("--model", default=None, help="a trained checkpoint folder (none: runs/marian-koran, trained there once if missing)")
     ts.add_argument("--out", default="runs/translation-study", help="output folder: results.json, summary.md, Optuna studies")
     ts.add_argument("--domains", default=None, help="comma list of target domains (default: koran,law,medical,it)")
     ts.add_argument("--sites", default=None, help="comma list of sites tuned separately (default: encoder,cross,decoder)")
@@ -47,9 +75,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _study(args) -> int:
-    import sys
-    from pathlib import Path
-
     from .common.data import default_data_dir
     from .sentiment.report import headline, summary_markdown, write_outputs
     from .sentiment.study import StudyConfig, run_study
@@ -59,13 +84,18 @@ def _study(args) -> int:
     except FileNotFoundError:
         data = Path("../shared/data")
     if not (data / "reviews").is_dir():
-        print(f"nvformer-studies study: no reviews/ folder under {data}. Point --data (or $NVFORMER_DATA) at the data folder "
-              "that holds reviews/ (see ../shared/data/README.md).", file=sys.stderr)
-        return 2
-    kw = {"model_dir": args.model, "data_dir": str(data), "seed": args.seed, "split_seed": args.split_seed}
+        return _refuse("study", f"no reviews/ folder under {data}. Point --data (or $NVFORMER_DATA) at the data folder "
+                                "that holds reviews/ (see ../shared/data/README.md).")
+    model_dir, error = _model_dir("study", args.model)
+    if error:
+        return _refuse("study", error)
+    kw = {"model_dir": model_dir, "data_dir": str(data), "seed": args.seed, "split_seed": args.split_seed}
     if args.targets:
         kw["targets"] = tuple(t.strip() for t in args.targets.split(","))
-    cfg = StudyConfig.demo(**kw) if args.budget == "demo" else StudyConfig.full(**kw)
+    try:
+        cfg = StudyConfig.demo(**kw) if args.budget == "demo" else StudyConfig.full(**kw)
+    except ValueError as e:
+        return _refuse("study", str(e))
     out = Path(args.out or f"runs/study-{args.budget}")
     result = run_study(cfg, out)
     write_outputs(result, out)
@@ -88,8 +118,14 @@ def _translate_study(args) -> int:
         over["domains"] = tuple(d.strip() for d in args.domains.split(","))
     if args.sites:
         over["sites"] = tuple(s.strip() for s in args.sites.split(","))
-    cfg = replace(TranslationStudyConfig(tune_seed=args.seed), **over)
-    res = run_translation_study(cfg, args.out, model_dir=args.model)
+    model_dir, error = _model_dir("translate-study", args.model)
+    if error:
+        return _refuse("translate-study", error)
+    try:
+        cfg = replace(TranslationStudyConfig(tune_seed=args.seed), **over)
+    except ValueError as e:
+        return _refuse("translate-study", str(e))
+    res = run_translation_study(cfg, args.out, model_dir=model_dir)
     print(study_markdown(res))
     print(f"({res['seconds'] / 60:.1f} min; results.json and summary.md in {args.out}/)")
     return 0
