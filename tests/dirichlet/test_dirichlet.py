@@ -241,3 +241,21 @@ def test_mean_path_without_kl_matches_the_float64_path_and_eval_kl_matches_the_f
         dmod.dirichlet_kl_total(dl)
     with pytest.raises(ValueError, match="no Dirichlet"):
         dmod.set_eval_kl(torch.nn.Linear(2, 2))
+
+
+def test_unconvert_removes_dirichlet_attention():
+    from hf_models import build, inputs, output
+
+    model = build("bert")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kw, _ = inputs("bert", "right")
+    with torch.no_grad():
+        ref = output(model, kw)
+    nv.convert_dirichlet(model, DirichletSpec(tau=2.0))
+    assert model.config._attn_implementation != "sdpa"
+    nv.unconvert(model)
+    assert model.config._attn_implementation == "sdpa" and not any(hasattr(m, "dirichlet") for m in model.modules())
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    with torch.no_grad():
+        torch.testing.assert_close(output(model, kw), ref, rtol=0, atol=0)
