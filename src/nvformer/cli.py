@@ -671,8 +671,13 @@ def cmd_tune(args) -> int:
         stats = score(task, m, data, tokenizer, cheap, max_length=args.max_length, batch_size=args.batch_size)
         return {n: task.metrics[n](stats[n]) for n in cheap}
 
-    result = nv.tune(model, objective, space=space, n_trials=args.trials, direction=metric.direction, storage=args.storage,
-                     study_name=args.study, seed=args.seed, sampler=args.sampler, out_dir=out, report=report, show_progress=_bars())
+    try:
+        result = nv.tune(model, objective, space=space, n_trials=args.trials, direction=metric.direction, storage=args.storage,
+                         study_name=args.study, seed=args.seed, sampler=args.sampler, out_dir=out, report=report, show_progress=_bars())
+    except ValueError as e:  # an existing study searched another space or direction
+        if "`space`" not in str(e) and "`direction`" not in str(e):
+            raise
+        raise CLIError(_strip_who(str(e)).replace("`study_name` (or out_dir)", "--study NAME (or another --out)")) from None
     nv.save_adapter(model, out)
     knobs = ", ".join(f"{k}={v:.4g}" for k, v in result.best_params.items())
     identity = "" if result.identity_value is None else f" (identity knobs: {_fmt(result.identity_value)})"

@@ -107,3 +107,16 @@ def test_evaluate_without_adapter_prints_the_original_only(cli, bert_dir, review
     code, stdout, err = cli("evaluate", "--model", bert_dir, "--task", "classification", "--data", reviews["test"], "--max-examples", 20, "--json")
     report = json.loads(stdout)
     assert report["adapter"] is None and report["knobs"] is None and set(report["metrics"]["accuracy"]) == {"direction", "original"}
+
+
+def test_tune_into_a_folder_of_another_search_space_is_refused(cli, root, llama_dir, llama_prior, lm_files):
+    out = root / "llama-two-spaces"
+    base = ("tune", "--model", llama_dir, "--adapter", llama_prior, "--task", "causal-lm", "--validation", lm_files["dev"], "--trials", 2,
+            "--out", out)
+    code, _, err = cli(*base)
+    assert code == 0, err
+    code, _, err = cli(*base, "--alpha-range", "-3", "3")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "`space`" in err and "--study NAME (or another --out)" in err
+    code, _, err = cli(*base, "--alpha-range", "-3", "3", "--study", "narrow")  # a new study in the same storage
+    assert code == 0, err

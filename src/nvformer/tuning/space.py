@@ -19,6 +19,16 @@ from ..config import KNOBS, SITES
 __all__ = ["KnobSpace", "apply_knobs"]
 
 
+def _finite_range(r: Any) -> bool:
+    """``r`` is a ``(low, high)`` pair of finite real numbers with ``low <= high``."""
+    try:
+        lo, hi = r
+        return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)) and math.isfinite(lo) \
+            and math.isfinite(hi) and lo <= hi
+    except (TypeError, ValueError):
+        return False
+
+
 @dataclass(frozen=True)
 class KnobSpace:
     """Search space of the knobs.
@@ -48,7 +58,7 @@ class KnobSpace:
     def __post_init__(self) -> None:
         for name in ("alpha_tau", "stdev_tau", "mu_tau"):
             r = getattr(self, name)
-            if r is not None and not (len(r) == 2 and math.isfinite(r[0]) and math.isfinite(r[1]) and r[0] <= r[1]):
+            if r is not None and not _finite_range(r):
                 raise ValueError(f"KnobSpace: `{name}` must be a finite (low, high) pair with low <= high, got {r!r}")
         if self.log_alpha and self.alpha_tau[0] <= 0:
             raise ValueError(f"KnobSpace: a log-scale `alpha_tau` range must be positive, got {self.alpha_tau}")
@@ -98,11 +108,38 @@ class KnobSpace:
     def _layers(model: nn.Module, site: str) -> list[int]:
         return sorted({info.layer for _, info, _ in knob_groups(model, "KnobSpace") if info.site == site and info.layer is not None})
 
+    def check(self, model: nn.Module, who: str = "KnobSpace") -> None:
+        """Raise ``ValueError`` unless every site of ``sites`` has NV modules in ``model`` (and the
+        space selects at least one module)."""
+        present = [s for s in SITES if any(info.site == s for _, info, _ in knob_groups(model, who))]
+        missing = [s for s in (self.sites or ()) if s not in present]
+        if missing:
+            raise ValueError(f"{who}: `space` names site(s) {', '.join(map(repr, missing))} where {type(model).__name__} "
+                             f"has no NV module (its sites: {', '.join(present)})")
+        if not self.groups(model):
+            raise ValueError(f"{who}: `space` selects no NV module of {type(model).__name__} (its sites: {', '.join(present)})")
+
+    def ranges(self, model: nn.Module) -> dict[str, tuple[float, float, bool]]:
+        """``{"{group}/{knob}": (low, high, log)}`` of every trial parameter, in the order a search suggests them."""
+        out = {}
+        for group, *_ in self.groups(model):
+            out[f"{group}/alpha_tau"] = (float(self.alpha_tau[0]), float(self.alpha_tau[1]), self.log_alpha)
+            out[f"{group}/stdev_tau"] = (float(self.stdev_tau[0]), float(self.stdev_tau[1]), False)
+            if self.mu_tau is not None:
+                out[f"{group}/mu_tau"] = (float(self.mu_tau[0]), float(self.mu_tau[1]), False)
+        return out
+
     def identity(self) -> dict[str, float]:
-        knobs = {"alpha_tau": self.alpha_tau[1], "stdev_tau": self.stdev_tau[0]}
+        """The identity-like corner of one group: largest ``alpha_tau``, ``stdev_tau`` at its low
+        end, ``mu_tau`` as close to 1 as its range allows."""
+        knobs = {"alpha_tau": float(self.alpha_tau[1]), "stdev_tau": float(self.stdev_tau[0])}
         if self.mu_tau is not None:
-            knobs["mu_tau"] = min(max(1.0, self.mu_tau[0]), self.mu_tau[1])
+            knobs["mu_tau"] = float(min(max(1.0, self.mu_tau[0]), self.mu_tau[1]))
         return knobs
+
+    def identity_params(self, model: nn.Module) -> dict[str, float]:
+        """The identity corner as trial parameters (``"{group}/{knob}"``) of every group."""
+        return {f"{g}/{k}": v for g, *_ in self.groups(model) for k, v in self.identity().items()}
 
 
 def apply_knobs(model: nn.Module, space: KnobSpace, params: dict[str, float]) -> None:

@@ -92,4 +92,4 @@ class Protocol:
         self.reset()
         res = tune(self.model, objective, space=space, n_trials=n_trials, seed=self.seed, show_progress=False, **tune_kw)
         return replace(choice, space=space, params=dict(res.best_params), value=res.best_value, identity_value=res.identity_value,
-                       trials=len(res.trials))
+                       trials=res.n_complete)
