@@ -2,7 +2,7 @@
 a deep ensemble, each with and without temperature scaling, on reviews with domain shift.
 
     .venv/bin/python experiments/bayes_study.py            # fine-tune (cached in runs/bayes/), evaluate, write RESULTS
-    .venv/bin/python experiments/bayes_study.py --seeds 1 --threads 1   # one seed only (cached in runs/bayes/probs-s1.pt), e.g. in
+    .venv/bin/python experiments/bayes_study.py --seeds 1 --threads 1   # one seed only (cached in runs/bayes/probs-s1.safetensors), e.g. in
                                                                         # parallel processes; then the plain command aggregates
     .venv/bin/python experiments/bayes_study.py --reuse    # rewrite the section from runs/bayes/results.json
     .venv/bin/python experiments/bayes_study.py --smoke --out runs/bayes-smoke --no-results

@@ -4,7 +4,7 @@
     .venv/bin/python experiments/sentiment_study.py --reuse    # redraw tables/plots from runs/study-full
 
 Runs ``nvformer_studies.sentiment.study.run_study(StudyConfig.full())`` (see that module for the
-methods), saves results.json / logits.pt / plots in runs/study-full, copies the plots to
+methods), saves results.json / logits.safetensors / plots in runs/study-full, copies the plots to
 docs/figures/ and writes the tables (via docs/results/ood-study-*.csv) into docs/RESULTS.md.
 """
 

@@ -60,6 +60,11 @@ def _relative(name: str, prefix: str) -> str:
     return name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else name
 
 
+def _check_out_folder(folder: str | Path, who: str) -> None:
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise ValueError(f"{who}: {folder} exists and is not a folder")
+
+
 def save_adapter(model: nn.Module, folder: str | Path) -> Path:
     """Write the NV state of a converted ``model`` to ``folder`` (created); returns the folder.
 
@@ -70,6 +75,7 @@ def save_adapter(model: nn.Module, folder: str | Path) -> Path:
 
     who = "nvformer.save_adapter"
     kind = model_kind(model, who)
+    _check_out_folder(folder, who)
     if not nv_modules(model):
         raise ValueError(f"{who}: {type(model).__name__} has no NV attention module (convert it first)")
     prefix = _base_prefix(model)
@@ -128,13 +134,20 @@ def read_adapter(folder: str | Path) -> tuple[dict[str, Any], NVConfig]:
     modules = meta.get("modules")
     if not isinstance(modules, dict) or not modules:
         raise ValueError(f"{who}: {path}: `modules` must be a non-empty mapping")
+    if not isinstance(meta.get("architecture"), str):
+        raise ValueError(f"{who}: {path}: `architecture` must be the model's class name, got {meta.get('architecture')!r}")
     for rel, entry in modules.items():
         if not isinstance(entry, dict) or set(entry) - _MODULE_KEYS or entry.get("site") not in SITES:
             raise ValueError(f"{who}: {path}: bad entry for module {rel!r}: {entry!r}")
-        if not isinstance(entry.get("dim"), int) or entry["dim"] < 1:
+        dim, layer = entry.get("dim"), entry.get("layer")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"{who}: {path}: module {rel!r} has no valid width `dim`")
-        if "shares" in entry and entry["shares"] not in modules:
-            raise ValueError(f"{who}: {path}: module {rel!r} shares the NVIB of unknown module {entry['shares']!r}")
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
+            raise ValueError(f"{who}: {path}: module {rel!r}: `layer` must be a layer index or null, got {layer!r}")
+        if not isinstance(entry.get("trained", False), bool):
+            raise ValueError(f"{who}: {path}: module {rel!r}: `trained` must be true or false, got {entry['trained']!r}")
+        if "shares" in entry and (not isinstance(modules.get(entry["shares"]), dict) or "shares" in modules[entry["shares"]]):
+            raise ValueError(f"{who}: {path}: module {rel!r} shares the NVIB of {entry['shares']!r}, which is not a module with its own NVIB")
     return meta, config
 
 
@@ -203,7 +216,20 @@ def read_tensors(folder: str | Path, meta: dict[str, Any]) -> tuple[dict[str, Pr
             priors[rel] = Prior(entry["dim"], **fields)
         except ValueError as e:
             raise ValueError(f"{who}: module {rel!r}: {e}") from None
+        if entry.get("trained"):
+            _check_trained(tensors, rel, entry["dim"], who)
     return priors, tensors
+
+
+def _check_trained(tensors: dict[str, torch.Tensor], rel: str, dim: int, who: str) -> None:
+    """The trained NVIB parameters of module ``rel`` are all present, finite and of the shapes an NVIB of width ``dim`` has."""
+    shapes = {"mu_proj.weight": (dim, dim), "mu_proj.bias": (dim,), "logvar_proj.weight": (dim, dim), "logvar_proj.bias": (dim,),
+              "alpha_lin": (dim,), "alpha_quad": (dim,), "alpha_bias": ()}
+    for key, shape in shapes.items():
+        t = tensors.get(f"{rel}.nvib.{key}")
+        if t is None or tuple(t.shape) != shape or not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            got = "missing" if t is None else f"shape {tuple(t.shape)}, dtype {t.dtype}"
+            raise ValueError(f"{who}: the trained NVIB parameter `{key}` of module {rel!r} must be a finite tensor of shape {shape} ({got})")
 
 
 def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
@@ -238,6 +264,7 @@ def save_pretrained(model: nn.Module, folder: str | Path, **kwargs: Any) -> Path
     """Save a converted model to ``folder``: the base model (``kwargs`` go to ``model.save_pretrained``) and its adapter."""
     if not is_hf_model(model):
         raise ValueError("nvformer.save_pretrained: expected a Hugging Face model converted with nvformer.convert")
+    _check_out_folder(folder, "nvformer.save_pretrained")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     base_state = {k: v for k, v in model.state_dict().items() if ".nvib." not in f".{k}"}
@@ -249,17 +276,50 @@ def save_pretrained(model: nn.Module, folder: str | Path, **kwargs: Any) -> Path
 def load_pretrained(folder: str | Path, model_class: type | None = None, **kwargs: Any) -> nn.Module:
     """Load a model saved by :func:`save_pretrained`; ``kwargs`` go to ``from_pretrained``.
 
-    ``model_class`` defaults to the ``transformers`` class named in ``nvformer.json``.
+    ``model_class`` defaults to the ``transformers`` class named in ``nvformer.json``, which must be
+    a ``transformers.PreTrainedModel`` subclass (any other name is refused). The adapter files are
+    read and checked first; the weights are read from ``model.safetensors`` only (never a pickle:
+    ``use_safetensors=True`` unless ``kwargs`` say otherwise). Every failure is a ``ValueError``
+    naming the folder and what is wrong with it.
     """
+    who = "nvformer.load_pretrained"
     folder = Path(folder)
-    meta_path = folder / CONFIG_FILE
-    if not meta_path.exists():
-        raise ValueError(f"nvformer.load_pretrained: {folder} has no {CONFIG_FILE} (not saved by nvformer.save_pretrained)")
+    if not (folder / CONFIG_FILE).is_file():
+        raise ValueError(f"{who}: {folder} has no {CONFIG_FILE} (not saved by nvformer.save_pretrained)")
+    try:
+        meta, _ = read_adapter(folder)
+        read_tensors(folder, meta)
+    except ValueError as e:
+        raise ValueError(f"{who}: {str(e).split(': ', 1)[-1]}") from None
+    if meta["kind"] != "hf":
+        raise ValueError(f"{who}: {folder} holds the adapter of a PyTorch model ({meta['architecture']}), not a Hugging Face model; "
+                         "build the model and use nvformer.load_adapter")
     if model_class is None:
-        import transformers
+        model_class = _architecture(meta["architecture"], folder, who)
+    elif not callable(getattr(model_class, "from_pretrained", None)):
+        raise ValueError(f"{who}: `model_class` must be a transformers model class (with from_pretrained), got {model_class!r}")
+    kwargs.setdefault("use_safetensors", True)
+    if kwargs["use_safetensors"] and not any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+        raise ValueError(f"{who}: {folder} has no model.safetensors (the weights save_pretrained writes)")
+    try:
+        model = model_class.from_pretrained(folder, **kwargs)
+    except Exception as e:  # transformers and safetensors raise many types for a damaged folder
+        message = " ".join(str(e).split())
+        raise ValueError(f"{who}: cannot load {getattr(model_class, '__name__', model_class)} from {folder} ({type(e).__name__}: {message})") from e
+    return load_adapter(model, folder)
 
-        name = json.loads(meta_path.read_text()).get("architecture")
-        model_class = getattr(transformers, str(name), None)
-        if model_class is None:
-            raise ValueError(f"nvformer.load_pretrained: transformers has no class {name!r}; pass `model_class`")
-    return load_adapter(model_class.from_pretrained(folder, **kwargs), folder)
+
+def _architecture(name: str, folder: Path, who: str) -> type:
+    """The ``transformers.PreTrainedModel`` subclass called ``name``, or a ``ValueError``."""
+    import transformers
+
+    cls = None
+    if name.isidentifier() and not name.startswith("_"):
+        try:
+            cls = getattr(transformers, name, None)
+        except Exception:  # a lazily imported class whose backend is missing
+            cls = None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ValueError(f"{who}: {folder / CONFIG_FILE}: architecture {name!r} is not a transformers model class "
+                         "(a PreTrainedModel subclass); pass `model_class`")
+    return cls

@@ -72,6 +72,8 @@ def convert(model: nn.Module, config: NVConfig | None = None, *, prior: Prior | 
     """
     who = "nvformer.convert"
     kind = model_kind(model, who)
+    if config is not None and not isinstance(config, NVConfig):
+        raise ValueError(f"{who}: `config` must be an NVConfig or None, got {type(config).__name__}")
     config = _with_overrides(config or NVConfig(), overrides, who)
     if kind == "hf":
         return convert_hf(model, config, prior)
@@ -214,7 +216,12 @@ def set_knobs(model: nn.Module, knobs: NVConfig | Mapping[str, Any] | Knobs | No
         raise ValueError(f"{who}: the cross-attention NVIB is shared by all decoder layers; `layers` does not apply")
     table, whole = None, isinstance(knobs, (NVConfig, Knobs))  # a config or one setting covers every module
     if knobs is not None:
-        table = knobs if isinstance(knobs, NVConfig) else NVConfig(knobs={"*": knobs} if isinstance(knobs, Knobs) else knobs)
+        if not isinstance(knobs, (NVConfig, Knobs, Mapping)):
+            raise ValueError(f"{who}: `knobs` must be an NVConfig, a Knobs or a {{group key: Knobs}} mapping, got {type(knobs).__name__}")
+        try:
+            table = knobs if isinstance(knobs, NVConfig) else NVConfig(knobs={"*": knobs} if isinstance(knobs, Knobs) else knobs)
+        except ValueError as e:
+            raise ValueError(f"{who}: {e}") from None
         names = {key for key, _, _ in groups} | {info.site for _, info, _ in groups} | {"*"}
         stray = sorted(set(table.knobs) - names)
         if stray:
@@ -229,9 +236,11 @@ def set_knobs(model: nn.Module, knobs: NVConfig | Mapping[str, Any] | Knobs | No
         base = None if table is None else (table.knobs_for if whole else table.lookup)(info.site, layer, key)
         base = nvib.knobs() if base is None else base
         try:
-            plan.append((nvib, base.replace(alpha_tau=alpha_tau, stdev_tau=stdev_tau, mu_tau=mu_tau)))
+            new = base.replace(alpha_tau=alpha_tau, stdev_tau=stdev_tau, mu_tau=mu_tau)
         except ValueError as e:
             raise ValueError(f"{who}: {e}") from None
+        nvib.identity_parameters(new, who=f"{who} ({key})")  # parameters that would overflow are refused here, before any change
+        plan.append((nvib, new))
     if not plan:
         raise ValueError(f"{who}: no NV module matches site={site!r}, layers={layers!r}")
     for nvib, new in plan:

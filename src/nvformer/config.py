@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from .core.checks import check_knob
+from .core.checks import check_choice, check_int, check_knob, check_real
 
 __all__ = ["FORMULAS", "IDENTITY", "KNOBS", "SITES", "Knobs", "NVConfig", "NVSite", "group_key", "is_module_key"]
 
@@ -134,24 +134,25 @@ class NVConfig:
 
     def __post_init__(self) -> None:
         where = "NVConfig"
-        sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
+        try:
+            sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
+        except TypeError:
+            raise ValueError(f"{where}: `sites` must be a site or a sequence of sites {SITES}, got {self.sites!r}") from None
         bad = [s for s in sites if s not in SITES]
         if bad or not sites:
             raise ValueError(f"{where}: unknown or no site(s) {bad}; sites are {SITES}")
         object.__setattr__(self, "sites", sites)
-        if self.formula not in FORMULAS:
-            raise ValueError(f"{where}: `formula` must be one of {FORMULAS}, got {self.formula!r}")
-        object.__setattr__(self, "delta", check_knob(self.delta, "delta", where, 0.0))
-        if isinstance(self.kappa, bool) or not isinstance(self.kappa, int) or self.kappa < 1:
-            raise ValueError(f"{where}: `kappa` must be an int >= 1, got {self.kappa!r}")
-        if self.alpha_threshold is not None and not check_knob(self.alpha_threshold, "alpha_threshold", where) > 0:
-            raise ValueError(f"{where}: `alpha_threshold` must be > 0 or None, got {self.alpha_threshold!r}")
-        if self.threshold_mode not in THRESHOLD_MODES:
-            raise ValueError(f"{where}: `threshold_mode` must be one of {THRESHOLD_MODES}, got {self.threshold_mode!r}")
+        check_choice(self.formula, "formula", where, FORMULAS)
+        object.__setattr__(self, "delta", check_real(self.delta, "delta", where, minimum=0.0))
+        check_int(self.kappa, "kappa", where)
+        if self.alpha_threshold is not None:
+            check_real(self.alpha_threshold, "alpha_threshold", where, above=0.0)
+        check_choice(self.threshold_mode, "threshold_mode", where, THRESHOLD_MODES)
         if not isinstance(self.prior_component, bool) or not isinstance(self.alpha_skip, bool):
             raise ValueError(f"{where}: `prior_component` and `alpha_skip` must be True or False")
-        if not check_knob(self.min_var, "min_var", where) > 0:
-            raise ValueError(f"{where}: `min_var` must be > 0, got {self.min_var!r}")
+        check_real(self.min_var, "min_var", where, above=0.0)
+        if not isinstance(self.knobs, Mapping):
+            raise ValueError(f"{where}: `knobs` must map group keys to knob settings, got {type(self.knobs).__name__}")
         knobs = {}
         for key, value in dict(self.knobs).items():
             if not isinstance(key, str):

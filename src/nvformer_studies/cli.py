@@ -103,7 +103,7 @@ def _study(args) -> int:
     if cfg.frozen:
         print(summary_markdown(result, "frozen"))
     print(headline(result))
-    print(f"({result.info['seconds']:.0f} s; tables, plots, results.json and logits.pt in {out}/)")
+    print(f"({result.info['seconds']:.0f} s; tables, plots, results.json and logits.safetensors in {out}/)")
     return 0
 
 

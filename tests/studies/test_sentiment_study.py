@@ -115,8 +115,11 @@ def test_tiny_study_end_to_end(tmp_path):
     text = summary_markdown(result)
     assert "| baseline |" in text and "| nv-target |" in text and "Where the gain lives" in text
     assert "Goal" in headline(result)
-    for name in ("results.json", "logits.pt", "summary.md", "gains.png", "layers.png", "wise.png"):
+    for name in ("results.json", "logits.safetensors", "summary.md", "gains.png", "layers.png", "wise.png"):
         assert (tmp_path / "out" / name).exists(), name
     again = StudyResult.load(tmp_path / "out")
     assert summary_markdown(again) == text
+    for name in ("logits", "labels"):  # the cache is safetensors, and exact
+        saved, loaded = getattr(result, name), getattr(again, name)
+        assert list(loaded) == list(saved) and all(torch.equal(loaded[k], saved[k]) and loaded[k].dtype == saved[k].dtype for k in saved)
     assert result.info["cache_calls"]["memo"] > 0  # settings visited twice were not recomputed

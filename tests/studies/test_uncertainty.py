@@ -76,3 +76,26 @@ def test_predictive_probs_methods_and_temperature():
     torch.testing.assert_close(t[0], ref)
     with pytest.raises(ValueError, match="method"):
         predictive_probs("laplace", models, data)
+
+
+def test_seed_cache_is_safetensors_and_exact(tmp_path):
+    """A seed's run is cached without pickles: probabilities bit-exact, the rest as JSON; other settings miss."""
+    from nvformer_studies.uncertainty.study import read_seed_cache, write_seed_cache
+
+    g = torch.Generator().manual_seed(0)
+    probs = {m: {d: torch.rand(3, 5, 2, generator=g, dtype=torch.float64).softmax(-1) for d in ("validation", "books", "dvd")}
+             for m in ("map", "mc-dropout")}
+    saved = {"key": "settings-1", "probs": probs, "seconds": 12.5, "nv_choice": {"stdev_tau": 0.25, "val_nll": 0.123456789012345678},
+             "train": {"map-s1": {"train_loss": [0.7, 1 / 3], "val_accuracy": [0.5, 2 / 3], "best_epoch": 1}}}
+    path = tmp_path / "probs-s1.safetensors"
+    write_seed_cache(path, saved)
+    assert path.read_bytes()[8:9] == b"{"  # a safetensors header, not a pickle
+    back = read_seed_cache(path, "settings-1")
+    assert {k: v for k, v in back.items() if k != "probs"} == {k: v for k, v in saved.items() if k != "probs"}
+    assert list(back["probs"]) == list(probs)
+    for m in probs:
+        assert list(back["probs"][m]) == list(probs[m]) and all(torch.equal(back["probs"][m][d], probs[m][d]) for d in probs[m])
+    assert read_seed_cache(path, "settings-2") is None and read_seed_cache(tmp_path / "none.safetensors", "settings-1") is None
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ValueError, match="not a readable results file"):
+        read_seed_cache(path, "settings-1")

@@ -13,11 +13,12 @@ import math
 import torch
 from torch import Tensor
 
+from .checks import check_real
 from .latent import NVLatent
 from .masks import masked_log_softmax
 from .prior import Prior
 
-__all__ = ["kl_gaussian", "kl_dirichlet", "kl_symmetric_dirichlet"]
+__all__ = ["kl_gaussian", "kl_dirichlet", "kl_symmetric_dirichlet", "lgamma_terms"]
 
 _LOG_2PI = math.log(2 * math.pi)
 # Above this argument the asymptotic series below are used (next terms < 1e-18 there).
@@ -37,6 +38,7 @@ def kl_gaussian(latent: NVLatent, prior: Prior, reduction: str = "mean") -> Tens
         prior: its :class:`Prior`.
         reduction: ``"mean"`` or ``"sum"`` over dimensions.
     """
+    check_latent_prior(latent, prior, "kl_gaussian")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"kl_gaussian: `reduction` must be 'mean' or 'sum', got {reduction!r}")
     prior.check_dim(latent.mu.shape[-1], "kl_gaussian")
@@ -50,26 +52,32 @@ def kl_gaussian(latent: NVLatent, prior: Prior, reduction: str = "mean") -> Tens
     return latent.kappa * (w * per_comp.masked_fill(latent.pad_mask, 0.0)).sum(-1)
 
 
-def _h(log_x: Tensor) -> Tensor:
-    """``lgamma(x) - x digamma(x) + x`` from ``log x`` (an O(log x) quantity; float64)."""
-    small = log_x < _ASYMPTOTIC_FROM
-    x_s = log_x.clamp(max=_ASYMPTOTIC_FROM).exp()
-    direct = torch.lgamma(x_s) - x_s * torch.digamma(x_s) + x_s
-    lx = log_x.clamp(min=_ASYMPTOTIC_FROM)
-    inv = torch.exp(-lx)
-    series = -0.5 * lx + 0.5 * (1.0 + _LOG_2PI) + inv / 6.0 - inv**3 / 90.0 + inv**5 / 210.0
-    return torch.where(small, direct, series)
+def check_latent_prior(latent: NVLatent, prior: Prior, where: str) -> None:
+    """``latent`` is an :class:`NVLatent` and ``prior`` a :class:`Prior`, or a ``ValueError`` naming the wrong one."""
+    for name, value, cls in (("latent", latent, NVLatent), ("prior", prior, Prior)):
+        if not isinstance(value, cls):
+            raise ValueError(f"{where}: `{name}` must be a nvformer.{cls.__name__}, got {type(value).__name__}")
 
 
-def _psi_minus_log(log_x: Tensor) -> Tensor:
-    """``digamma(x) - log x`` from ``log x`` (float64)."""
+def lgamma_terms(log_x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(h(x), psi(x) - log x)`` from ``log x`` (float64), with ``h(x) = lgamma(x) - x psi(x) + x``.
+
+    Both are ``O(log x)`` quantities, so a KL written in them has no ``O(x log x)`` terms left to
+    cancel (docs/MATH.md sections 2 and 5). For ``x > 1000`` they are evaluated by their
+    asymptotic series in ``1/x`` (next terms below 1e-18), which stay exact far beyond float64's
+    ``exp`` range.
+    """
     small = log_x < _ASYMPTOTIC_FROM
-    x_s = log_x.clamp(max=_ASYMPTOTIC_FROM).exp()
-    direct = torch.digamma(x_s) - log_x.clamp(max=_ASYMPTOTIC_FROM)
+    lx_s = log_x.clamp(max=_ASYMPTOTIC_FROM)
+    x_s = lx_s.exp()
+    psi = torch.digamma(x_s)
+    h_direct = torch.lgamma(x_s) - x_s * psi + x_s
+    g_direct = psi - lx_s
     lx = log_x.clamp(min=_ASYMPTOTIC_FROM)
     inv = torch.exp(-lx)
-    series = -inv / 2.0 - inv**2 / 12.0 + inv**4 / 120.0 - inv**6 / 252.0
-    return torch.where(small, direct, series)
+    h_series = -0.5 * lx + 0.5 * (1.0 + _LOG_2PI) + inv / 6.0 - inv**3 / 90.0 + inv**5 / 210.0
+    g_series = -inv / 2.0 - inv**2 / 12.0 + inv**4 / 120.0 - inv**6 / 252.0
+    return torch.where(small, h_direct, h_series), torch.where(small, g_direct, g_series)
 
 
 def kl_symmetric_dirichlet(log_A: Tensor, B: Tensor, K: Tensor) -> Tensor:
@@ -85,11 +93,18 @@ def kl_symmetric_dirichlet(log_A: Tensor, B: Tensor, K: Tensor) -> Tensor:
         B: total pseudo-count of the prior (> 0).
         K: number of components (>= 1).
     """
-    log_A, B, K = (t.to(torch.float64) for t in torch.broadcast_tensors(log_A, B, K))
+    where = "kl_symmetric_dirichlet"
+    log_A, B, K = (torch.as_tensor(t).to(torch.float64) for t in (log_A, B, K))
+    log_A, B, K = torch.broadcast_tensors(log_A, B, K)
+    for name, ok, rule in (("log_A", torch.isfinite(log_A), "finite"), ("B", torch.isfinite(B) & (B > 0), "finite and > 0"),
+                           ("K", torch.isfinite(K) & (K >= 1), "finite and >= 1")):
+        if not bool(ok.all()):
+            raise ValueError(f"{where}: `{name}` must be {rule} everywhere")
     log_K = K.log()
     log_AK = log_A - log_K
-    d_psi = log_K + _psi_minus_log(log_A) - _psi_minus_log(log_AK)
-    return _h(log_A) - K * _h(log_AK) - torch.lgamma(B) + K * torch.lgamma(B / K) + B * d_psi
+    h_A, g_A = lgamma_terms(log_A)
+    h_AK, g_AK = lgamma_terms(log_AK)
+    return h_A - K * h_AK - torch.lgamma(B) + K * torch.lgamma(B / K) + B * (log_K + g_A - g_AK)
 
 
 def kl_dirichlet(latent: NVLatent, prior: Prior, delta: float = 1.0) -> Tensor:
@@ -104,6 +119,8 @@ def kl_dirichlet(latent: NVLatent, prior: Prior, delta: float = 1.0) -> Tensor:
         prior: its :class:`Prior` (``log_alpha`` gives ``alpha_p``).
         delta: conditional-prior strength (pseudo-count per token component).
     """
+    check_latent_prior(latent, prior, "kl_dirichlet")
+    delta = check_real(delta, "delta", "kl_dirichlet", minimum=0.0)
     la = latent.log_alpha.to(torch.float64).masked_fill(latent.pad_mask, float("-inf"))
     n = (~latent.pad_mask).sum(-1).to(torch.float64)
     empty = n == 0

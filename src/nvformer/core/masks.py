@@ -112,16 +112,22 @@ def mha_masks(B: int, H: int, Nt: int, S: int, key_padding_mask: Tensor | None, 
 
 
 def _hf_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    # Hugging Face's bool masks follow SDPA (True = attend); nvformer's own are True = masked out
-    return additive_mask(~mask if mask.dtype == torch.bool else mask, dtype)
+    """Hugging Face's bool masks follow SDPA (True = attend; nvformer's own are True = masked out).
+    A float mask writes "masked" as its dtype's most negative value (-65504 in float16): widened to
+    a wider dtype that is an ordinary number, so entries at or below half of it become ``-inf``."""
+    if mask.dtype == torch.bool:
+        return additive_mask(~mask, dtype)
+    if mask.dtype != dtype:
+        return mask.to(dtype).masked_fill(mask <= torch.finfo(mask.dtype).min / 2, float("-inf"))
+    return mask
 
 
 def hf_mask_bias(mask: Tensor | None, B: int, Nt: int, Nk: int, causal: bool, dtype: torch.dtype, device: torch.device) -> Tensor | None:
     """A Hugging Face attention module's mask as an additive ``[B|1, 1|H, Nt, Nk]`` bias over token columns (or None).
 
-    Accepts the 4D masks of the ``eager`` (additive float) and ``sdpa`` (bool, True = attend)
-    implementations, a 2D ``[B, Nk]`` padding mask (1 = attend), or None, which for a causal
-    module means a causal mask aligned to the last query (as ``is_causal``).
+    Accepts the 4D masks of the ``eager`` (additive float, of any precision) and ``sdpa`` (bool,
+    True = attend) implementations, a 2D ``[B, Nk]`` padding mask (1 = attend), or None, which for
+    a causal module means a causal mask aligned to the last query (as ``is_causal``).
     """
     if mask is None:
         if not causal or Nt == 1:

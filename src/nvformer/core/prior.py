@@ -17,27 +17,46 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from .checks import check_int, check_real
+
 __all__ = ["Prior", "PriorEstimator", "prior_for"]
 
 
-def _as_vector(value: float | Tensor, dim: int, name: str) -> Tensor:
-    t = torch.as_tensor(value, dtype=torch.get_default_dtype()) if not isinstance(value, Tensor) else value
+def _checked(t: Tensor, name: str) -> Tensor:
+    """``t`` (detached, floating point), or a ``ValueError`` if it is not a real tensor or not finite."""
+    if t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"Prior: `{name}` must be real numbers, got dtype {t.dtype}")
     t = t.detach().clone()
     if not t.is_floating_point():
         t = t.to(torch.get_default_dtype())
-    if t.dim() == 0:
-        t = t.expand(dim).clone()
-    if t.shape != (dim,):
-        raise ValueError(f"Prior: `{name}` must be a scalar or have shape [{dim}], got {tuple(t.shape)}")
+    if t.device.type != "meta" and not bool(torch.isfinite(t).all()):  # a meta tensor has no values to check
+        raise ValueError(f"Prior: `{name}` must be finite, got {t.tolist() if t.numel() <= 4 else 'a non-finite entry'}")
     return t
 
 
+def _as_tensor(value: float | Tensor, name: str) -> Tensor:
+    if isinstance(value, Tensor):
+        return value
+    try:
+        return torch.as_tensor(value, dtype=torch.get_default_dtype())
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"Prior: `{name}` must be a number or a tensor, got {type(value).__name__}") from None
+
+
+def _as_vector(value: float | Tensor, dim: int, name: str) -> Tensor:
+    t = _as_tensor(value, name)
+    if t.dim() == 0:
+        t = t.expand(dim)
+    if t.shape != (dim,):
+        raise ValueError(f"Prior: `{name}` must be a scalar or have shape [{dim}], got {tuple(t.shape)}")
+    return _checked(t, name)
+
+
 def _as_scalar(value: float | Tensor, name: str) -> Tensor:
-    t = torch.as_tensor(value).detach().clone() if isinstance(value, Tensor) else torch.tensor(float(value))
+    t = _as_tensor(value, name)
     if t.numel() != 1:
         raise ValueError(f"Prior: `{name}` must be a scalar, got shape {tuple(t.shape)}")
-    t = t.reshape(())
-    return t if t.is_floating_point() else t.to(torch.get_default_dtype())
+    return _checked(t.reshape(()), name)
 
 
 class Prior(nn.Module):
@@ -51,6 +70,7 @@ class Prior(nn.Module):
         log_alpha_std: ``s_alpha > 0``, the unit of the ``alpha_tau`` knob (scalar); the empirical
             prior sets it to the standard deviation of ``||x||^2 / (2 sqrt d)`` over the data.
 
+    Every value must be finite (a NaN or an infinity is a ``ValueError`` naming the argument).
     Buffers: ``mean [P]``, ``var [P]``, ``log_alpha []``, ``log_alpha_std []``.
     """
 
@@ -68,14 +88,14 @@ class Prior(nn.Module):
         log_alpha_std: float | Tensor = 1.0,
     ) -> None:
         super().__init__()
-        if not isinstance(dim, int) or dim <= 0:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
             raise ValueError(f"Prior: `dim` must be a positive int, got {dim!r}")
         self.dim = dim
         var_t = _as_vector(var, dim, "var")
-        if not bool(torch.all(var_t > 0)):
+        if var_t.device.type != "meta" and not bool(torch.all(var_t > 0)):
             raise ValueError("Prior: `var` must be strictly positive in every dimension")
         std_t = _as_scalar(log_alpha_std, "log_alpha_std")
-        if not bool(std_t > 0):
+        if std_t.device.type != "meta" and not bool(std_t > 0):
             raise ValueError(f"Prior: `log_alpha_std` must be > 0, got {float(std_t)}")
         self.register_buffer("mean", _as_vector(mean, dim, "mean"))
         self.register_buffer("var", var_t)
@@ -112,8 +132,8 @@ class PriorEstimator:
     """
 
     def __init__(self, dim: int, scale: float) -> None:
-        self.dim = dim
-        self.scale = float(scale)
+        self.dim = check_int(dim, "dim", "PriorEstimator")
+        self.scale = check_real(scale, "scale", "PriorEstimator", above=0.0)
         self.count = 0
         self._mean: Tensor | None = None
         self._m2: Tensor | None = None
@@ -123,8 +143,8 @@ class PriorEstimator:
     @torch.no_grad()
     def update(self, x: Tensor, key_padding_mask: Tensor | None = None) -> None:
         """Add a batch. ``x``: ``[..., P]``; ``key_padding_mask``: ``x.shape[:-1]``, True = pad."""
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"PriorEstimator.update: `x` must end in dim {self.dim}, got {tuple(x.shape)}")
+        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.dim:
+            raise ValueError(f"PriorEstimator.update: `x` must be a tensor ending in dim {self.dim}, got {tuple(getattr(x, 'shape', ())) or type(x).__name__}")
         flat = x.detach().reshape(-1, self.dim).to(torch.float64)
         if key_padding_mask is not None:
             if key_padding_mask.shape != x.shape[:-1]:
@@ -157,6 +177,7 @@ class PriorEstimator:
 
     def prior(self, min_var: float = 1e-12) -> Prior:
         """The estimated :class:`Prior` (float32, on the device of the data). Needs >= 2 vectors."""
+        check_real(min_var, "min_var", "PriorEstimator.prior", above=0.0)
         if self.count < 2 or self._mean is None or self._m2 is None:
             raise ValueError(f"PriorEstimator: need at least 2 non-pad vectors, saw {self.count}")
         var = (self._m2 / (self.count - 1)).clamp_min(min_var)
@@ -178,10 +199,14 @@ def prior_for(prior: Prior | Mapping[str, Prior] | None, name: str, dim: int) ->
         return None
     if isinstance(prior, Prior):
         p = prior
+    elif not isinstance(prior, Mapping):
+        raise ValueError(f"nvformer.convert: `prior` must be a nvformer.Prior, a {{module name: Prior}} mapping or None, got {type(prior).__name__}")
     else:
         if name not in prior:
             raise ValueError(f"nvformer.convert: the prior set has no entry for attention module `{name}` (was it estimated for another model?)")
         p = prior[name]
+        if not isinstance(p, Prior):
+            raise ValueError(f"nvformer.convert: the prior for `{name}` must be a nvformer.Prior, got {type(p).__name__}")
     if p.dim != dim:
         raise ValueError(f"nvformer.convert: the prior for `{name}` has width {p.dim}, but the module reads vectors of width {dim} (estimated for another model?)")
     return Prior(dim, mean=p.mean, var=p.var, log_alpha=p.log_alpha, log_alpha_std=p.log_alpha_std)

@@ -35,8 +35,12 @@ def sample_log_gamma(log_concentration: Tensor) -> Tensor:
       a Gamma with ``a > 4.8e8`` (the bias ``-1/(2a)`` is below 1e-9), with pathwise gradients.
     * ``-inf`` entries (masked components) stay ``-inf``.
     """
+    if not isinstance(log_concentration, Tensor):
+        raise ValueError(f"sample_log_gamma: `log_concentration` must be a tensor, got {type(log_concentration).__name__}")
     out_dtype = torch.promote_types(log_concentration.dtype, torch.float32)
     lc = log_concentration.to(torch.float64)
+    if bool((torch.isnan(lc) | torch.isposinf(lc)).any()):
+        raise ValueError("sample_log_gamma: `log_concentration` must not be NaN or +inf (-inf marks a masked entry)")
     masked = torch.isneginf(lc)
     lc = lc.masked_fill(masked, 0.0).clamp_min(_LOG_A_MIN)
     big = lc > _LOG_A_NORMAL_LIMIT
@@ -64,5 +68,7 @@ def sample_log_dirichlet(log_concentration: Tensor, pad_mask: Tensor | None = No
         pad_mask: bool, broadcastable, True = excluded.
     """
     if pad_mask is not None:
+        if not isinstance(pad_mask, Tensor) or pad_mask.dtype != torch.bool:
+            raise ValueError(f"sample_log_dirichlet: `pad_mask` must be a bool tensor (True = excluded), got {getattr(pad_mask, 'dtype', pad_mask)!r}")
         log_concentration = log_concentration.masked_fill(pad_mask, float("-inf"))
     return masked_log_softmax(sample_log_gamma(log_concentration), pad_mask, dim=dim)

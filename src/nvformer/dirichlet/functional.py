@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..core.checks import check_choice, check_real
+from ..core.kl import lgamma_terms
 from ..core.masks import masked_log_softmax, safe_softmax
 from ..core.sampling import sample_log_dirichlet
 
@@ -52,6 +54,7 @@ __all__ = ["CONCENTRATIONS", "PREDICTIONS", "PRIORS", "DirichletSpec", "dirichle
 CONCENTRATIONS = ("softmax", "exp")
 PRIORS = ("centred", "symmetric")
 PREDICTIONS = ("mean", "sample")
+DIRECT_BELOW = math.log(1e3)  # dirichlet_kl: log-concentrations below this take the direct per-entry form
 
 
 @dataclass(frozen=True)
@@ -68,38 +71,57 @@ class DirichletSpec:
     prediction: str = "mean"
 
     def __post_init__(self) -> None:
-        if self.concentration not in CONCENTRATIONS:
-            raise ValueError(f"DirichletSpec: `concentration` must be one of {CONCENTRATIONS}, got {self.concentration!r}")
-        if self.prior not in PRIORS:
-            raise ValueError(f"DirichletSpec: `prior` must be one of {PRIORS}, got {self.prior!r}")
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"DirichletSpec: `prediction` must be one of {PREDICTIONS}, got {self.prediction!r}")
-        if not (self.tau > 0 and self.eps > 0 and self.prior_tau > 0 and self.prior_alpha > 0):
-            raise ValueError("DirichletSpec: tau, eps, prior_tau and prior_alpha must be > 0")
-
-
+        where = "DirichletSpec"
+        check_choice(self.concentration, "concentration", where, CONCENTRATIONS)
+        check_choice(self.prior, "prior", where, PRIORS)
+        check_choice(self.prediction, "prediction", where, PREDICTIONS)
+        for name in ("tau", "eps", "prior_tau", "prior_alpha"):
+            check_real(getattr(self, name), name, where, above=0.0)
+        if not isinstance(self.learn_tau, bool):
+            raise ValueError(f"{where}: `learn_tau` must be True or False, got {self.learn_tau!r}")
 
 
 def dirichlet_kl(log_cq: Tensor, log_cp: Tensor, pad: Tensor | None = None) -> Tensor:
     """``KL(Dir(c_q) || Dir(c_p))`` over the last dimension, from log concentrations; float64.
 
-    ``KL = lgamma(C_q) - sum lgamma(c_q) - lgamma(C_p) + sum lgamma(c_p)
-    + sum (c_q - c_p)(digamma(c_q) - digamma(C_q))`` with ``C = sum c``; entries where ``pad``
-    is True are not part of the distribution. Rows with no visible entry give 0.
+    The textbook ``lgamma(C_q) - sum lgamma(c_q) - lgamma(C_p) + sum lgamma(c_p)
+    + sum (c_q - c_p)(digamma(c_q) - digamma(C_q))`` (``C = sum c``) has ``O(C log C)`` terms that
+    cancel, so it loses every digit once concentrations reach ``e^40``. It is evaluated regrouped,
+    as :func:`nvformer.kl_symmetric_dirichlet` is (docs/MATH.md section 2, "Cancellation-free
+    evaluation"), with ``h(x) = lgamma(x) - x psi(x) + x`` and ``g(x) = psi(x) - log x``
+    (:func:`nvformer.core.kl.lgamma_terms`, ``O(log x)`` quantities)::
+
+        KL = h(C_q) - h(C_p) + C_p (g(C_q) - g(C_p)) + C_p (log C_q - log C_p) + sum_i e_i
+        e_i = h(c_p) - h(c_q) + c_p (log c_p - log c_q + g(c_p) - g(c_q))
+            = lgamma(c_p) - lgamma(c_q) + (c_p - c_q)(1 - psi(c_q))
+
+    No term is larger than the KL's own scale, so the result is exact far beyond float64's ``exp``
+    range (and exactly 0 for ``c_q = c_p``). ``e_i`` takes its second form (one digamma, as cheap as
+    the textbook formula) where both concentrations are below 1000, whose terms then carry no more
+    than ``1e-12`` of rounding. Entries where ``pad`` is True are not part of the distribution;
+    rows with no visible entry give 0.
     """
-    lq, lp = log_cq.double(), log_cp.double()
-    if pad is None:
-        pad = torch.zeros_like(lq, dtype=torch.bool)
-    keep = ~pad
-    cq = lq.exp().masked_fill(pad, 1.0)
-    cp = lp.exp().masked_fill(pad, 1.0)
-    Cq = (cq * keep).sum(-1)
-    Cp = (cp * keep).sum(-1)
-    empty = ~keep.any(-1)
-    Cq, Cp = Cq.masked_fill(empty, 1.0), Cp.masked_fill(empty, 1.0)
-    terms = (-torch.lgamma(cq) + torch.lgamma(cp) + (cq - cp) * (torch.digamma(cq) - torch.digamma(Cq)[..., None])) * keep
-    kl = torch.lgamma(Cq) - torch.lgamma(Cp) + terms.sum(-1)
-    return kl.masked_fill(empty, 0.0)
+    lq, lp = torch.broadcast_tensors(log_cq.double(), log_cp.double())
+    pad = torch.zeros_like(lq, dtype=torch.bool) if pad is None else pad.expand(lq.shape)
+    empty = pad.all(-1, keepdim=True)  # such a row is computed on dummy entries (log c = 0) and zeroed at the end
+
+    def log_total(lc: Tensor) -> Tensor:  # [..., 1] log of the sum over the visible entries
+        return torch.logsumexp(lc.masked_fill(pad, float("-inf")).masked_fill(empty, 0.0), -1, keepdim=True)
+
+    lq, lp = lq.masked_fill(pad, 0.0), lp.masked_fill(pad, 0.0)
+    log_Cq, log_Cp = log_total(lq), log_total(lp)
+    (h_Cq, g_Cq), (h_Cp, g_Cp) = lgamma_terms(log_Cq), lgamma_terms(log_Cp)
+    C_p = log_Cp.exp()
+    kl = h_Cq - h_Cp + C_p * (g_Cq - g_Cp) + C_p * (log_Cq - log_Cp)
+    cq, cp = lq.clamp(max=DIRECT_BELOW).exp(), lp.clamp(max=DIRECT_BELOW).exp()  # clamped: no inf (nor NaN gradient) where unused
+    per_entry = torch.lgamma(cp) - torch.lgamma(cq) + (cp - cq) * (1.0 - torch.digamma(cq))
+    large = (lq >= DIRECT_BELOW) | (lp >= DIRECT_BELOW)
+    if bool(large.any()):
+        lq_l, lp_l = lq[large], lp[large]
+        (h_q, g_q), (h_p, g_p) = lgamma_terms(lq_l), lgamma_terms(lp_l)
+        per_entry = per_entry.index_put((large,), h_p - h_q + lp_l.exp() * (lp_l - lq_l + g_p - g_q))
+    kl = kl + per_entry.masked_fill(pad, 0.0).sum(-1, keepdim=True)
+    return kl.masked_fill(empty, 0.0).squeeze(-1)
 
 
 def log_concentrations(logits: Tensor, spec: DirichletSpec, tau: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:

@@ -11,6 +11,7 @@ from dataclasses import asdict
 import torch
 from torch import Tensor, nn
 
+from ..core.checks import at_least_float32, check_dropout, check_float, check_heads, check_tensor
 from ..core.masks import mha_masks
 from .functional import DirichletSpec, dirichlet_attention, working_dtype
 
@@ -28,6 +29,12 @@ class DirichletState(nn.Module):
         self.log_tau = nn.Parameter(torch.tensor(math.log(spec.tau)), requires_grad=spec.learn_tau)
         self.last_kl: Tensor | None = None
         self.eval_kl = False  # evaluation-mode forwards compute the KL too (set_eval_kl)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()`` / ``.half()`` / ``.cuda()``: ``log_tau`` follows devices and any widening, but
+        stays at least float32 (a 16-bit ``tau`` would change the model between conversion orders
+        and could hardly be trained)."""
+        return super()._apply(at_least_float32(fn), recurse)
 
     @property
     def tau(self) -> Tensor:
@@ -59,8 +66,11 @@ class DirichletAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True, spec: DirichletSpec = DirichletSpec(),
                  *, device=None, dtype=None) -> None:
         super().__init__()
-        if embed_dim % num_heads:
-            raise ValueError(f"DirichletAttention: `embed_dim` ({embed_dim}) must be divisible by `num_heads` ({num_heads})")
+        where = "DirichletAttention"
+        check_heads(embed_dim, num_heads, where)
+        dropout = check_dropout(dropout, where)
+        if not isinstance(spec, DirichletSpec):
+            raise ValueError(f"{where}: `spec` must be a DirichletSpec, got {type(spec).__name__}")
         kw = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.dropout = embed_dim, num_heads, dropout
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(embed_dim, embed_dim, bias=bias, **kw) for _ in range(4))
@@ -92,9 +102,15 @@ class DirichletAttention(nn.Module):
                 attn_mask: Tensor | None = None, average_attn_weights: bool = True, is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
         """Same arguments and return as ``nn.MultiheadAttention.forward`` (batch-first, bool masks True = masked out,
         float masks additive)."""
-        if query.dim() != 3:
-            raise ValueError(f"DirichletAttention: `query` must be [B, Nq, E], got {tuple(query.shape)}")
-        B, Nq, E = query.shape
+        where = "DirichletAttention.forward"
+        E = self.embed_dim
+        check_tensor(query, "query", 3, where, f"[B, Nq, {E}]")
+        check_float(query, "query", where)
+        B, Nq = query.shape[:2]
+        check_tensor(key, "key", 3, where, f"[{B}, Nk, {E}]")
+        if query.shape[-1] != E or key.shape[0] != B or key.shape[-1] != E or not isinstance(value, Tensor) or value.shape != key.shape:
+            raise ValueError(f"{where}: need `query` [B, Nq, {E}] and `key`, `value` [B, Nk, {E}] of the same batch, got "
+                             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(getattr(value, 'shape', ()))}")
         Nk, H = key.shape[1], self.num_heads
 
         def heads(x: Tensor, n: int) -> Tensor:
@@ -104,7 +120,7 @@ class DirichletAttention(nn.Module):
         st = self.dirichlet
         sample, need_kl = st.modes(self.training)
         cd = working_dtype(query.dtype, sample=sample, kl=need_kl)
-        kpm, extra = mha_masks(B, H, Nq, Nk, key_padding_mask, attn_mask, is_causal, cd, query.device, "DirichletAttention.forward")
+        kpm, extra = mha_masks(B, H, Nq, Nk, key_padding_mask, attn_mask, is_causal, cd, query.device, where)
         bias = torch.zeros(B, 1, Nq, Nk, dtype=cd, device=query.device)
         if kpm is not None:
             bias = bias.masked_fill(kpm[:, None, None, :], float("-inf"))

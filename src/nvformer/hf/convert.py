@@ -8,6 +8,11 @@ per layer), ``"decoder"`` (causal self-attention, one per layer), ``"cross"`` (o
 final encoder output, shared by all decoder layers, as in Fehr & Henderson 2024).
 :func:`unconvert_hf` restores the original classes and removes everything conversion added.
 
+The NVIB is built in the model's dtype, but at least float32, and stays so through ``.to()``,
+``.half()`` and ``.bfloat16()`` (the converted class's ``_apply``): its devices follow, and so do
+wider dtypes, but a 16-bit dtype leaves it (parameters and prior buffers) in float32. Converting a
+bfloat16 model and converting first and casting after therefore give the same model.
+
 Nothing here imports ``transformers``: models are recognised by duck typing.
 """
 
@@ -18,6 +23,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from ..config import NVConfig, NVSite
+from ..core.checks import at_least_float32, compute_dtype
 from ..core.prior import Prior, prior_for
 from ..nn.nvib import NVIB
 from .adapters import Adapter, adapter_for, base_class, layer_index, looks_like_attention, supported_classes
@@ -34,9 +40,24 @@ def is_hf_model(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model.config, "_attn_implementation")
 
 
+def _nv_apply(self: nn.Module, fn, recurse: bool = True) -> nn.Module:
+    """``Module._apply`` of a converted module (behind ``.to()``, ``.half()``, ``.cuda()``): the
+    ``nvib`` child follows devices and dtypes, but in at least float32 (:func:`~nvformer.core.checks.at_least_float32`).
+
+    Its parameters and prior produce per-key logit terms that must cancel to float32 accuracy at
+    the identity (docs/MATH.md section 4); the attention itself runs in float32 for a bfloat16 or
+    float16 model anyway (:func:`~nvformer.hf.forward.nv_attention_forward`).
+    """
+    if recurse:
+        for name, child in self.named_children():
+            child._apply(at_least_float32(fn) if name == "nvib" else fn)
+    return self._nv_base_class._apply(self, fn, recurse=False)
+
+
 def _nv_class(cls: type) -> type:
     if cls not in _NV_CLASSES:
-        _NV_CLASSES[cls] = type(f"NV{cls.__name__}", (cls,), {"forward": nv_attention_forward, "_nv_base_class": cls, "__module__": __name__})
+        _NV_CLASSES[cls] = type(f"NV{cls.__name__}", (cls,), {"forward": nv_attention_forward, "_apply": _nv_apply, "_nv_base_class": cls,
+                                                           "__module__": __name__})
     return _NV_CLASSES[cls]
 
 
@@ -101,7 +122,7 @@ def convert_hf(model: nn.Module, config: NVConfig, prior: Prior | Mapping[str, P
         else:
             knobs = config.knobs_for(site, None if site == "cross" else layer, name)
             nvib = NVIB(dim, q_w.shape[0] // d, prior=prior_for(prior, name, dim), head_dim=d, scale=scale,
-                        device=k_w.device, dtype=k_w.dtype, **config.nvib_settings(), **knobs.as_dict())
+                        device=k_w.device, dtype=compute_dtype(k_w.dtype), **config.nvib_settings(), **knobs.as_dict())
             if site == "cross":
                 shared_cross, cross_name = nvib, name
         plan.append((module, nvib, NVSite(site=site, layer=layer, owner=cross_name if site == "cross" else name, formula=config.formula, adapter=ad)))

@@ -9,7 +9,7 @@ from ..core.masks import hf_mask_bias
 from ..core.rope import repeat_kv
 from ..dirichlet.functional import DirichletSpec, dirichlet_attention, working_dtype
 from ..dirichlet.module import DirichletState
-from .convert import attention_modules
+from .convert import attention_modules, is_hf_model
 
 __all__ = ["HF_NAME", "convert_dirichlet", "is_dirichlet_model", "unconvert_dirichlet"]
 
@@ -18,8 +18,12 @@ HF_NAME = "nvformer_dirichlet"
 
 
 def _hf_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, scaling: float | None = None,
-                  dropout: float = 0.0, **kwargs):
-    """The ``transformers`` attention interface: ``[B, H, N, d]`` inputs, returns ``([B, Nq, H, d], weights)``."""
+                  dropout: float = 0.0, position_bias: Tensor | None = None, **kwargs):
+    """The ``transformers`` attention interface: ``[B, H, N, d]`` inputs, returns ``([B, Nq, H, d], weights)``.
+
+    ``position_bias`` (T5's relative position bias, passed by keyword) is added to the scores, as
+    T5's own attention functions do.
+    """
     st = getattr(module, "dirichlet", None)
     if not isinstance(st, DirichletState):
         raise RuntimeError(f"nvformer Dirichlet attention: {type(module).__name__} was not converted with convert_dirichlet")
@@ -27,8 +31,11 @@ def _hf_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     Nk = key.shape[2]
     key, value = repeat_kv(key, H // key.shape[1]), repeat_kv(value, H // value.shape[1])  # grouped-query attention
     sample, need_kl = st.modes(module.training)
-    bias = hf_mask_bias(attention_mask, B, Nq, Nk, bool(getattr(module, "is_causal", False)),
-                      working_dtype(query.dtype, sample=sample, kl=need_kl), query.device)
+    wd = working_dtype(query.dtype, sample=sample, kl=need_kl)
+    bias = hf_mask_bias(attention_mask, B, Nq, Nk, bool(getattr(module, "is_causal", False)), wd, query.device)
+    if position_bias is not None:
+        pb = position_bias[..., -Nq:, :Nk].to(wd)
+        bias = pb if bias is None else bias + pb
     out, w, kl = dirichlet_attention(query, key, value, bias, st.spec, st.tau, sample=sample, kl=need_kl, scale=scaling,
                                      dropout_p=dropout if module.training else 0.0)
     st.last_kl = None if kl is None else kl.sum((1, 2))
@@ -43,6 +50,13 @@ def convert_dirichlet(model: nn.Module, spec: DirichletSpec = DirichletSpec()) -
     and switches the model to it; each attention module gets a ``dirichlet`` submodule holding
     its ``tau`` (trained with the model when ``spec.learn_tau``) and ``last_kl``.
     """
+    if not is_hf_model(model):
+        raise ValueError(f"convert_dirichlet: {type(model).__name__} is not a Hugging Face model; give a PyTorch model's "
+                         "nn.MultiheadAttention Dirichlet weights with DirichletAttention.from_mha")
+    if not isinstance(spec, DirichletSpec):
+        raise ValueError(f"convert_dirichlet: `spec` must be a DirichletSpec, got {type(spec).__name__}")
+    if is_dirichlet_model(model):
+        raise ValueError("convert_dirichlet: the model already has Dirichlet attention (nvformer.unconvert it first)")
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 

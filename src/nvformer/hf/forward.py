@@ -8,6 +8,15 @@ module's :class:`~nvformer.NVIB` child, and computes denoising attention in the 
 for the token components; the prior component is never cached and is prepended at attention
 time, so ``cache.get_seq_length()``, beam reordering and cropping work unchanged
 (docs/DESIGN.md, "Hugging Face").
+
+Precision. What the original module computes (the query, key and value projections, rotary
+embeddings) is computed as it does, in the model's dtype; what NV adds runs in at least float32
+(``cd``): the NVIB (kept in at least float32 by :func:`~nvformer.hf.convert.convert_hf`), the
+per-key terms ``b_i`` (float64 sums, :mod:`nvformer.core.keyform`), the attention and the value
+interpolation. So a bfloat16 or float16 model attends in float32 and returns its own dtype; its
+KV cache holds keys in float32 (the extra channel ``b_i`` cancels to float32 accuracy at the
+identity) and values in the model's dtype. Float masks are read in their own dtype's convention
+(:func:`nvformer.core.masks.hf_mask_bias`).
 """
 
 from __future__ import annotations
@@ -58,10 +67,10 @@ def _latent(self: nn.Module, kv_in: Tensor, kpm: Tensor | None, raw_mask: Tensor
         last = getattr(nvib, "_nv_last", None)
         if last is not None and last[0] is kv_in and last[1] is raw_mask and last[2] == self.training and last[3] == nvib.version:
             return last[4]
-        lat = nvib(kv_in, key_padding_mask=kpm)
+        lat = nvib(kv_in.to(nvib.mu_proj.weight.dtype), key_padding_mask=kpm)
         nvib._nv_last = (kv_in, raw_mask, self.training, nvib.version, lat)
         return lat
-    return nvib(kv_in, key_padding_mask=kpm)
+    return nvib(kv_in.to(nvib.mu_proj.weight.dtype), key_padding_mask=kpm)
 
 
 def _cache_for(self: nn.Module, cache, cross: bool):
@@ -111,10 +120,11 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
     if rope is not None and self._nv.formula == "exact" and not sampled:
         raise ValueError("formula='exact' is not available for rotary-position models (its extra term is key-dependent under RoPE); use 'paper'")
 
-    q = F.linear(x, q_w, q_b).view(B, Nt, Hq, d).transpose(1, 2).to(cd)
+    q = F.linear(x, q_w, q_b).view(B, Nt, Hq, d).transpose(1, 2)
     if rope is not None:
-        cos, sin = (t.to(cd) for t in rope)
+        cos, sin = rope
         q = apply_rope(q, cos, sin)
+    q = q.to(cd)
     past = cache_obj.get_seq_length(self.layer_idx) if (cache_obj is not None and not cross) else 0
 
     shift = nvib.alpha_bias.detach().double()
@@ -133,12 +143,13 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
         return shared_key_terms(lat.mu, lat.log_w, tok_logvar, lat.logvar[0, 0], scale, shift)
 
     def project(m, w, bias, n):
-        return F.linear(m, w, bias).view(B, n, Hkv, d).transpose(1, 2).to(cd)
+        """Per-key vectors projected as the original module projects (in its weights' dtype), not yet cast to ``cd``."""
+        return F.linear(m.to(w.dtype), w, bias).view(B, n, Hkv, d).transpose(1, 2)
 
     padding_only = False
     tok_bias = None
     if cross and cached_cross:
-        lat = nvib(x.new_zeros(B, 0, nvib.dim))  # the prior component alone
+        lat = nvib(x.new_zeros(B, 0, nvib.dim, dtype=nvib.mu_proj.weight.dtype))  # the prior component alone
         entry = layer_cache.layers[self.layer_idx]
         k_ext, v_ext = entry.keys, entry.values
     else:
@@ -157,6 +168,7 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
                 values[:, :, :1] = project(m0, v_w, v_b, 1)
             if rope is not None:
                 keys[:, :, 1:] = apply_rope(keys[:, :, 1:], cos, sin)
+            keys, values = keys.to(cd), values.to(cd)
             bvec = b.to(cd)[:, None, :].expand(B, Hkv, n_new + 1)
             Nk = n_new
             # a mask that only hides padded keys is already in b: SDPA then needs no mask at all
@@ -167,11 +179,13 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
             v_tok = project(m[:, 1:], v_w, v_b, n_new)
             if rope is not None:
                 k_tok = apply_rope(k_tok, cos, sin)
-            k_ext = torch.cat([k_tok, b[:, 1:].to(cd)[:, None, :, None].expand(B, Hkv, n_new, 1)], dim=-1)
+            k_ext = torch.cat([k_tok.to(cd), b[:, 1:].to(cd)[:, None, :, None].expand(B, Hkv, n_new, 1)], dim=-1)
             extras = []
             if n_extra:
                 half = d // 2
-                extras = [cos[..., :half].unsqueeze(1).expand(B, Hkv, n_new, half), sin[..., :half].unsqueeze(1).expand(B, Hkv, n_new, half)]
+                extras = [t[..., :half].to(v_tok.dtype).unsqueeze(1).expand(B, Hkv, n_new, half) for t in (cos, sin)]
+            # values (and the rotary extras, which Hugging Face passes in the model's dtype) are cached in
+            # their own dtype; keys in `cd`, because the channel b holds per-key terms that need float32
             v_ext = torch.cat([v_tok, *extras], dim=-1)
             if layer_cache is not None:
                 k_ext, v_ext = layer_cache.update(k_ext, v_ext, self.layer_idx)
@@ -184,7 +198,7 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
         if cross and cached_cross:
             _, m0, b = terms(lat)
         b_all = b
-        k0, v0 = project(m0, k_w, k_b, 1), project(m0, v_w, v_b, 1)
+        k0, v0 = project(m0, k_w, k_b, 1).to(cd), project(m0, v_w, v_b, 1).to(cd)
         if n_extra:
             v0 = torch.cat([v0, v0.new_zeros(B, Hkv, 1, n_extra)], dim=-1)
         Nk = k_ext.shape[2]
@@ -257,5 +271,5 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
     ctx = ctx.transpose(1, 2).reshape(B, Nt, Hq * d).to(x.dtype)
     result = ad.out(self, ctx)
     if ad.returns_position_bias:
-        return result, position_bias, w
-    return result, w
+        return result, position_bias, w if w is None else w.to(x.dtype)
+    return result, w if w is None else w.to(x.dtype)

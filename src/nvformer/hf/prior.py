@@ -15,7 +15,7 @@ from torch import nn
 
 from ..core.masks import hf_mask_bias, key_padding_from_bias
 from ..core.prior import Prior, PriorEstimator
-from ..nn.empirical import run_with_pre_hooks
+from ..nn.empirical import apply_priors, run_with_pre_hooks
 from .adapters import Adapter
 from .convert import attention_modules, is_nv_hf_module
 
@@ -66,7 +66,5 @@ def estimate_hf_prior(model: nn.Module, batches: Iterable[Any], *, forward=None,
         raise ValueError("estimate_prior: no data: the batches gave no non-pad vectors")
     priors = {name: est.prior() for name, est in estimators.items()}
     if apply:
-        for name, module, _, site in targets:
-            if is_nv_hf_module(module) and name in priors:
-                module.nvib.set_prior(priors[name])
+        apply_priors([(module.nvib, priors[name]) for name, module, _, _ in targets if is_nv_hf_module(module) and name in priors])
     return priors

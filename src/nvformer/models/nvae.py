@@ -31,6 +31,7 @@ sequences end with EOS; the decoder starts from ``start_id`` (the pad id).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -38,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.checks import check_choice, check_dropout, check_int, check_real
 from ..core.kl import kl_dirichlet, kl_gaussian
 from ..core.latent import NVLatent
 from ..core.masks import masked_log_softmax
@@ -146,27 +148,41 @@ class NVAEConfig:
     ratio: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.bottleneck not in BOTTLENECKS:
-            raise ValueError(f"NVAEConfig: `bottleneck` must be one of {BOTTLENECKS}, got {self.bottleneck!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"NVAEConfig: `schedule` must be one of {SCHEDULES}, got {self.schedule!r}")
-        for name in ("vocab_size", "d_model", "heads", "encoder_layers", "decoder_layers", "ffn", "max_length", "kappa"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"NVAEConfig: `{name}` must be >= 1, got {getattr(self, name)}")
+        where = "NVAEConfig"
+        check_choice(self.bottleneck, "bottleneck", where, BOTTLENECKS)
+        check_choice(self.schedule, "schedule", where, SCHEDULES)
+        for name in ("vocab_size", "d_model", "heads", "encoder_layers", "decoder_layers", "ffn", "max_length", "kappa", "warmup", "cycle"):
+            check_int(getattr(self, name), name, where)
         if self.d_model % self.heads or self.d_model % 2:
-            raise ValueError(f"NVAEConfig: `d_model` ({self.d_model}) must be even and divisible by `heads` ({self.heads})")
-        if not 0 <= self.dropout < 1 or self.prior_var <= 0 or self.init_stdev <= 0 or self.lambda_g < 0 or self.lambda_d < 0 or self.delta < 0:
-            raise ValueError("NVAEConfig: need 0 <= dropout < 1, prior_var > 0, init_stdev > 0 and non-negative lambda_g, lambda_d, delta")
+            raise ValueError(f"{where}: `d_model` ({self.d_model}) must be even and divisible by `heads` ({self.heads})")
+        for name in ("pad_id", "eos_id", "start_id"):
+            if check_int(getattr(self, name), name, where, minimum=0) >= self.vocab_size:
+                raise ValueError(f"{where}: `{name}` must be a token id below `vocab_size` ({self.vocab_size}), got {getattr(self, name)}")
+        check_dropout(self.dropout, where)
+        for name in ("prior_var", "init_stdev"):
+            check_real(getattr(self, name), name, where, above=0.0)
+        for name in ("delta", "lambda_g", "lambda_d"):
+            check_real(getattr(self, name), name, where, minimum=0.0)
+        check_real(self.prior_log_alpha, "prior_log_alpha", where)
+        check_real(self.ratio, "ratio", where, above=0.0, maximum=1.0)
+        if self.alpha_threshold is not None:
+            check_real(self.alpha_threshold, "alpha_threshold", where, above=0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> NVAEConfig:
+        """Strict: a mapping of the fields (``vocab_size`` required); unknown fields and invalid values are errors naming them."""
+        where = "NVAEConfig.from_dict"
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{where}: expected a mapping of the config fields, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"NVAEConfig.from_dict: unknown fields {sorted(unknown)}")
+            raise ValueError(f"{where}: unknown fields {sorted(unknown)}")
+        if "vocab_size" not in d:
+            raise ValueError(f"{where}: `vocab_size` is required")
         return cls(**d)
 
 
@@ -321,7 +337,11 @@ class NVAE(nn.Module):
 
     @torch.no_grad()
     def observe_lengths(self, attention_mask: Tensor) -> None:
-        """Add the token counts of a batch to the training length distribution."""
+        """Add the token counts of a batch (``attention_mask [B, S]``, 1 = token) to the training
+        length distribution, which :meth:`sample_prior` draws the number of latent vectors from."""
+        if not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2 or attention_mask.is_floating_point():
+            raise ValueError(f"NVAE.observe_lengths: `attention_mask` must be a [B, S] bool or integer tensor, got "
+                             f"{getattr(attention_mask, 'dtype', type(attention_mask).__name__)} {tuple(getattr(attention_mask, 'shape', ()))}")
         n = attention_mask.long().sum(-1).clamp_max(self.config.max_length)
         self.length_counts += torch.bincount(n, minlength=self.config.max_length + 1).to(self.length_counts)
 
@@ -378,7 +398,7 @@ class NVAE(nn.Module):
     def generate(self, memory: Memory, max_new_tokens: int | None = None) -> list[list[int]]:
         """Greedy decoding from ``memory``: token ids per sequence (EOS and after removed)."""
         c = self.config
-        n = c.max_length if max_new_tokens is None else min(max_new_tokens, c.max_length)
+        n = c.max_length if max_new_tokens is None else min(check_int(max_new_tokens, "max_new_tokens", "NVAE.generate"), c.max_length)
         B = memory.batch
         ids = torch.full((B, 1), c.start_id, dtype=torch.long, device=self.device)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
@@ -412,15 +432,15 @@ class NVAE(nn.Module):
         c = self.config
         if c.bottleneck == "none":
             raise ValueError("NVAE.sample_prior: a plain autoencoder (bottleneck='none') has no prior to sample from")
-        if n < 1:
-            raise ValueError(f"NVAE.sample_prior: `n` must be >= 1, got {n}")
+        check_int(n, "n", "NVAE.sample_prior")
         g = generator if generator is not None else torch.Generator().manual_seed(int(torch.seed() % 2**31))
         if c.bottleneck == "pooled":
             z = torch.randn(n, 1, c.d_model, generator=g).to(device=self.device, dtype=self.embed.weight.dtype)
             return self.generate(Memory(z=z))
         counts = self.length_counts.double().cpu()
         if counts.sum() == 0:
-            raise ValueError("NVAE.sample_prior: no training lengths observed (call observe_lengths during training)")
+            raise ValueError("NVAE.sample_prior: no training lengths observed: call model.observe_lengths(attention_mask) on the training "
+                             "batches first (nvformer_studies.nvae.training.train does, and saved models keep the counts)")
         lengths = torch.multinomial(counts, n, replacement=True, generator=g).clamp_min(1)
         state = torch.random.get_rng_state()
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=g)))

@@ -17,8 +17,9 @@ from torch import nn
 from .._progress import progress
 from ..core.prior import Prior, PriorEstimator
 from .mha import NVMultiheadAttention
+from .nvib import NVIB
 
-__all__ = ["estimate_mha_prior", "run_with_pre_hooks"]
+__all__ = ["apply_priors", "estimate_mha_prior", "run_with_pre_hooks"]
 
 
 def run_with_pre_hooks(model: nn.Module, hooks: list[tuple[nn.Module, Callable]], batches: Iterable[Any],
@@ -104,7 +105,14 @@ def estimate_mha_prior(
         raise ValueError("estimate_prior: no data: the batches gave no non-pad vectors")
     priors = {name: est.prior() for name, est in estimators.items()}
     if apply:
-        for name, m in modules.items():
-            if isinstance(m, NVMultiheadAttention):
-                m.nvib.set_prior(priors[name])
+        apply_priors([(m.nvib, priors[name]) for name, m in modules.items() if isinstance(m, NVMultiheadAttention)])
     return priors
+
+
+def apply_priors(pairs: list[tuple[NVIB, Prior]]) -> None:
+    """``nvib.set_prior(prior)`` for every pair, after checking that every prior fits its module's
+    knobs (a finite identity initialisation), so a bad prior changes no module."""
+    for nvib, prior in pairs:
+        nvib.identity_parameters(prior=prior, who="estimate_prior")
+    for nvib, prior in pairs:
+        nvib.set_prior(prior)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..core.checks import check_tensor, compute_dtype
+from ..core.checks import check_choice, check_float, check_real, check_tensor, compute_dtype
 from ..core.keyform import shift_rows, weighted_sq_sum
 from ..core.latent import NVLatent
 from ..core.masks import additive_mask, latent_columns_mask, safe_softmax
@@ -84,26 +84,27 @@ def denoising_attention(
     """
     where = "denoising_attention"
     check_tensor(query, "query", 4, where, "[B, H, Nt, d]")
-    if formula not in FORMULAS:
-        raise ValueError(f"{where}: `formula` must be one of {FORMULAS}, got {formula!r}")
+    check_float(query, "query", where)
+    if not isinstance(latent, NVLatent):
+        raise ValueError(f"{where}: `latent` must be an NVLatent (the output of an NVIB layer), got {type(latent).__name__}")
+    check_choice(formula, "formula", where, FORMULAS)
     if form is None:
         form = "train" if latent.sampled else "eval"
-    if form not in ("train", "eval"):
-        raise ValueError(f"{where}: `form` must be 'train' or 'eval', got {form!r}")
+    check_choice(form, "form", where, ("train", "eval"))
     if form == "eval" and latent.copies != 1:
         raise ValueError(f"{where}: the evaluation form needs an unsampled latent (copies=1), got copies={latent.copies}")
     B, H, Nt, d = query.shape
     P = latent.z.shape[-1]
-    if tuple(k_weight.shape) != (H * d, P) or tuple(v_weight.shape) != (H * d, P):
-        raise ValueError(
-            f"{where}: `k_weight` and `v_weight` must have shape [{H * d}, {P}], got "
-            f"{tuple(k_weight.shape)} and {tuple(v_weight.shape)}"
-        )
+    for name, t, shape in (("k_weight", k_weight, (H * d, P)), ("v_weight", v_weight, (H * d, P)), ("k_bias", k_bias, (H * d,)),
+                           ("v_bias", v_bias, (H * d,))):
+        if (t is not None or name.endswith("weight")) and (not isinstance(t, Tensor) or tuple(t.shape) != shape):
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{where}: `{name}` must have shape {list(shape)}{' or be None' if name.endswith('bias') else ''}, got {got}")
     if latent.z.shape[0] != B:
         raise ValueError(f"{where}: `latent` has batch {latent.z.shape[0]} but `query` has batch {B}")
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    if impl not in ("auto", "fast", "reference"):
-        raise ValueError(f"{where}: `impl` must be 'auto', 'fast' or 'reference', got {impl!r}")
+    scale = 1.0 / math.sqrt(d) if scale is None else check_real(scale, "scale", where, above=0.0)
+    dropout_p = check_real(dropout_p, "dropout_p", where, minimum=0.0, maximum=1.0)
+    check_choice(impl, "impl", where, ("auto", "fast", "reference"))
     if impl != "reference":
         if fast_applicable(latent, attn_mask, need_weights, form, dropout_p):
             out = fast_denoising_attention(query, latent, k_weight, k_bias, v_weight, v_bias, attn_mask=attn_mask, is_causal=is_causal,

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import NVConfig, NVSite
-from ..core.checks import check_float, check_tensor, compute_dtype
+from ..core.checks import check_choice, check_dropout, check_float, check_heads, check_int, check_tensor, compute_dtype
 from ..core.kl import kl_dirichlet, kl_gaussian
 from ..core.latent import NVLatent
 from ..core.masks import latent_columns_mask, mha_masks
@@ -87,16 +87,13 @@ class NVMultiheadAttention(nn.Module):
         where = "NVMultiheadAttention"
         if add_bias_kv or add_zero_attn:
             raise ValueError(f"{where}: `add_bias_kv` and `add_zero_attn` have no NV counterpart and are not supported")
-        if embed_dim % num_heads:
-            raise ValueError(f"{where}: `embed_dim` ({embed_dim}) must be divisible by `num_heads` ({num_heads})")
-        kdim = embed_dim if kdim is None else kdim
-        vdim = embed_dim if vdim is None else vdim
+        check_heads(embed_dim, num_heads, where)
+        kdim = embed_dim if kdim is None else check_int(kdim, "kdim", where)
+        vdim = embed_dim if vdim is None else check_int(vdim, "vdim", where)
         if kdim != vdim:
             raise ValueError(f"{where}: keys and values are read from one latent, so `kdim` must equal `vdim` (got {kdim}, {vdim})")
-        if formula not in FORMULAS:
-            raise ValueError(f"{where}: `formula` must be one of {FORMULAS}, got {formula!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"{where}: `dropout` must be in [0, 1), got {dropout}")
+        check_choice(formula, "formula", where, FORMULAS)
+        check_dropout(dropout, where)
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.kdim, self.vdim = embed_dim, num_heads, kdim, vdim
         self.head_dim = embed_dim // num_heads

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Knobs
-from ..core.checks import check_float, check_knob, check_mask, check_tensor, compute_dtype
+from ..core.checks import check_choice, check_float, check_int, check_mask, check_real, check_tensor, compute_dtype
 from ..core.keyform import weighted_sq_sum
 from ..core.latent import NVLatent
 from ..core.masks import masked_log_softmax
@@ -85,28 +85,27 @@ class NVIB(nn.Module):
     ) -> None:
         super().__init__()
         where = "NVIB"
-        if not isinstance(dim, int) or dim <= 0:
-            raise ValueError(f"{where}: `dim` must be a positive int, got {dim!r}")
-        if not isinstance(num_heads, int) or num_heads <= 0:
-            raise ValueError(f"{where}: `num_heads` must be a positive int, got {num_heads!r}")
+        check_int(dim, "dim", where)
+        check_int(num_heads, "num_heads", where)
         if head_dim is None:
             if dim % num_heads:
                 raise ValueError(f"{where}: `dim` ({dim}) must be divisible by `num_heads` ({num_heads}), or pass `head_dim`")
             head_dim = dim // num_heads
-        if not isinstance(kappa, int) or kappa < 1:
-            raise ValueError(f"{where}: `kappa` must be an int >= 1, got {kappa!r}")
-        if threshold_mode not in ("absolute", "relative"):
-            raise ValueError(f"{where}: `threshold_mode` must be 'absolute' or 'relative', got {threshold_mode!r}")
-        if alpha_threshold is not None and not alpha_threshold > 0:
-            raise ValueError(f"{where}: `alpha_threshold` must be > 0 or None, got {alpha_threshold!r}")
+        check_int(head_dim, "head_dim", where)
+        check_int(kappa, "kappa", where)
+        check_choice(threshold_mode, "threshold_mode", where, ("absolute", "relative"))
+        if alpha_threshold is not None:
+            check_real(alpha_threshold, "alpha_threshold", where, above=0.0)
+        if prior is not None and not isinstance(prior, Prior):
+            raise ValueError(f"{where}: `prior` must be a nvformer.Prior or None, got {type(prior).__name__}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
-        self.scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
-        self.delta = check_knob(delta, "delta", where, minimum=0.0)
+        self.scale = check_real(scale, "scale", where, above=0.0) if scale is not None else 1.0 / math.sqrt(head_dim)
+        self.delta = check_real(delta, "delta", where, minimum=0.0)
         self.kappa = kappa
         self.prior_component = bool(prior_component)
         self.alpha_threshold = alpha_threshold
         self.threshold_mode = threshold_mode
-        self.min_var = float(min_var)
+        self.min_var = check_real(min_var, "min_var", where, above=0.0)
         self.prediction = "mean"  # evaluation forwards: "mean" (z = mu) or "sample" (as in training)
         try:
             knobs = Knobs(alpha_tau=alpha_tau, stdev_tau=stdev_tau, mu_tau=mu_tau)
@@ -128,35 +127,67 @@ class NVIB(nn.Module):
 
     # ------------------------------------------------------------------ knobs and initialisation
     @torch.no_grad()
+    def identity_parameters(self, knobs: Knobs | None = None, prior: Prior | None = None, who: str = "NVIB") -> dict[str, Tensor] | None:
+        """The vector parameters the identity initialisation (docs/MATH.md section 4) gives for
+        ``knobs`` and ``prior`` (default: the current ones), checked before anything is written:
+        ``{"mu_bias", "logvar_bias", "alpha_bias"}``; None on the meta device.
+
+        A knob whose parameters are not finite in the parameters' dtype (``stdev_tau = 1e200``:
+        ``(stdev_tau sigma_p)^2`` overflows) is a ``ValueError`` naming it.
+        """
+        k = self.knobs() if knobs is None else knobs
+        p = self.prior if prior is None else prior
+        if p.mean.device.type == "meta" or self.mu_proj.weight.device.type == "meta":
+            return None
+        dtype = self.mu_proj.weight.dtype
+        try:
+            square = k.stdev_tau**2
+        except OverflowError:  # refused below, naming the knob
+            square = math.inf
+        var = square * p.var.double()
+        values = {"mu_bias": (1.0 - k.mu_tau) * p.mean, "logvar_bias": var.clamp_min(self.min_var).log(), "alpha_bias": k.alpha_tau * p.log_alpha_std}
+        for knob, value, quantity in (("mu_tau", torch.tensor(k.mu_tau, dtype=torch.float64), "the mean projection mu_tau I"),
+                                      ("mu_tau", values["mu_bias"], "the token means' bias (1 - mu_tau) mu_p"),
+                                      ("stdev_tau", values["logvar_bias"], "the token variances (stdev_tau sigma_p)^2"),
+                                      ("alpha_tau", values["alpha_bias"], "the pseudo-count bias alpha_tau s_alpha")):
+            if not bool(torch.isfinite(value.to(dtype)).all()):
+                raise ValueError(f"{who}: knob `{knob}` = {getattr(k, knob)} makes {quantity} overflow {dtype} with this prior")
+        return values
+
+    @torch.no_grad()
     def reset_parameters(self) -> None:
         """Apply the identity initialisation of docs/MATH.md section 4 with the current knobs and prior."""
+        values = self.identity_parameters()
         self.version = getattr(self, "version", 0) + 1  # lets callers invalidate derived caches
-        p = self.prior
-        if p.mean.device.type == "meta" or self.mu_proj.weight.device.type == "meta":
+        if values is None:
             return
         eye = torch.eye(self.dim, device=self.mu_proj.weight.device, dtype=self.mu_proj.weight.dtype)
         self.mu_proj.weight.copy_(eye * self.mu_tau)
-        self.mu_proj.bias.copy_((1.0 - self.mu_tau) * p.mean)
+        self.mu_proj.bias.copy_(values["mu_bias"])
         self.logvar_proj.weight.zero_()
-        var = (self.stdev_tau**2) * p.var.double()
-        self.logvar_proj.bias.copy_(var.clamp_min(self.min_var).log())
+        self.logvar_proj.bias.copy_(values["logvar_bias"])
         self.alpha_lin.zero_()
         self.alpha_quad.fill_(self.scale / 2.0)
-        self.alpha_bias.copy_(self.alpha_tau * p.log_alpha_std)
+        self.alpha_bias.copy_(values["alpha_bias"])
 
     def set_knobs(self, *, alpha_tau: float | None = None, stdev_tau: float | None = None, mu_tau: float | None = None) -> None:
         """Change the knobs (None = keep) and re-apply the identity initialisation (overwrites the
-        projections). All values are checked before anything changes."""
+        projections). All values, and the parameters they give, are checked before anything changes."""
         try:
             knobs = self.knobs().replace(alpha_tau=alpha_tau, stdev_tau=stdev_tau, mu_tau=mu_tau)
         except ValueError as e:
             raise ValueError(f"NVIB.set_knobs: {e}") from None
+        self.identity_parameters(knobs, who="NVIB.set_knobs")
         self.alpha_tau, self.stdev_tau, self.mu_tau = knobs.alpha_tau, knobs.stdev_tau, knobs.mu_tau
         self.reset_parameters()
 
     def set_prior(self, prior: Prior) -> None:
-        """Replace the prior (same width) and re-apply the identity initialisation."""
+        """Replace the prior (same width) and re-apply the identity initialisation; the prior is
+        checked (width, and finite parameters with the current knobs) before anything changes."""
+        if not isinstance(prior, Prior):
+            raise ValueError(f"NVIB.set_prior: `prior` must be a nvformer.Prior, got {type(prior).__name__}")
         prior.check_dim(self.dim, "NVIB.set_prior")
+        self.identity_parameters(prior=prior, who="NVIB.set_prior")
         self.prior = prior.to(device=self.mu_proj.weight.device, dtype=self.mu_proj.weight.dtype)
         self.reset_parameters()
 
@@ -241,8 +272,8 @@ class NVIB(nn.Module):
         B, N, _ = x.shape
         if key_padding_mask is not None:
             check_mask(key_padding_mask, "key_padding_mask", (B, N), where, allow_float=False)
-        if alpha_skip is not None and tuple(alpha_skip.shape) != (B, N):
-            raise ValueError(f"{where}: `alpha_skip` must have shape [{B}, {N}], got {tuple(alpha_skip.shape)}")
+        if alpha_skip is not None and (not isinstance(alpha_skip, Tensor) or tuple(alpha_skip.shape) != (B, N)):
+            raise ValueError(f"{where}: `alpha_skip` must be a tensor of shape [{B}, {N}], got {tuple(getattr(alpha_skip, 'shape', ())) or type(alpha_skip).__name__}")
 
         c, zero_s = self._structure()
         # structured shortcuts (no P x P matmul) when no gradient must reach the weights
@@ -318,8 +349,9 @@ class NVIB(nn.Module):
         Returns:
             :class:`NVLatent` with ``C = max(lengths) + 1`` components, unsampled form.
         """
-        if lengths.dim() != 1 or lengths.is_floating_point():
-            raise ValueError(f"NVIB.sample_prior: `lengths` must be a 1-D integer tensor, got {lengths.dtype} {tuple(lengths.shape)}")
+        if not isinstance(lengths, Tensor) or lengths.dim() != 1 or lengths.is_floating_point() or lengths.dtype == torch.bool:
+            raise ValueError(f"NVIB.sample_prior: `lengths` must be a 1-D integer tensor, got "
+                             f"{getattr(lengths, 'dtype', type(lengths).__name__)} {tuple(getattr(lengths, 'shape', ()))}")
         if bool((lengths < 1).any()):
             raise ValueError("NVIB.sample_prior: every entry of `lengths` must be >= 1")
         p = self.prior

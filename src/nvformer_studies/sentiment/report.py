@@ -1,7 +1,7 @@
 """Tables, plots, the headline and the doc sections of the out-of-domain sentiment study
 (docs/RESULTS.md sections "ood-study" and "source-model"); everything is recomputed from a
 :class:`~nvformer_studies.sentiment.study.StudyResult` (or its saved ``results.json`` and
-``logits.pt``), so the docs can be redrawn without rerunning.
+``logits.safetensors``), so the docs can be redrawn without rerunning.
 """
 
 from __future__ import annotations

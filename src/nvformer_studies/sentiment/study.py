@@ -61,12 +61,14 @@ from nvformer.tuning.cache import KnobCache
 
 from ..common.protocol import Choice, Protocol, convert_at_identity
 from ..common.subsets import seeded_subset
+from ..common.tensorfiles import load_tensors, save_tensors
 from .data import domain_splits
 
 __all__ = ["TARGETS", "MeanPoolClassifier", "SentimentChoice", "StudyConfig", "StudyResult", "information_maximisation", "prior_only",
            "run_study"]
 
 TARGETS = ("dvd", "electronics", "kitchen", "airline", "imdb", "blog")
+LOGITS_FILE = "logits.safetensors"  # StudyResult's test logits and labels
 CONTROL_ALPHA = -1e4  # token pseudo-counts exp(-1e4 * s_alpha) = 0: all attention on the prior component
 
 
@@ -233,15 +235,16 @@ class StudyResult:
         """Read back what :meth:`save` wrote (tables and plots can be redrawn without rerunning)."""
         out = Path(out)
         meta = json.loads((out / "results.json").read_text())
-        tensors = torch.load(out / "logits.pt")
-        return cls(config=meta["config"], rows=meta["rows"], logits=tensors["logits"], labels=tensors["labels"],
+        tensors, _ = load_tensors(out / LOGITS_FILE)
+        return cls(config=meta["config"], rows=meta["rows"], logits=tensors.get("logits", {}), labels=tensors.get("labels", {}),
                    wise_curve=meta["wise_curve"], info=meta["info"])
 
     def save(self, out: Path) -> None:
+        """Write ``results.json`` and the test logits and labels (``logits.safetensors``, bit-exact)."""
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps({"config": self.config, "rows": self.rows, "wise_curve": self.wise_curve,
                                                        "info": self.info}, indent=1, default=str))
-        torch.save({"logits": self.logits, "labels": self.labels}, out / "logits.pt")
+        save_tensors(out / LOGITS_FILE, {"logits": self.logits, "labels": self.labels})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,7 +383,7 @@ def _build_sets(cfg: StudyConfig, tok) -> tuple[dict[tuple[str, str], TextBatche
 
 def run_study(cfg: StudyConfig, out_dir: str | Path | None = None, show_progress: bool = True) -> StudyResult:
     """Run every method of the study (see the module docstring); optionally save ``results.json``
-    and ``logits.pt`` to ``out_dir`` (tables and plots: :func:`nvformer_studies.sentiment.report.write_outputs`)."""
+    and ``logits.safetensors`` to ``out_dir`` (tables and plots: :func:`nvformer_studies.sentiment.report.write_outputs`)."""
     from .data import load_or_finetune
 
     t0 = time.time()

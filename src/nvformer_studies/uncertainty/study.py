@@ -29,10 +29,12 @@ from ..common.checkpoints import load_minilm
 from ..common.data import REVIEW_DOMAINS
 from ..common.finetune import FinetuneConfig
 from ..common.subsets import seeded_subset
+from ..common.tensorfiles import load_tensors, save_tensors
 from ..sentiment.data import domain_splits
 from .harness import METHODS, apply_temperature, finetune_variant, predictive_probs, sampled_nv
 
-__all__ = ["BROAD", "BROAD_SPEC", "D", "SOURCE", "TARGETS", "ensemble_seeds", "learnt_tau", "run_bayes_study", "seed_run", "settings"]
+__all__ = ["BROAD", "BROAD_SPEC", "D", "SOURCE", "TARGETS", "ensemble_seeds", "learnt_tau", "read_seed_cache", "run_bayes_study", "seed_run",
+           "settings", "write_seed_cache"]
 
 SOURCE = "books"
 TARGETS = [d for d in REVIEW_DOMAINS if d != SOURCE]
@@ -85,13 +87,13 @@ def _settings_json(st: dict) -> dict:
 
 def seed_run(seed: int, st: dict, out: Path, data, *, quiet: bool = False, train_only: bool = False) -> dict | None:
     """Every method's predictive samples for one seed (``{method: {split: [S, N, C]}}``), with the
-    training summaries and the NV choice; cached in ``out/probs-s{seed}.pt`` while the settings match."""
-    cache = out / f"probs-s{seed}.pt"
+    training summaries and the NV choice; cached in ``out/probs-s{seed}.safetensors`` (the probabilities bit-exact, the rest
+    as JSON metadata) while the settings match."""
+    cache = out / f"probs-s{seed}.safetensors"
     key = json.dumps(_settings_json(st), sort_keys=True)
-    if cache.exists():
-        saved = torch.load(cache, weights_only=False)
-        if saved["key"] == key:
-            return saved
+    saved = read_seed_cache(cache, key)
+    if saved is not None:
+        return saved
     sets, val, prior_batches = data
     t0 = time.time()
 
@@ -128,8 +130,21 @@ def seed_run(seed: int, st: dict, out: Path, data, *, quiet: bool = False, train
              "train": {f"{k}-s{seed}": {f: i[f] for f in ("train_loss", "val_accuracy", "best_epoch")}
                        for k, i in (("map", map_info), ("dirichlet", dir_info), ("dirichlet-prior1", broad_info)) if i}}
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(saved, cache)
+    write_seed_cache(cache, saved)
     return saved
+
+
+def write_seed_cache(path: Path, saved: dict) -> None:
+    """Write one seed's run (:func:`seed_run`): the predictive probabilities as safetensors (bit-exact), the rest as JSON metadata."""
+    save_tensors(path, {"probs": saved["probs"]}, {k: v for k, v in saved.items() if k != "probs"})
+
+
+def read_seed_cache(path: Path, key: str) -> dict | None:
+    """The run :func:`write_seed_cache` wrote to ``path``, or None if there is none or its settings ``key`` differs."""
+    if not path.exists():
+        return None
+    tensors, saved = load_tensors(path)
+    return {**saved, "probs": tensors.get("probs", {})} if saved.get("key") == key else None
 
 
 def run_bayes_study(out: Path, *, smoke: bool = False, seeds: list[int] | None = None, quiet: bool = False,
