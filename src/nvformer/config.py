@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from .core.checks import check_choice, check_int, check_knob, check_real
+from .core.checks import check_choice, check_int, check_knob, check_mapping, check_real
 
 __all__ = ["FORMULAS", "IDENTITY", "KNOBS", "SITES", "Knobs", "NVConfig", "NVSite", "group_key", "is_module_key"]
 
@@ -66,13 +66,9 @@ class Knobs:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "Knobs") -> Knobs:
         """Strict: every key must be a knob name (missing ones take the identity value)."""
-        if not isinstance(d, Mapping):
-            raise ValueError(f"{where}: a knob setting must be a mapping of {KNOBS}, got {type(d).__name__}")
-        unknown = set(d) - set(KNOBS)
-        if unknown:
-            raise ValueError(f"{where}: unknown knob(s) {sorted(unknown)}; knobs are {KNOBS}")
+        kw = check_mapping(d, KNOBS, where, "knob")
         try:
-            return cls(**dict(d))
+            return cls(**kw)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
 
@@ -200,13 +196,7 @@ class NVConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "NVConfig") -> NVConfig:
         """Strict: unknown fields, unknown knobs and invalid values are errors naming them."""
-        if not isinstance(d, Mapping):
-            raise ValueError(f"{where}: expected a mapping, got {type(d).__name__}")
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; fields are {sorted(names)}")
-        kw = dict(d)
+        kw = check_mapping(d, (f.name for f in fields(cls)), where)
         if "knobs" in kw:
             if not isinstance(kw["knobs"], Mapping):
                 raise ValueError(f"{where}: `knobs` must map group keys to knob settings")

@@ -73,7 +73,7 @@ def test_config_errors():
         NVAEConfig(vocab_size=10, bottleneck="vq")
     with pytest.raises(ValueError, match="divisible"):
         NVAEConfig(vocab_size=10, d_model=30, heads=4)
-    with pytest.raises(ValueError, match="unknown fields"):
+    with pytest.raises(ValueError, match="unknown field"):
         NVAEConfig.from_dict({"vocab_size": 10, "size": 3})
 
 

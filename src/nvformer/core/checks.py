@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -105,3 +107,15 @@ def at_least_float32(fn):
         return out
 
     return apply
+
+
+def check_mapping(d: Any, allowed: Iterable[str], where: str, what: str = "field") -> dict[str, Any]:
+    """``dict(d)`` for a mapping whose keys are all in ``allowed`` (the fields of a config read
+    from a file), or a ``ValueError`` naming the unknown ones."""
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{where}: expected a mapping of {what}s, got {type(d).__name__}")
+    allowed = list(allowed)
+    unknown = set(d) - set(allowed)
+    if unknown:
+        raise ValueError(f"{where}: unknown {what}(s) {sorted(unknown)}; {what}s are {sorted(allowed)}")
+    return dict(d)

@@ -31,7 +31,6 @@ sequences end with EOS; the decoder starts from ``start_id`` (the pad id).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -39,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.checks import check_choice, check_dropout, check_int, check_real
+from ..core.checks import check_choice, check_dropout, check_int, check_mapping, check_real
 from ..core.kl import kl_dirichlet, kl_gaussian
 from ..core.latent import NVLatent
 from ..core.masks import masked_log_softmax
@@ -175,15 +174,10 @@ class NVAEConfig:
     def from_dict(cls, d: dict[str, Any]) -> NVAEConfig:
         """Strict: a mapping of the fields (``vocab_size`` required); unknown fields and invalid values are errors naming them."""
         where = "NVAEConfig.from_dict"
-        if not isinstance(d, Mapping):
-            raise ValueError(f"{where}: expected a mapping of the config fields, got {type(d).__name__}")
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"{where}: unknown fields {sorted(unknown)}")
-        if "vocab_size" not in d:
+        kw = check_mapping(d, (f.name for f in fields(cls)), where)
+        if "vocab_size" not in kw:
             raise ValueError(f"{where}: `vocab_size` is required")
-        return cls(**d)
+        return cls(**kw)
 
 
 @dataclass
