@@ -4,14 +4,15 @@ figures and readings recomputed from their ``results.json``."""
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 from ..common.docs import table
-from ..common.plots import line_panels
+from ..common.plots import line_panels, pyplot, save
 from .study import TS
 from .training import LOG_FILE
 
-__all__ = ["distributed_section", "figures", "reading", "section"]
+__all__ = ["distributed_section", "figures", "length_relation", "reading", "section", "sweep_rows", "sweep_section"]
 
 
 def figures(res: dict, out: Path, fig_dir: Path) -> list[str]:
@@ -182,3 +183,169 @@ def distributed_section(res: dict, fig_dir: Path, csv_dir: Path | None = None) -
     name = line_panels(panels, fig_dir / "nvae_distributed.png", xlabel="step", ylabel="training loss (logged mean)").name
     lines += ["", f"![one vs two processes](figures/{name})", ""]
     return "\n".join(lines)
+
+
+def sweep_rows(res: dict) -> list[dict]:
+    """One row per model of the sparsity sweep (the fields of docs/results/nvae_sweep.csv): its
+    settings, test reconstruction, the share of latent vectors kept, KL terms, law reconstruction,
+    and the distribution of its token pseudo-counts."""
+    rows = []
+    for name, r in res["models"].items():
+        c, t, o = r["config"], r["test"], r["ood"]
+        nvib = c["bottleneck"] == "nvib"
+        pc = r.get("pseudo_counts") or {}
+        rows.append({"model": name, "bottleneck": c["bottleneck"], "delta": c["delta"] if nvib else None,
+                     "lambda_d": c["lambda_d"] if nvib else None, "kappa": c["kappa"] if nvib else None,
+                     "prior_alpha": math.exp(c["prior_log_alpha"]) if nvib else None, "schedule": c["schedule"] if c["bottleneck"] != "none" else None,
+                     "lambda_g": c["lambda_g"] if c["bottleneck"] != "none" else None, "test_bleu": t["bleu"], "kept": t["kept_fraction"],
+                     "vectors": t["vectors"], "tokens": t["tokens"], "pseudo_count_per_token": t["pseudo_count"] / t["tokens"] if nvib else None,
+                     "kl_g": t["kl_g"], "kl_d": t["kl_d"], "ood_bleu": o["bleu"], "ood_kept": o["kept_fraction"],
+                     "median_pseudo_count": pc.get("quantiles", {}).get("q50"), "share_at_most_threshold": pc.get("share_at_most_threshold"),
+                     "train_minutes": r["train"]["seconds"] / 60})
+    return rows
+
+
+def _corr(x: list[float], y: list[float]) -> float | None:
+    """Pearson correlation (None for a constant series)."""
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    if sxx == 0 or syy == 0:
+        return None
+    return sum((a - mx) * (b - my) for a, b in zip(x, y)) / math.sqrt(sxx * syy)
+
+
+def _partial(x: list[float], y: list[float], z: list[float]) -> float | None:
+    """Correlation of ``x`` and ``y`` with ``z`` partialled out."""
+    rxy, rxz, ryz = _corr(x, y), _corr(x, z), _corr(y, z)
+    if None in (rxy, rxz, ryz) or abs(rxz) >= 1 or abs(ryz) >= 1:
+        return None
+    return (rxy - rxz * ryz) / math.sqrt((1 - rxz**2) * (1 - ryz**2))
+
+
+def length_relation(res: dict) -> dict[str, dict[str, float | None]]:
+    """Per NVAE model: the correlation of the vectors it keeps per test sentence with the sentence's
+    length in tokens, with its information (nats under a GPT-2 trained on the training sentences),
+    and with the information once length is partialled out."""
+    info = res["information"]["nats"]
+    out = {}
+    for name, r in res["models"].items():
+        if r["config"]["bottleneck"] != "nvib":
+            continue
+        kept = [float(v) for v in r["test"]["sentence_vectors"]]
+        length = [float(v) for v in r["test"]["sentence_tokens"]]
+        out[name] = {"length": _corr(kept, length), "information": _corr(kept, info), "information_given_length": _partial(kept, info, length),
+                     "slope": _slope(length, kept)}
+    return out
+
+
+def _slope(x: list[float], y: list[float]) -> float | None:
+    """Least-squares slope of ``y`` on ``x``."""
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxx = sum((a - mx) ** 2 for a in x)
+    return None if sxx == 0 else sum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx
+
+
+def sweep_figures(res: dict, rows: list[dict], fig_dir: Path) -> list[str]:
+    """The trade-off of vectors kept against reconstruction BLEU (autoencoder and pooled VAE as
+    reference points), and the vectors kept against sentence length; their file names."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.2, 4.2))
+    for r in rows:
+        marker = {"nvib": "o", "none": "s", "pooled": "^"}[r["bottleneck"]]
+        ax.plot(100 * r["kept"], r["test_bleu"], marker, ms=6, label=None if r["bottleneck"] == "nvib" else r["model"])
+        ax.annotate(r["model"].removeprefix("nvae-"), (100 * r["kept"], r["test_bleu"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ae = next((r for r in rows if r["bottleneck"] == "none"), None)
+    if ae is not None:
+        ax.axhline(ae["test_bleu"] - 10, color="grey", lw=0.8, ls="--")
+        ax.axvline(60, color="grey", lw=0.8, ls=":")
+    ax.set(xlabel="latent vectors kept (% of tokens, test)", ylabel="test reconstruction BLEU",
+           title="NVAE sweep: fewer vectors against reconstruction (dashed: autoencoder - 10 BLEU; dotted: 60% kept)")
+    ax.title.set_fontsize(8)
+    ax.legend(fontsize=7)
+    names = [save(fig, fig_dir / "nvae_sweep_tradeoff.png").name]
+    fig, ax = plt.subplots(figsize=(6.2, 4.2))
+    top = 1
+    for name, r in res["models"].items():
+        if r["config"]["bottleneck"] != "nvib":
+            continue
+        bins: dict[int, list[int]] = {}
+        for n, k in zip(r["test"]["sentence_tokens"], r["test"]["sentence_vectors"]):
+            bins.setdefault(5 * (n // 5), []).append(k)
+        xs = sorted(b for b in bins if len(bins[b]) >= 5)
+        ax.plot([x + 2.5 for x in xs], [sum(bins[x]) / len(bins[x]) for x in xs], "o-", ms=3, label=name)
+        top = max([top, *r["test"]["sentence_tokens"]])
+    ax.plot([0, top], [0, top], color="grey", lw=0.8, ls="--", label="every token kept")
+    ax.set(xlabel="sentence length (tokens, bins of 5)", ylabel="latent vectors kept (mean)", title="vectors kept against length (test)")
+    ax.legend(fontsize=6, ncol=2)
+    names.append(save(fig, fig_dir / "nvae_sweep_length.png").name)
+    return names
+
+
+def sweep_reading(res: dict, rows: list[dict]) -> str:
+    """The goal (at most 60% of the vectors kept with test BLEU within 10 points of the autoencoder)
+    checked against the rows; the length relation; why the Dirichlet KL alone does not prune."""
+    ae = next((r for r in rows if r["bottleneck"] == "none"), None)
+    nvae = [r for r in rows if r["bottleneck"] == "nvib"]
+    if ae is None or not nvae:
+        return ""
+    hits = [r for r in nvae if r["kept"] <= 0.6 and r["test_bleu"] >= ae["test_bleu"] - 10]
+    pruned = sorted((r for r in nvae if r["kept"] < 0.999), key=lambda r: r["kept"])
+    text = [f"**Reading (the recorded run).** Autoencoder: test BLEU {ae['test_bleu']:.1f} with every token's vector. "]
+    if hits:
+        best = max(hits, key=lambda r: r["test_bleu"])
+        text.append(f"The goal is reached by {len(hits)} setting(s): " + "; ".join(
+            f"{r['model']} keeps {100 * r['kept']:.0f}% of the vectors at test BLEU {r['test_bleu']:.1f}" for r in hits)
+            + f". The best of them, {best['model']}, keeps {best['vectors']:.1f} of {best['tokens']:.1f} vectors per sentence"
+            f" ({best['ood_kept'] * 100:.0f}% on law sentences, OOD BLEU {best['ood_bleu']:.1f} against the autoencoder's {ae['ood_bleu']:.1f}). ")
+    else:
+        text.append("No setting reaches the goal (at most 60% of the vectors kept with test BLEU within 10 points of the autoencoder). ")
+    if pruned:
+        text.append("Settings that prune at all: " + ", ".join(f"{r['model']} {100 * r['kept']:.0f}% kept / BLEU {r['test_bleu']:.1f}" for r in pruned) + ". ")
+    full = [r for r in nvae if r["kept"] >= 0.999]
+    if full:
+        text.append("Keeping every vector: " + ", ".join(f"{r['model']} (median pseudo-count {r['median_pseudo_count']:.2f})" for r in full
+                                                          if r["median_pseudo_count"] is not None) + ". ")
+    rel = length_relation(res)
+    if rel:
+        text.append("Vectors kept against the sentence (Pearson r over the test sentences; information = nats under a 2-layer GPT-2 "
+                    "trained on the training sentences): " + "; ".join(
+                        f"{n}: r(length) {_fmt_r(v['length'])}, r(information) {_fmt_r(v['information'])}, r(information | length) "
+                        f"{_fmt_r(v['information_given_length'])}, {_fmt_r(v['slope'])} vectors per token" for n, v in rel.items()) + ". ")
+    text.append("Why the Dirichlet KL does not choose which vectors go: KL_D depends on the pseudo-counts only through their total "
+                "A (docs/MATH.md section 2), so its gradient with respect to a token's log pseudo-count is a_i dKL_D/dA, the same "
+                "relative push on every token; delta sets the budget B = alpha_p + delta (n - 1) that A is pulled to, and which "
+                "tokens fall below the threshold 0.1 is left to the reconstruction loss (a component with a small pseudo-count gets "
+                "a near-zero Dirichlet sample weight in training, so the decoder learns not to need it).")
+    return "".join(text)
+
+
+def _fmt_r(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def sweep_section(res: dict, fig_dir: Path, csv_dir: Path | None = None) -> str:
+    """The "nvae-sweep" section of docs/RESULTS.md from ``res`` of
+    :func:`~nvformer_studies.nvae.study.run_nvae_sweep` (figures written to ``fig_dir``; the table
+    through ``csv_dir/nvae_sweep.csv`` if given)."""
+    rows = sweep_rows(res)
+    d = res["data"]
+    opt = lambda spec, key: (lambda r: "-" if r[key] is None else format(r[key], spec))  # noqa: E731
+    lines = ["## NVAE sparsity sweep: latent vectors kept against reconstruction", "",
+             "Command: `.venv/bin/python experiments/nvae_sweep.py` (models cached in `runs/nvae/`, shared with the NVAE study; "
+             f"evaluation {res['seconds'] / 60:.0f} min). Data as in the NVAE section: {d['test']} WikiText-2 test sentences, "
+             f"{d['ood']} law sentences (split seed 0). Every model: the NVAE section's sizes and training (12 epochs, seed 0, "
+             "monotonic KL annealing over 400 steps unless `cyclic`), lambda_G 0.1; the sweep varies delta, lambda_D, kappa, the "
+             "annealing and the prior pseudo-count alpha_p (`nvformer_studies.nvae.study.SWEEP`). Kept = token components with "
+             f"pseudo-count above {res['threshold']} (the authors' threshold), pruned at evaluation; pseudo-counts per token = total "
+             "token pseudo-count / tokens.", "",
+             table(rows, [("model", "{model}"), ("delta", opt("g", "delta")), ("lambda_D", opt("g", "lambda_d")), ("kappa", opt("d", "kappa")),
+                          ("alpha_p", opt("g", "prior_alpha")), ("annealing", lambda r: r["schedule"] or "-"), ("test BLEU", "{test_bleu:.1f}"),
+                          ("kept", _percent("kept", ".0f")), ("vectors / tokens", "{vectors:.1f} / {tokens:.1f}"),
+                          ("pseudo-count per token", opt(".3f", "pseudo_count_per_token")), ("median pseudo-count", opt(".3f", "median_pseudo_count")),
+                          ("KL_G", "{kl_g:.3f}"), ("KL_D", "{kl_d:.3f}"), ("OOD BLEU", "{ood_bleu:.1f}"), ("OOD kept", _percent("ood_kept", ".0f")),
+                          ("training", "{train_minutes:.0f} min")], csv_dir, "nvae_sweep")]
+    for f in sweep_figures(res, rows, fig_dir):
+        lines += ["", f"![{f}](figures/{f})"]
+    lines += ["", sweep_reading(res, rows)]
+    return "\n".join(lines) + "\n"

@@ -26,7 +26,7 @@ from nvformer.models import NVAE, NVAEConfig
 from ..common.tokenizer import train_tokenizer
 from . import training as vae
 
-__all__ = ["MODELS", "TS", "load_or_train", "run_nvae_study", "settings"]
+__all__ = ["MODELS", "SWEEP", "TS", "load_or_train", "run_nvae_study", "run_nvae_sweep", "settings"]
 
 # name -> (bottleneck, NVAEConfig overrides): the NVAE at the default KL weights, with a ten times stronger Dirichlet KL
 # only, and with both KL terms ten times stronger (the paper trades reconstruction for fewer latent vectors through
@@ -34,6 +34,26 @@ __all__ = ["MODELS", "TS", "load_or_train", "run_nvae_study", "settings"]
 MODELS = {"nvae": ("nvib", {}), "nvae-d1": ("nvib", {"lambda_d": 1.0}), "nvae-strong": ("nvib", {"lambda_g": 1.0, "lambda_d": 1.0}),
           "autoencoder": ("none", {}), "pooled-vae": ("pooled", {})}
 TS = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+# The sparsity sweep (issue 17): the settings that decide how many latent vectors an NVAE keeps (pseudo-count above the
+# authors' threshold 0.1). KL_D pulls the total pseudo-count A towards B = alpha_p + delta (n - 1), so delta sets the
+# budget per token (at delta = 1 every token can keep a pseudo-count of about 1, far above 0.1); lambda_D sets how hard
+# the pull is, kappa how many samples each component gets, prior_log_alpha the prior's share. The autoencoder and the
+# pooled VAE are the reference points; "nvae-d1" is MODELS' model of that name (same config, same cache).
+SWEEP = {
+    "autoencoder": ("none", {}),
+    "pooled-vae": ("pooled", {}),
+    "nvae-d1": ("nvib", {"lambda_d": 1.0}),
+    "nvae-d0.5-l1": ("nvib", {"delta": 0.5, "lambda_d": 1.0}),
+    "nvae-d0.25-l1": ("nvib", {"delta": 0.25, "lambda_d": 1.0}),  # close to Behjati et al. (EMNLP 2023 Findings)
+    "nvae-d0.1-l1": ("nvib", {"delta": 0.1, "lambda_d": 1.0}),
+    "nvae-d0.25-l0.1": ("nvib", {"delta": 0.25, "lambda_d": 0.1}),
+    "nvae-d0.25-l10": ("nvib", {"delta": 0.25, "lambda_d": 10.0}),
+    "nvae-d0.1-l10": ("nvib", {"delta": 0.1, "lambda_d": 10.0}),
+    "nvae-d0.25-l1-k4": ("nvib", {"delta": 0.25, "lambda_d": 1.0, "kappa": 4}),
+    "nvae-d0.25-l1-cyclic": ("nvib", {"delta": 0.25, "lambda_d": 1.0, "schedule": "cyclic"}),
+    "nvae-d0.25-l1-p0.1": ("nvib", {"delta": 0.25, "lambda_d": 1.0, "prior_log_alpha": -2.302585092994046}),  # alpha_p = 0.1
+}
 
 
 def settings(smoke: bool) -> dict:
@@ -61,6 +81,53 @@ def load_or_train(name: str, bottleneck: str, overrides: dict, tok, sents, st: d
     return model.eval(), summary
 
 
+def _tokenizer(out: Path, sents: dict, st: dict):
+    """The BPE tokenizer of the training sentences, trained once and cached in ``out/tokenizer``."""
+    tok_dir = out / "tokenizer"
+    if (tok_dir / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(tok_dir)
+    tok = train_tokenizer(sents["train"], st["vocab"])
+    tok.save_pretrained(tok_dir)
+    return tok
+
+
+def run_nvae_sweep(out: Path, names: list[str], *, smoke: bool = False, train_only: bool = False) -> dict | None:
+    """Train (or load, :func:`load_or_train`) the sweep's models ``names`` (keys of :data:`SWEEP`) in
+    ``out`` (the same folder and tokenizer as the NVAE study, so shared models are trained once),
+    evaluate their reconstruction and latent size on the test and the law sentences and write
+    ``out/sweep.json``; returns the results (None with ``train_only``)."""
+    st = settings(smoke)
+    t0 = time.time()
+    sents = vae.wikitext_sentences(seed=0)
+    ood = vae.ood_sentences("law", n=st["n_eval"], seed=0)
+    tok = _tokenizer(out, sents, st)
+    models = {name: load_or_train(name, *SWEEP[name], tok, sents, st, out) for name in names}
+    if train_only:
+        return None
+    test = sents["test"][: st["n_eval"]]
+    lm = vae.train_lm(tok, sents["train"], epochs=st["lm_epochs"])
+    nats, lm_tokens = vae.lm_sentence_nll(lm, tok, test)
+    res = {"data": {"train": len(sents["train"]), "test": len(test), "ood": len(ood), "ood_domain": "law"},
+           "information": {"nats": nats, "tokens": lm_tokens, "lm": "2-layer GPT-2 trained on the training sentences"},
+           "threshold": 0.1, "models": {}, "smoke": smoke}
+    for name, (model, summary) in models.items():
+        r = {"config": model.config.to_dict(), "train": summary}
+        for split, texts in (("test", test), ("ood", ood)):
+            ev = vae.evaluate(model, tok, texts)
+            r[split] = {k: v for k, v in ev.items() if k not in ("reconstructions", "references")}
+        if model.config.bottleneck == "nvib":
+            a = vae.token_pseudo_counts(model, tok, test)
+            q = torch.quantile(a, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)).tolist()
+            r["pseudo_counts"] = {"quantiles": dict(zip(("q10", "q25", "q50", "q75", "q90"), q)),
+                                  "share_at_most_threshold": float((a <= res["threshold"]).double().mean()), "tokens": int(a.numel())}
+        res["models"][name] = r
+    res["seconds"] = time.time() - t0
+    (out / "sweep.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
 def run_nvae_study(out: Path, names: list[str], *, smoke: bool = False, train_only: bool = False) -> dict | None:
     """Train (or load, see :func:`load_or_train`) the models ``names`` (keys of :data:`MODELS`) in
     ``out``, evaluate them and write ``out/results.json``; returns the results (None with
@@ -69,14 +136,7 @@ def run_nvae_study(out: Path, names: list[str], *, smoke: bool = False, train_on
     t0 = time.time()
     sents = vae.wikitext_sentences(seed=0)
     ood = vae.ood_sentences("law", n=st["n_eval"], seed=0)
-    tok_dir = out / "tokenizer"
-    if (tok_dir / "tokenizer.json").exists():
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(tok_dir)
-    else:
-        tok = train_tokenizer(sents["train"], st["vocab"])
-        tok.save_pretrained(tok_dir)
+    tok = _tokenizer(out, sents, st)
     models = {}
     for name in names:
         models[name] = load_or_train(name, *MODELS[name], tok, sents, st, out)

@@ -43,12 +43,15 @@ __all__ = [
     "encode_texts",
     "evaluate",
     "interpolation_curve",
+    "kept_vectors",
     "lm_perplexity",
+    "lm_sentence_nll",
     "load_model",
     "ood_sentences",
     "pad_batch",
     "save_model",
     "split_sentences",
+    "token_pseudo_counts",
     "train",
     "train_lm",
     "wikitext_sentences",
@@ -300,6 +303,12 @@ def _batches(ids: list[list[int]], size: int):
         yield order[k : k + size]
 
 
+def kept_vectors(latent) -> Tensor:
+    """``[B]`` the token components an evaluation-mode NVIB latent keeps: those with a non-zero
+    weight after the threshold (pseudo-count above ``alpha_threshold``), prior and padding excluded."""
+    return (torch.isfinite(latent.log_pi[:, 1:]) & ~latent.pad_mask[:, 1:]).sum(-1)
+
+
 @torch.no_grad()
 def evaluate(model: NVAE, tok, texts: Sequence[str], batch_size: int = 64, show_progress: bool = False) -> dict[str, Any]:
     """Reconstruction and latent statistics of ``texts`` (evaluation mode, posterior means).
@@ -310,7 +319,8 @@ def evaluate(model: NVAE, tok, texts: Sequence[str], batch_size: int = 64, show_
     vectors the decoder reads: NVAE components with pseudo-count above the threshold, prior
     excluded; 1 for the pooled VAE; the token count for the autoencoder), ``kept_fraction``
     (vectors / tokens), ``pseudo_count`` (mean total pseudo-count of the token components,
-    NVAE only) and ``reconstructions``.
+    NVAE only), ``reconstructions`` and, per sentence in input order, ``sentence_tokens`` and
+    ``sentence_vectors`` (for kept-vectors-against-length plots).
     """
     import sacrebleu
 
@@ -320,6 +330,7 @@ def evaluate(model: NVAE, tok, texts: Sequence[str], batch_size: int = 64, show_
     refs = tok.batch_decode(ids, skip_special_tokens=True)
     hyps: list[str] = [""] * len(ids)
     tot = {"correct": 0.0, "tokens": 0.0, "recon": 0.0, "kl_g": 0.0, "kl_d": 0.0, "vectors": 0.0, "fraction": 0.0, "alpha": 0.0}
+    per_tokens, per_vectors = [0] * len(ids), [0] * len(ids)
     for rows in progress(list(_batches(ids, batch_size)), "evaluate", show_progress):
         x, m = pad_batch([ids[i] for i in rows], model.config.pad_id)
         x, m = x.to(dev), m.to(dev)
@@ -333,7 +344,7 @@ def evaluate(model: NVAE, tok, texts: Sequence[str], batch_size: int = 64, show_
         n = m.sum(-1).double()
         lat = o.memory.latent
         if lat is not None:
-            vec = (torch.isfinite(lat.log_pi[:, 1:]) & ~lat.pad_mask[:, 1:]).sum(-1).double()
+            vec = kept_vectors(lat).double()
             tot["alpha"] += float(lat.log_alpha[:, 1:].masked_fill(lat.pad_mask[:, 1:], float("-inf")).exp().sum())
         elif model.config.bottleneck == "pooled":
             vec = torch.ones_like(n)
@@ -341,13 +352,32 @@ def evaluate(model: NVAE, tok, texts: Sequence[str], batch_size: int = 64, show_
             vec = n
         tot["vectors"] += float(vec.sum())
         tot["fraction"] += float((vec / n).sum())
+        for i, tokens, kept in zip(rows, n.tolist(), vec.tolist()):
+            per_tokens[i], per_vectors[i] = int(tokens), int(kept)
         for i, h in zip(rows, tok.batch_decode(model.generate(o.memory), skip_special_tokens=True)):
             hyps[i] = h
     N = len(ids)
     return {"sentences": N, "bleu": sacrebleu.corpus_bleu(hyps, [refs]).score, "token_accuracy": tot["correct"] / tot["tokens"],
             "recon_per_token": tot["recon"] / tot["tokens"], "kl_g": tot["kl_g"] / N, "kl_d": tot["kl_d"] / N,
             "tokens": tot["tokens"] / N, "vectors": tot["vectors"] / N, "kept_fraction": tot["fraction"] / N,
-            "pseudo_count": tot["alpha"] / N if model.config.bottleneck == "nvib" else None, "reconstructions": hyps, "references": refs}
+            "pseudo_count": tot["alpha"] / N if model.config.bottleneck == "nvib" else None, "reconstructions": hyps, "references": refs,
+            "sentence_tokens": per_tokens, "sentence_vectors": per_vectors}
+
+
+@torch.no_grad()
+def token_pseudo_counts(model: NVAE, tok, texts: Sequence[str], batch_size: int = 64) -> Tensor:
+    """``[T]`` float64: the pseudo-count of every token component of ``texts`` (evaluation mode;
+    prior component and padding left out), for the distribution of an NVAE's pseudo-counts."""
+    if model.config.bottleneck != "nvib":
+        raise ValueError(f"token_pseudo_counts: a {model.config.bottleneck!r} bottleneck has no pseudo-counts")
+    model.eval()
+    ids = encode_texts(tok, texts, model.config.max_length)
+    out = []
+    for rows in _batches(ids, batch_size):
+        x, m = pad_batch([ids[i] for i in rows], model.config.pad_id)
+        lat = model.encode(x.to(model.device), m.to(model.device))[0].latent
+        out.append(lat.log_alpha[:, 1:][~lat.pad_mask[:, 1:]].double().exp().cpu())
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -407,15 +437,24 @@ def train_lm(tok, texts: Sequence[str], *, d_model: int = 128, layers: int = 2, 
 
 
 @torch.no_grad()
-def lm_perplexity(lm, tok, texts: Sequence[str], max_length: int = 64, batch_size: int = 64) -> float:
-    """Token-level perplexity of ``texts`` under ``lm`` (each text after an EOS-as-BOS token,
-    its EOS predicted too): ``exp(total NLL / total predicted tokens)``."""
+def lm_sentence_nll(lm, tok, texts: Sequence[str], max_length: int = 64, batch_size: int = 64) -> tuple[list[float], list[int]]:
+    """``(nats, tokens)`` per text, in input order: the summed NLL of each text under ``lm`` (after
+    an EOS-as-BOS token, its EOS predicted too) and its number of predicted tokens."""
     ids = [[tok.eos_token_id] + s for s in encode_texts(tok, texts, max_length)]
-    nll, n = 0.0, 0
+    nats, tokens = [0.0] * len(ids), [0] * len(ids)
     for rows in _batches(ids, batch_size):
         x, m = pad_batch([ids[i] for i in rows], tok.pad_token_id)
         logits = lm(input_ids=x, attention_mask=m.long()).logits[:, :-1].float()
         tgt = x[:, 1:].masked_fill(~m[:, 1:], -100)
-        nll += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-100, reduction="sum"))
-        n += int(m[:, 1:].sum())
-    return math.exp(nll / n)
+        per = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-100, reduction="none").double().sum(-1)
+        for i, v, n in zip(rows, per.tolist(), m[:, 1:].sum(-1).tolist()):
+            nats[i], tokens[i] = v, int(n)
+    return nats, tokens
+
+
+@torch.no_grad()
+def lm_perplexity(lm, tok, texts: Sequence[str], max_length: int = 64, batch_size: int = 64) -> float:
+    """Token-level perplexity of ``texts`` under ``lm``: ``exp(total NLL / total predicted tokens)``
+    (:func:`lm_sentence_nll`)."""
+    nats, tokens = lm_sentence_nll(lm, tok, texts, max_length, batch_size)
+    return math.exp(sum(nats) / sum(tokens))

@@ -1,0 +1,76 @@
+"""The NVAE sparsity sweep: the kept-vector count, the sweep's rows and its length relation."""
+
+import math
+
+import pytest
+import torch
+
+import nvformer as nv
+from nvformer_studies.nvae.report import _corr, _partial, length_relation, sweep_rows, sweep_section
+from nvformer_studies.nvae.study import SWEEP
+from nvformer_studies.nvae.training import kept_vectors
+
+
+def test_kept_vectors_are_the_pseudo_counts_above_the_threshold():
+    """A hand-built latent: log a_i = x_i[0] (linear pseudo-count map, no quadratic term, no bias)."""
+    nvib = nv.NVIB(4, 1, alpha_threshold=0.1, alpha_tau=0.0).eval()
+    with torch.no_grad():
+        nvib.alpha_lin.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+        nvib.alpha_quad.zero_()
+        nvib.alpha_bias.zero_()
+    a = torch.tensor([[0.05, 0.1, 0.11, 2.0, 0.5], [0.3, 0.02, 0.09, 5.0, 7.0]], dtype=torch.float64)
+    x = torch.zeros(2, 5, 4)
+    x[..., 0] = a.log().float()
+    pad = torch.tensor([[False] * 5, [False, False, False, False, True]])
+    lat = nvib(x, key_padding_mask=pad)
+    want = ((a > 0.1) & ~pad).sum(-1)
+    assert kept_vectors(lat).tolist() == want.tolist() == [3, 2]
+    torch.testing.assert_close(lat.log_alpha[:, 1:].exp()[~pad], a.float()[~pad].double(), rtol=1e-6, atol=0)
+
+
+def test_correlation_helpers_match_torch():
+    g = torch.Generator().manual_seed(0)
+    x, y, z = (torch.randn(50, generator=g, dtype=torch.float64) for _ in range(3))
+    y = y + 0.5 * x + 0.3 * z
+    assert _corr(x.tolist(), y.tolist()) == pytest.approx(float(torch.corrcoef(torch.stack([x, y]))[0, 1]), abs=1e-12)
+    # the partial correlation is the correlation of the residuals after regressing both on z (with an intercept)
+    design = torch.stack([torch.ones_like(z), z], 1)
+    rx, ry = (v - design @ torch.linalg.lstsq(design, v[:, None]).solution[:, 0] for v in (x, y))
+    assert _partial(x.tolist(), y.tolist(), z.tolist()) == pytest.approx(float(torch.corrcoef(torch.stack([rx, ry]))[0, 1]), abs=1e-10)
+    assert _corr([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None
+
+
+def _model(bottleneck, kept, bleu, sentence_vectors, **config):
+    cfg = {"bottleneck": bottleneck, "delta": 0.25, "lambda_d": 1.0, "kappa": 1, "prior_log_alpha": 0.0, "schedule": "monotonic", "lambda_g": 0.1,
+           **config}
+    split = {"bleu": bleu, "kept_fraction": kept, "vectors": sum(sentence_vectors) / 3, "tokens": 10.0, "pseudo_count": 3.0 * kept,
+             "kl_g": 0.5, "kl_d": 0.1, "sentence_tokens": [5, 10, 15], "sentence_vectors": sentence_vectors}
+    return {"config": cfg, "train": {"seconds": 60.0}, "test": split, "ood": split,
+            **({"pseudo_counts": {"quantiles": {"q50": 0.2}, "share_at_most_threshold": 0.4}} if bottleneck == "nvib" else {})}
+
+
+def test_rows_reading_and_csv_of_the_sweep(tmp_path):
+    res = {"data": {"test": 3, "ood": 3}, "threshold": 0.1, "seconds": 60.0,
+           "information": {"nats": [20.0, 30.0, 70.0], "tokens": [5, 10, 15]},
+           "models": {"autoencoder": _model("none", 1.0, 98.0, [5, 10, 15]), "nvae-sparse": _model("nvib", 0.5, 90.0, [3, 4, 8]),
+                      "nvae-full": _model("nvib", 1.0, 95.0, [5, 10, 15], delta=1.0)}}
+    rows = sweep_rows(res)
+    assert [r["model"] for r in rows] == ["autoencoder", "nvae-sparse", "nvae-full"]
+    assert rows[0]["delta"] is None and rows[1]["pseudo_count_per_token"] == pytest.approx(0.15) and rows[1]["prior_alpha"] == 1.0
+    rel = length_relation(res)
+    assert set(rel) == {"nvae-sparse", "nvae-full"} and rel["nvae-full"]["length"] == pytest.approx(1.0)
+    assert rel["nvae-sparse"]["slope"] == pytest.approx(0.5)
+    text = sweep_section(res, tmp_path / "figures", tmp_path / "results")
+    csv = (tmp_path / "results" / "nvae_sweep.csv").read_text().splitlines()
+    assert csv[0].startswith("model,bottleneck,delta,lambda_d,kappa") and "test_bleu" in csv[0] and "kept" in csv[0].split(",")
+    assert "The goal is reached by 1 setting(s): nvae-sparse keeps 50% of the vectors at test BLEU 90.0" in text
+    assert (tmp_path / "figures" / "nvae_sweep_tradeoff.png").exists() and (tmp_path / "figures" / "nvae_sweep_length.png").exists()
+
+
+def test_the_sweep_covers_the_issues_settings():
+    cfgs = [o for b, o in SWEEP.values() if b == "nvib"]
+    assert {c.get("delta", 1.0) for c in cfgs} >= {0.1, 0.25, 0.5, 1.0}
+    assert {c.get("lambda_d", 0.1) for c in cfgs} >= {0.1, 1.0, 10.0}
+    assert any(c.get("kappa", 1) > 1 for c in cfgs) and any("prior_log_alpha" in c for c in cfgs)
+    assert math.exp(SWEEP["nvae-d0.25-l1-p0.1"][1]["prior_log_alpha"]) == pytest.approx(0.1)
+    assert {b for b, _ in SWEEP.values()} == {"nvib", "none", "pooled"}
