@@ -282,3 +282,21 @@ def test_unconvert_removes_dirichlet_attention():
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
     with torch.no_grad():
         torch.testing.assert_close(output(model, kw), ref, rtol=0, atol=0)
+
+
+def test_hf_kl_leaves_out_padded_queries_like_the_module():
+    """The KL of a padded sequence equals that of the same sequence alone (its padded queries add nothing)."""
+    from hf_models import build
+
+    model = nv.convert_dirichlet(build("bert"))
+    dmod.set_eval_kl(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 50, (2, 7), generator=g)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, 5:] = 0
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        padded = dmod.dirichlet_kl_total(model)[0]
+        model(input_ids=ids[:1, :5], attention_mask=mask[:1, :5])
+        alone = dmod.dirichlet_kl_total(model)[0]
+    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-8)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..core.masks import hf_mask_bias
+from ..core.masks import hf_mask_bias, key_padding_from_bias
 from ..core.rope import repeat_kv
 from ..dirichlet.functional import DirichletSpec, dirichlet_attention, working_dtype
 from ..dirichlet.module import DirichletState
@@ -22,7 +22,8 @@ def _hf_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     """The ``transformers`` attention interface: ``[B, H, N, d]`` inputs, returns ``([B, Nq, H, d], weights)``.
 
     ``position_bias`` (T5's relative position bias, passed by keyword) is added to the scores, as
-    T5's own attention functions do.
+    T5's own attention functions do. ``last_kl`` sums the KL over heads and the queries that are
+    not padding (docs/MATH.md section 5).
     """
     st = getattr(module, "dirichlet", None)
     if not isinstance(st, DirichletState):
@@ -33,11 +34,15 @@ def _hf_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     sample, need_kl = st.modes(module.training)
     wd = working_dtype(query.dtype, sample=sample, kl=need_kl)
     bias = hf_mask_bias(attention_mask, B, Nq, Nk, bool(getattr(module, "is_causal", False)), wd, query.device)
+    # self-attention: queries at padded positions are no part of the ELBO (as in DirichletAttention)
+    pad_queries = key_padding_from_bias(bias, B, Nk) if (bias is not None and Nq == Nk) else None
     if position_bias is not None:
         pb = position_bias[..., -Nq:, :Nk].to(wd)
         bias = pb if bias is None else bias + pb
     out, w, kl = dirichlet_attention(query, key, value, bias, st.spec, st.tau, sample=sample, kl=need_kl, scale=scaling,
                                      dropout_p=dropout if module.training else 0.0)
+    if kl is not None and pad_queries is not None:
+        kl = kl.masked_fill(pad_queries[:, None, :], 0.0)
     st.last_kl = None if kl is None else kl.sum((1, 2))
     return out.transpose(1, 2).contiguous(), w
 
