@@ -7,7 +7,10 @@
   indices for both systems), for per-example scores, rows of statistics, ratios of sums, and
   means over groups (target domains).
 * uncertainty metrics of predictive samples ``[S, N, C]``: NLL, Brier, ECE, reliability bins,
-  predictive entropy, mutual information, OOD AUROC, temperature fitting.
+  predictive entropy, mutual information, temperature fitting.
+* out-of-distribution detection by a score (higher = more likely OOD): :func:`ood_detection`
+  (AUROC, AUPR and FPR at 95% TPR, OOD = positive class), :func:`ood_auroc`, and the scores
+  :func:`max_prob_score` (``1 - max p``) and :func:`energy_score` (``-logsumexp`` of the logits).
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["METRICS", "classification_metrics", "fit_temperature", "mutual_information", "ood_auroc", "paired_bootstrap",
-           "predictive_entropy", "reliability_bins", "uncertainty_metrics"]
+__all__ = ["METRICS", "OOD_METRICS", "classification_metrics", "energy_score", "fit_temperature", "fpr_at_tpr", "max_prob_score",
+           "mutual_information", "ood_auroc", "ood_detection", "paired_bootstrap", "predictive_entropy", "reliability_bins",
+           "uncertainty_metrics"]
 
 METRICS = ("accuracy", "macro_f1", "nll", "ece")
+OOD_METRICS = ("auroc", "aupr", "fpr95")  # the keys of ood_detection
 
 
 def _check(logits: Tensor, labels: Tensor) -> int:
@@ -170,14 +175,88 @@ def reliability_bins(probs: Tensor, labels: Tensor, n_bins: int = 10) -> dict[st
     return out
 
 
+def max_prob_score(probs: Tensor) -> Tensor:
+    """``[N]`` ``1 - max_c p_c`` of the mean predictive of samples ``[S, N, C]``: the
+    maximum-softmax-probability baseline (Hendrycks & Gimpel 2017) as an uncertainty score."""
+    return 1.0 - _check_samples(probs).mean(0).max(-1).values
+
+
+def energy_score(logits: Tensor) -> Tensor:
+    """``[N]`` energy ``-logsumexp_c z_c`` of logits ``[N, C]`` (Liu et al. 2020; temperature 1):
+    higher = more likely out of distribution. Unlike the softmax scores it reads the logits'
+    magnitude, not only their differences."""
+    if logits.dim() != 2:
+        raise ValueError(f"energy_score: need logits [N, C], got {tuple(logits.shape)}")
+    return -torch.logsumexp(logits.double(), -1)
+
+
+def _detection_inputs(score_in: Tensor, score_out: Tensor, who: str) -> tuple[Tensor, Tensor]:
+    """Scores of both groups as ranks in ``[0, 1]`` (equal scores, equal ranks) and the target (1 = OOD).
+
+    ``torchmetrics`` reads scores outside ``[0, 1]`` as logits and squashes them with a sigmoid,
+    which in floating point merges large scores (energies, logits) into ties; ranks keep exactly
+    the order and the ties of the scores, and every rank-based metric is unchanged by them.
+    """
+    if score_in.dim() != 1 or score_out.dim() != 1 or not len(score_in) or not len(score_out):
+        raise ValueError(f"{who}: need non-empty 1-D scores of both groups, got {tuple(score_in.shape)} and {tuple(score_out.shape)}")
+    scores = torch.cat([score_in, score_out]).double()
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"{who}: the scores must be finite")
+    _, rank = torch.unique(scores, sorted=True, return_inverse=True)
+    target = torch.cat([torch.zeros(len(score_in)), torch.ones(len(score_out))]).long()
+    return rank.double() / max(1, int(rank.max())), target
+
+
+def fpr_at_tpr(score_in: Tensor, score_out: Tensor, tpr: float = 0.95) -> float:
+    """False-positive rate at ``tpr`` true-positive rate of detecting out-of-distribution
+    examples (the positive class) by ``score >= t`` (higher score = more likely OOD).
+
+    Thresholds ``t`` run over the distinct scores (tied examples are always on the same side);
+    the result is the FPR at the *largest* threshold whose TPR is at least ``tpr``, i.e. the
+    smallest FPR any threshold reaches while flagging at least a fraction ``tpr`` of the OOD
+    examples (at the smallest threshold every example is flagged and the FPR is 1, so that is
+    not the one meant). 0 = perfect, 1 = every in-distribution example is flagged.
+    """
+    if not 0 < tpr <= 1:
+        raise ValueError(f"fpr_at_tpr: `tpr` must be in (0, 1], got {tpr}")
+    ranks, target = _detection_inputs(score_in, score_out, "fpr_at_tpr")
+    order = torch.argsort(ranks, descending=True)
+    r, t = ranks[order], target[order].double()
+    last = torch.ones_like(r, dtype=torch.bool)
+    last[:-1] = r[1:] != r[:-1]  # the last example of each group of equal scores: one threshold each
+    tp, fp = t.cumsum(0)[last], (1 - t).cumsum(0)[last]
+    reached = tp / tp[-1] >= tpr  # counts, divided in float64: exact at tpr = k / n_out
+    return float(fp[int(torch.nonzero(reached)[0, 0])] / fp[-1])  # the TPR rises as the threshold falls: the first reaching tpr
+
+
+def ood_detection(score_in: Tensor, score_out: Tensor) -> dict[str, float]:
+    """How well a score (higher = more uncertain) tells out-of-distribution examples (the
+    positive class) from in-distribution ones: ``{"auroc", "aupr", "fpr95"}``.
+
+    * ``auroc``: area under the ROC curve (``torchmetrics`` ``binary_auroc``): the probability
+      that a random OOD example scores higher than a random in-distribution one, ties counting
+      one half; 0.5 = chance.
+    * ``aupr``: area under the precision-recall curve with OOD as positive, as average precision
+      (``binary_average_precision``: ``sum_n (R_n - R_{n-1}) P_n`` over the distinct thresholds);
+      chance = the OOD fraction.
+    * ``fpr95``: :func:`fpr_at_tpr` at 95% TPR (lower is better).
+
+    ``torchmetrics`` computes the curves in float32, so AUROC and AUPR carry its rounding (~1e-7);
+    the FPR is a ratio of counts in float64.
+    """
+    from torchmetrics.functional.classification import binary_auroc, binary_average_precision
+
+    scores, target = _detection_inputs(score_in, score_out, "ood_detection")
+    return {"auroc": float(binary_auroc(scores, target)), "aupr": float(binary_average_precision(scores, target)),
+            "fpr95": fpr_at_tpr(score_in, score_out, 0.95)}
+
+
 def ood_auroc(score_in: Tensor, score_out: Tensor) -> float:
     """AUROC of telling out-of-domain (positive) from in-domain examples by an uncertainty
-    score (higher = more uncertain), via ``torchmetrics``; 0.5 = chance."""
+    score (higher = more uncertain), via ``torchmetrics``; 0.5 = chance (:func:`ood_detection`)."""
     from torchmetrics.functional.classification import binary_auroc
 
-    scores = torch.cat([score_in, score_out]).double()
-    target = torch.cat([torch.zeros(len(score_in)), torch.ones(len(score_out))]).long()
-    return float(binary_auroc(scores, target))
+    return float(binary_auroc(*_detection_inputs(score_in, score_out, "ood_auroc")))
 
 
 def fit_temperature(logits: Tensor, labels: Tensor, grid: Tensor | None = None) -> float:

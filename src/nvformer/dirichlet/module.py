@@ -15,7 +15,7 @@ from ..core.checks import at_least_float32, check_dropout, check_float, check_he
 from ..core.masks import mha_masks
 from .functional import DirichletSpec, dirichlet_attention, working_dtype
 
-__all__ = ["DirichletAttention", "DirichletState", "dirichlet_kl_total", "set_eval_kl"]
+__all__ = ["DirichletAttention", "DirichletState", "dirichlet_kl_total", "set_eval_kl", "variational_parameters"]
 
 class DirichletState(nn.Module):
     """The state of one Dirichlet attention module: the (learnable) concentration scale ``tau``,
@@ -159,3 +159,12 @@ def set_eval_kl(model: nn.Module, on: bool = True) -> None:
     need it and the posterior-mean path is then much cheaper."""
     for m in _dirichlet_states(model, "set_eval_kl"):
         m.eval_kl = bool(on)
+
+
+def variational_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of every variational parameter of ``model``'s Dirichlet attention: the
+    parameters of each :class:`DirichletState` (today its ``log_tau``), in ``named_parameters``
+    order; empty for a model without Dirichlet attention. An optimiser can give them a parameter
+    group of their own (they parameterise the attention posterior, not the network)."""
+    ids = {id(p) for m in model.modules() if isinstance(m, DirichletState) for p in m.parameters()}
+    return [(name, p) for name, p in model.named_parameters() if id(p) in ids]
