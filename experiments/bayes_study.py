@@ -77,9 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         res = run_bayes_study(out, smoke=args.smoke, seeds=seeds, quiet=args.quiet, train_only=args.train_only, posterior=args.posterior)
     if res is None:
         return
-    fig_dir, csv_dir = doc_dirs(args, ROOT)
-    if csv_dir is not None and Path(args.results).resolve().parent != (ROOT / "docs").resolve():
-        fig_dir = Path(args.results).parent / "figures"  # a results file elsewhere (e.g. a smoke run's): its figure beside it, not in docs/
+    fig_dir, csv_dir = doc_dirs(args)
     publish(section(res, fig_dir, csv_dir), "bayes", args)
 
 

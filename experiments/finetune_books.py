@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     config = FinetuneConfig()
     model, tok, info = load_or_finetune(Path(args.out), "books", SPLIT_SEED, config, force=args.force)
-    publish(source_model_section(model, tok, info, config, SPLIT_SEED, doc_dirs(args, ROOT)[1]), "source-model", args)
+    publish(source_model_section(model, tok, info, config, SPLIT_SEED, doc_dirs(args)[1]), "source-model", args)
 
 
 if __name__ == "__main__":

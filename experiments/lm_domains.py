@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
         res = run_lm_study(LMStudyConfig(), args.out)
         res.info["threads"] = torch.get_num_threads()
         res.save(Path(args.out))
-    publish(section(res, *doc_dirs(args, ROOT)), "lm-domains", args)
+    publish(section(res, *doc_dirs(args)), "lm-domains", args)
 
 
 if __name__ == "__main__":

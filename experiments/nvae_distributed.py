@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = Path(args.out)
     res = json.loads((out / "results.json").read_text()) if args.reuse else run_distributed(out, args.seeds, args.epochs, ROOT)
-    publish(distributed_section(res, *doc_dirs(args, ROOT)), "nvae-distributed", args)
+    publish(distributed_section(res, *doc_dirs(args)), "nvae-distributed", args)
 
 
 if __name__ == "__main__":

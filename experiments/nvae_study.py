@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
         res = run_nvae_study(out, [n.strip() for n in args.models.split(",")], smoke=args.smoke, train_only=args.train_only)
         if res is None:
             return
-    publish(section(res, out, *doc_dirs(args, ROOT)), "nvae", args)
+    publish(section(res, out, *doc_dirs(args)), "nvae", args)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         res = run_nvae_sweep(out, [n.strip() for n in args.models.split(",")], smoke=args.smoke, train_only=args.train_only)
         if res is None:
             return
-    publish(sweep_section(res, *doc_dirs(args, ROOT)), "nvae-sweep", args)
+    publish(sweep_section(res, *doc_dirs(args)), "nvae-sweep", args)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     result = StudyResult.load(out) if args.reuse else run_study(StudyConfig.full(model_dir=args.model), out)
     write_outputs(result, out)
     copy_figures(out, ROOT / "docs" / "figures")
-    publish(section(result, doc_dirs(args, ROOT)[1]), "ood-study", args)
+    publish(section(result, doc_dirs(args)[1]), "ood-study", args)
 
 
 if __name__ == "__main__":

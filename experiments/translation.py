@@ -112,7 +112,7 @@ def write(res: dict, info: dict, command: str, args) -> None:
     name = None
     if not args.no_results:
         name = figure(res, ROOT / "docs" / "figures" / "translation.png").name
-    publish(section(res, info, command, ROOT, name, doc_dirs(args, ROOT)[1]), "translation", args)
+    publish(section(res, info, command, ROOT, name, doc_dirs(args)[1]), "translation", args)
 
 
 if __name__ == "__main__":

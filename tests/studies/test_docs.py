@@ -41,3 +41,15 @@ def test_write_section_replaces_or_appends(tmp_path):
     text = path.read_text()
     assert text.startswith("# Results\n") and "first" not in text
     assert text.index("<!-- a:start -->\nthird\n<!-- a:end -->") < text.index("<!-- b:start -->\nsecond\n<!-- b:end -->")
+
+
+def test_a_section_written_elsewhere_keeps_its_figures_and_tables_beside_it(tmp_path):
+    """doc_dirs: figures and CSVs go beside --results (the section links figures relative to it),
+    so a results file outside docs/ never writes into docs/; --no-results: the run's folder, no CSV."""
+    import argparse
+
+    from nvformer_studies.common.scripts import doc_dirs
+
+    args = argparse.Namespace(results=str(tmp_path / "elsewhere" / "R.md"), out=str(tmp_path / "run"), no_results=False)
+    assert doc_dirs(args) == (tmp_path / "elsewhere" / "figures", tmp_path / "elsewhere" / "results")
+    assert doc_dirs(argparse.Namespace(**{**vars(args), "no_results": True})) == (tmp_path / "run" / "figures", None)

@@ -151,6 +151,20 @@ def test_parameter_groups_give_tau_its_own_learning_rate():
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), recorded.parameters()))
 
 
+def test_gradients_are_clipped_per_group():
+    """A huge gradient in one group is clipped to norm 1 without shrinking the other group's gradient
+    (one global clip would scale both by the same factor)."""
+    from nvformer_studies.common.finetune import clip_per_group
+
+    a, b = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64)), torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    a.grad = torch.tensor([0.3, 0.0, 0.4], dtype=torch.float64)  # norm 0.5: untouched
+    b.grad = torch.tensor([600.0, 800.0], dtype=torch.float64)  # norm 1000: scaled to 1
+    opt = torch.optim.AdamW([{"params": [a]}, {"params": [b]}])
+    assert clip_per_group(opt, 1.0) == pytest.approx([0.5, 1000.0])
+    assert torch.equal(a.grad, torch.tensor([0.3, 0.0, 0.4], dtype=torch.float64))
+    assert torch.allclose(b.grad, torch.tensor([0.6, 0.8], dtype=torch.float64), rtol=1e-5)
+
+
 def test_a_learnt_tau_moves_off_its_initial_value_only_at_its_own_learning_rate():
     """A tiny Dirichlet classifier fine-tuned on 32 books reviews with the study's ELBO: at the
     network's learning rate tau stays at 10 (as in the recorded run); with a learning rate of its

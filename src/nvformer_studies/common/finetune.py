@@ -22,7 +22,7 @@ from nvformer.dirichlet.module import variational_parameters
 from nvformer.metrics import classification_metrics
 from nvformer.tasks import classification_batches, predict_logits
 
-__all__ = ["FinetuneConfig", "FinetuneHistory", "finetune_classifier", "parameter_groups"]
+__all__ = ["FinetuneConfig", "FinetuneHistory", "clip_per_group", "finetune_classifier", "parameter_groups"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,12 @@ class FinetuneHistory:
     train_loss: list[float] = field(default_factory=list)
     val_accuracy: list[float] = field(default_factory=list)
     best_epoch: int = -1
+
+
+def clip_per_group(opt: torch.optim.Optimizer, max_norm: float) -> list[float]:
+    """Clip the gradient norm of each parameter group of ``opt`` to ``max_norm`` separately (a
+    large KL gradient of tau does not shrink the network's step); returns the norms before clipping."""
+    return [float(torch.nn.utils.clip_grad_norm_(group["params"], max_norm)) for group in opt.param_groups]
 
 
 def parameter_groups(model: nn.Module, config: FinetuneConfig, variational_lr: float | None = None) -> list[dict]:
@@ -106,8 +112,7 @@ def finetune_classifier(model: nn.Module, tokenizer, train_texts: list[str], tra
             loss = out.loss if extra_loss is None else out.loss + extra_loss(model)
             opt.zero_grad()
             loss.backward()
-            for group in opt.param_groups:  # per group: a large KL gradient of tau does not shrink the network's step
-                torch.nn.utils.clip_grad_norm_(group["params"], 1.0)
+            clip_per_group(opt, 1.0)
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))

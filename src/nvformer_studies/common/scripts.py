@@ -58,13 +58,14 @@ def set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def doc_dirs(args: argparse.Namespace, root: Path) -> tuple[Path, Path | None]:
-    """``(figures folder, CSV folder)`` of a script's section: ``docs/figures`` and the
-    ``results/`` folder beside ``--results``; with ``--no-results`` the run's own ``OUT/figures``
+def doc_dirs(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """``(figures folder, CSV folder)`` of a script's section: the ``figures/`` and ``results/``
+    folders beside ``--results`` (``docs/figures``, ``docs/results`` by default; the section links
+    its figures relative to the markdown file); with ``--no-results`` the run's own ``OUT/figures``
     and no CSV."""
     if getattr(args, "no_results", False):
         return Path(args.out) / "figures", None
-    return root / "docs" / "figures", Path(args.results).parent / "results"
+    return Path(args.results).parent / "figures", Path(args.results).parent / "results"
 
 
 def publish(text: str, key: str, args: argparse.Namespace) -> None:
