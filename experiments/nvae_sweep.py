@@ -7,7 +7,7 @@
 
 Models: ``nvformer_studies.nvae.study.SWEEP`` (delta, lambda_D, kappa, annealing, prior pseudo-count;
 the autoencoder and the pooled VAE as reference points), each trained as the NVAE study's models are
-(same data, tokenizer, sizes, 12 epochs, seed 0; shared models are trained once). Evaluation: greedy
+(same data, tokenizer and sizes; 6 epochs, half the study's budget, seed 0; cached in runs/nvae/sweep/). Evaluation: greedy
 reconstructions of 500 WikiText-2 test sentences and 500 law sentences (split seed 0), with the
 authors' evaluation threshold (pseudo-count <= 0.1 pruned). The section (tables via
 docs/results/nvae_sweep.csv): ``nvformer_studies.nvae.report.sweep_section``.
@@ -30,12 +30,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-only", action="store_true", help="only train (and cache) the models")
     parser.add_argument("--models", default=",".join(SWEEP), help="comma list of the sweep's models to train and evaluate")
     args = parser.parse_args(argv)
+    names = [n.strip() for n in args.models.split(",")]
+    unknown = [n for n in names if n not in SWEEP]
+    if unknown:
+        parser.error(f"--models: unknown {', '.join(unknown)} (the sweep's: {', '.join(SWEEP)})")
     set_threads(args)
     out = Path(args.out)
     if args.reuse:
         res = json.loads((out / "sweep.json").read_text())
     else:
-        res = run_nvae_sweep(out, [n.strip() for n in args.models.split(",")], smoke=args.smoke, train_only=args.train_only)
+        res = run_nvae_sweep(out, names, smoke=args.smoke, train_only=args.train_only)
         if res is None:
             return
     publish(sweep_section(res, *doc_dirs(args)), "nvae-sweep", args)

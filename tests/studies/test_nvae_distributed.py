@@ -50,7 +50,14 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     moved = max(float((s1[k] - vae.load_model(tmp_path / "one")[0].state_dict()[k]).abs().max()) for k in s1)
     assert moved == 0.0  # loading is deterministic
     for k in s1:
-        torch.testing.assert_close(s2[k], s1[k], rtol=1e-4, atol=1e-5, msg=k)
+        a, b = s2[k], s1[k]
+        if k.endswith("in_proj_bias"):
+            # The key bias adds q.b_k to every score of a query, which the softmax cancels: its true
+            # gradient is exactly 0, so Adam turns float rounding (which differs between one process
+            # and an all-reduce over two) into steps of +-lr. Compare the query and value biases only.
+            d = a.shape[0] // 3
+            a, b = torch.cat([a[:d], a[2 * d:]]), torch.cat([b[:d], b[2 * d:]])
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
     assert meta1["train"]["processes"] == 1 and meta2["train"]["processes"] == 2
     # the CLI reads the trained model back
     out = _run([sys.executable, "-m", "nvformer_studies.cli", "nvae", "reconstruct", str(tmp_path / "one"), SENTS[0]], tmp_path)

@@ -146,8 +146,8 @@ def _model_row(name: str, r: dict) -> dict:
 
 
 def _percent(key: str, spec: str):
-    """A table cell: the fraction ``key`` in percent."""
-    return lambda r: f"{100 * r[key]:{spec}}%"
+    """A table cell: the fraction ``key`` in percent ("-" where it is None)."""
+    return lambda r: "-" if r[key] is None else f"{100 * r[key]:{spec}}%"
 
 
 def _pair(t: float):
@@ -201,6 +201,7 @@ def sweep_rows(res: dict) -> list[dict]:
                      "vectors": t["vectors"], "tokens": t["tokens"], "pseudo_count_per_token": t["pseudo_count"] / t["tokens"] if nvib else None,
                      "kl_g": t["kl_g"], "kl_d": t["kl_d"], "ood_bleu": o["bleu"], "ood_kept": o["kept_fraction"],
                      "median_pseudo_count": pc.get("quantiles", {}).get("q50"), "share_at_most_threshold": pc.get("share_at_most_threshold"),
+                     "effective_share": pc.get("effective_share"),
                      "train_minutes": r["train"]["seconds"] / 60})
     return rows
 
@@ -302,6 +303,11 @@ def sweep_reading(res: dict, rows: list[dict]) -> str:
         text.append("No setting reaches the goal (at most 60% of the vectors kept with test BLEU within 10 points of the autoencoder). ")
     if pruned:
         text.append("Settings that prune at all: " + ", ".join(f"{r['model']} {100 * r['kept']:.0f}% kept / BLEU {r['test_bleu']:.1f}" for r in pruned) + ". ")
+    eff = [r for r in nvae if r["effective_share"] is not None]
+    if eff:
+        lo, hi = min(eff, key=lambda r: r["effective_share"]), max(eff, key=lambda r: r["effective_share"])
+        text.append(f"Without a threshold, the pseudo-counts' effective number of vectors is {100 * lo['effective_share']:.0f}% "
+                    f"({lo['model']}) to {100 * hi['effective_share']:.0f}% ({hi['model']}) of the tokens. ")
     full = [r for r in nvae if r["kept"] >= 0.999]
     if full:
         text.append("Keeping every vector: " + ", ".join(f"{r['model']} (median pseudo-count {r['median_pseudo_count']:.2f})" for r in full
@@ -332,17 +338,20 @@ def sweep_section(res: dict, fig_dir: Path, csv_dir: Path | None = None) -> str:
     d = res["data"]
     opt = lambda spec, key: (lambda r: "-" if r[key] is None else format(r[key], spec))  # noqa: E731
     lines = ["## NVAE sparsity sweep: latent vectors kept against reconstruction", "",
-             "Command: `.venv/bin/python experiments/nvae_sweep.py` (models cached in `runs/nvae/`, shared with the NVAE study; "
+             "Command: `.venv/bin/python experiments/nvae_sweep.py` (models cached in `runs/nvae/sweep/`; "
              f"evaluation {res['seconds'] / 60:.0f} min). Data as in the NVAE section: {d['test']} WikiText-2 test sentences, "
-             f"{d['ood']} law sentences (split seed 0). Every model: the NVAE section's sizes and training (12 epochs, seed 0, "
+             f"{d['ood']} law sentences (split seed 0). Every model: the NVAE section's sizes and training, but "
+             f"{res.get('epochs', 12)} epochs (seed 0, "
              "monotonic KL annealing over 400 steps unless `cyclic`), lambda_G 0.1; the sweep varies delta, lambda_D, kappa, the "
              "annealing and the prior pseudo-count alpha_p (`nvformer_studies.nvae.study.SWEEP`). Kept = token components with "
              f"pseudo-count above {res['threshold']} (the authors' threshold), pruned at evaluation; pseudo-counts per token = total "
-             "token pseudo-count / tokens.", "",
+             "token pseudo-count / tokens; effective vectors = exp(entropy of the pseudo-counts normalised to sum 1) per test "
+             "sentence as a share of its tokens, averaged (100%: mass spread evenly; needs no threshold).", "",
              table(rows, [("model", "{model}"), ("delta", opt("g", "delta")), ("lambda_D", opt("g", "lambda_d")), ("kappa", opt("d", "kappa")),
                           ("alpha_p", opt("g", "prior_alpha")), ("annealing", lambda r: r["schedule"] or "-"), ("test BLEU", "{test_bleu:.1f}"),
                           ("kept", _percent("kept", ".0f")), ("vectors / tokens", "{vectors:.1f} / {tokens:.1f}"),
                           ("pseudo-count per token", opt(".3f", "pseudo_count_per_token")), ("median pseudo-count", opt(".3f", "median_pseudo_count")),
+                          ("effective vectors", _percent("effective_share", ".0f")),
                           ("KL_G", "{kl_g:.3f}"), ("KL_D", "{kl_d:.3f}"), ("OOD BLEU", "{ood_bleu:.1f}"), ("OOD kept", _percent("ood_kept", ".0f")),
                           ("training", "{train_minutes:.0f} min")], csv_dir, "nvae_sweep")]
     for f in sweep_figures(res, rows, fig_dir):

@@ -26,7 +26,7 @@ from nvformer.models import NVAE, NVAEConfig
 from ..common.tokenizer import train_tokenizer
 from . import training as vae
 
-__all__ = ["MODELS", "SWEEP", "TS", "load_or_train", "run_nvae_study", "run_nvae_sweep", "settings"]
+__all__ = ["MODELS", "SWEEP", "TS", "load_or_train", "run_nvae_study", "run_nvae_sweep", "settings", "sweep_settings"]
 
 # name -> (bottleneck, NVAEConfig overrides): the NVAE at the default KL weights, with a ten times stronger Dirichlet KL
 # only, and with both KL terms ten times stronger (the paper trades reconstruction for fewer latent vectors through
@@ -39,7 +39,7 @@ TS = [0.0, 0.25, 0.5, 0.75, 1.0]
 # authors' threshold 0.1). KL_D pulls the total pseudo-count A towards B = alpha_p + delta (n - 1), so delta sets the
 # budget per token (at delta = 1 every token can keep a pseudo-count of about 1, far above 0.1); lambda_D sets how hard
 # the pull is, kappa how many samples each component gets, prior_log_alpha the prior's share. The autoencoder and the
-# pooled VAE are the reference points; "nvae-d1" is MODELS' model of that name (same config, same cache).
+# pooled VAE are the reference points. Trained for SWEEP_EPOCHS epochs (half the study's budget) in runs/nvae/sweep/.
 SWEEP = {
     "autoencoder": ("none", {}),
     "pooled-vae": ("pooled", {}),
@@ -63,6 +63,15 @@ def settings(smoke: bool) -> dict:
                 "train": dict(epochs=1, batch_size=16, log_every=5, save_every=20, max_steps=12), "vocab": 400, "n_train": 200,
                 "n_eval": 16, "n_samples": 16, "n_pairs": 4, "lm_epochs": 1}
     return {"model": {}, "train": {"epochs": 12}, "vocab": 4000, "n_train": None, "n_eval": 500, "n_samples": 1000, "n_pairs": 100, "lm_epochs": 3}
+
+
+SWEEP_EPOCHS = 6  # the sweep's training budget: half the NVAE study's 12 epochs, so that the sweep fits the CPU budget
+
+
+def sweep_settings(smoke: bool) -> dict:
+    """The sweep's sizes: :func:`settings` with :data:`SWEEP_EPOCHS` epochs of training (the smoke run's as is)."""
+    st = settings(smoke)
+    return st if smoke else st | {"train": st["train"] | {"epochs": SWEEP_EPOCHS}}
 
 
 def load_or_train(name: str, bottleneck: str, overrides: dict, tok, sents, st: dict, out: Path) -> tuple[NVAE, dict]:
@@ -95,37 +104,79 @@ def _tokenizer(out: Path, sents: dict, st: dict):
 
 def run_nvae_sweep(out: Path, names: list[str], *, smoke: bool = False, train_only: bool = False) -> dict | None:
     """Train (or load, :func:`load_or_train`) the sweep's models ``names`` (keys of :data:`SWEEP`) in
-    ``out`` (the same folder and tokenizer as the NVAE study, so shared models are trained once),
-    evaluate their reconstruction and latent size on the test and the law sentences and write
-    ``out/sweep.json``; returns the results (None with ``train_only``)."""
-    st = settings(smoke)
+    ``out/sweep`` (:func:`sweep_settings`: :data:`SWEEP_EPOCHS` epochs; the NVAE study's tokenizer), evaluate their reconstruction and latent size on the test and the law sentences and write
+    ``out/sweep.json``; returns the results (None with ``train_only``). Each model's evaluation is
+    cached beside it (``sweep-eval.json``) and the sentences' information in ``out`` (so models can
+    be evaluated as they finish, and a later call over more models only evaluates the new ones)."""
+    unknown = [n for n in names if n not in SWEEP]
+    if unknown:
+        raise ValueError(f"run_nvae_sweep: unknown model(s) {', '.join(unknown)}; the sweep's: {', '.join(SWEEP)}")
+    st = sweep_settings(smoke)
     t0 = time.time()
     sents = vae.wikitext_sentences(seed=0)
     ood = vae.ood_sentences("law", n=st["n_eval"], seed=0)
     tok = _tokenizer(out, sents, st)
-    models = {name: load_or_train(name, *SWEEP[name], tok, sents, st, out) for name in names}
+    models = {name: load_or_train(name, *SWEEP[name], tok, sents, st, out / "sweep") for name in names}
     if train_only:
         return None
     test = sents["test"][: st["n_eval"]]
-    lm = vae.train_lm(tok, sents["train"], epochs=st["lm_epochs"])
-    nats, lm_tokens = vae.lm_sentence_nll(lm, tok, test)
-    res = {"data": {"train": len(sents["train"]), "test": len(test), "ood": len(ood), "ood_domain": "law"},
+    nats, lm_tokens = _information(out, tok, sents["train"], test, st)
+    res = {"epochs": st["train"]["epochs"], "data": {"train": len(sents["train"]), "test": len(test), "ood": len(ood), "ood_domain": "law"},
            "information": {"nats": nats, "tokens": lm_tokens, "lm": "2-layer GPT-2 trained on the training sentences"},
-           "threshold": 0.1, "models": {}, "smoke": smoke}
+           "threshold": THRESHOLD, "models": {}, "smoke": smoke}
     for name, (model, summary) in models.items():
+        res["models"][name] = _sweep_eval(out / "sweep" / name, model, summary, tok, test, ood)
+    res["seconds"] = time.time() - t0
+    (out / "sweep.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
+THRESHOLD = 0.1  # the authors' evaluation threshold of a kept component's pseudo-count
+
+
+def _cached(path: Path, key: dict, compute) -> dict:
+    """``compute()``, cached in the JSON file ``path`` under ``key`` (recomputed when the key differs);
+    returned as read back from JSON either way."""
+    key = json.loads(json.dumps(key))  # tuples as lists, as read back
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["value"]
+    value = json.loads(json.dumps(compute()))
+    path.write_text(json.dumps({"key": key, "value": value}, indent=2))
+    return value
+
+
+def _information(out: Path, tok, train: list[str], test: list[str], st: dict) -> tuple[list[float], list[int]]:
+    """Per test sentence, its information in nats and its tokens under a small GPT-2 trained on ``train``."""
+    key = {"train": len(train), "test": test, "lm_epochs": st["lm_epochs"], "vocab": len(tok)}
+    value = _cached(out / "sweep-information.json", key,
+                    lambda: dict(zip(("nats", "tokens"), vae.lm_sentence_nll(vae.train_lm(tok, train, epochs=st["lm_epochs"]), tok, test))))
+    return value["nats"], value["tokens"]
+
+
+def _sweep_eval(folder: Path, model: NVAE, summary: dict, tok, test: list[str], ood: list[str]) -> dict:
+    """One sweep model's evaluation (cached in ``folder/sweep-eval.json`` for its config, training and data):
+    reconstruction and kept vectors on ``test`` and ``ood``; for an NVAE the quantiles of its token
+    pseudo-counts, their share at most :data:`THRESHOLD`, and the mean effective number of components
+    per sentence (:func:`~nvformer_studies.nvae.training.effective_count`) as a share of its tokens."""
+
+    def compute() -> dict:
         r = {"config": model.config.to_dict(), "train": summary}
         for split, texts in (("test", test), ("ood", ood)):
             ev = vae.evaluate(model, tok, texts)
             r[split] = {k: v for k, v in ev.items() if k not in ("reconstructions", "references")}
         if model.config.bottleneck == "nvib":
-            a = vae.token_pseudo_counts(model, tok, test)
+            per = vae.sentence_pseudo_counts(model, tok, test)
+            a = torch.cat(per)
             q = torch.quantile(a, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)).tolist()
             r["pseudo_counts"] = {"quantiles": dict(zip(("q10", "q25", "q50", "q75", "q90"), q)),
-                                  "share_at_most_threshold": float((a <= res["threshold"]).double().mean()), "tokens": int(a.numel())}
-        res["models"][name] = r
-    res["seconds"] = time.time() - t0
-    (out / "sweep.json").write_text(json.dumps(res, indent=2))
-    return res
+                                  "share_at_most_threshold": float((a <= THRESHOLD).double().mean()), "tokens": int(a.numel()),
+                                  "effective_share": sum(vae.effective_count(x) / len(x) for x in per) / len(per)}
+        return r
+
+    key = {"config": model.config.to_dict(), "train": summary, "test": test, "ood": ood, "threshold": THRESHOLD}
+    return _cached(folder / "sweep-eval.json", key, compute)
 
 
 def run_nvae_study(out: Path, names: list[str], *, smoke: bool = False, train_only: bool = False) -> dict | None:

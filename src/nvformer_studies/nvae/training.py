@@ -40,6 +40,7 @@ from ..common.subsets import seeded_subset
 
 __all__ = [
     "TrainConfig",
+    "effective_count",
     "encode_texts",
     "evaluate",
     "interpolation_curve",
@@ -50,6 +51,7 @@ __all__ = [
     "ood_sentences",
     "pad_batch",
     "save_model",
+    "sentence_pseudo_counts",
     "split_sentences",
     "token_pseudo_counts",
     "train",
@@ -365,19 +367,37 @@ def evaluate(model: NVAE, tok, texts: Sequence[str], batch_size: int = 64, show_
 
 
 @torch.no_grad()
-def token_pseudo_counts(model: NVAE, tok, texts: Sequence[str], batch_size: int = 64) -> Tensor:
-    """``[T]`` float64: the pseudo-count of every token component of ``texts`` (evaluation mode;
-    prior component and padding left out), for the distribution of an NVAE's pseudo-counts."""
+def sentence_pseudo_counts(model: NVAE, tok, texts: Sequence[str], batch_size: int = 64) -> list[Tensor]:
+    """Per text, ``[n_s]`` float64: the pseudo-counts of its token components (evaluation mode;
+    prior component and padding left out), in input order."""
     if model.config.bottleneck != "nvib":
-        raise ValueError(f"token_pseudo_counts: a {model.config.bottleneck!r} bottleneck has no pseudo-counts")
+        raise ValueError(f"sentence_pseudo_counts: a {model.config.bottleneck!r} bottleneck has no pseudo-counts")
     model.eval()
     ids = encode_texts(tok, texts, model.config.max_length)
-    out = []
+    out: list[Tensor] = [None] * len(ids)  # type: ignore[list-item]
     for rows in _batches(ids, batch_size):
         x, m = pad_batch([ids[i] for i in rows], model.config.pad_id)
         lat = model.encode(x.to(model.device), m.to(model.device))[0].latent
-        out.append(lat.log_alpha[:, 1:][~lat.pad_mask[:, 1:]].double().exp().cpu())
-    return torch.cat(out)
+        alpha, keep = lat.log_alpha[:, 1:].double().exp().cpu(), ~lat.pad_mask[:, 1:].cpu()
+        for j, i in enumerate(rows):
+            out[i] = alpha[j][keep[j]]
+    return out
+
+
+def token_pseudo_counts(model: NVAE, tok, texts: Sequence[str], batch_size: int = 64) -> Tensor:
+    """``[T]`` float64: the pseudo-count of every token component of ``texts`` (all sentences of
+    :func:`sentence_pseudo_counts` concatenated), for the distribution of an NVAE's pseudo-counts."""
+    if model.config.bottleneck != "nvib":
+        raise ValueError(f"token_pseudo_counts: a {model.config.bottleneck!r} bottleneck has no pseudo-counts")
+    return torch.cat(sentence_pseudo_counts(model, tok, texts, batch_size))
+
+
+def effective_count(alpha: Tensor) -> float:
+    """The effective number of components of pseudo-counts ``alpha`` ``[n]`` (> 0): ``exp(H(p))``
+    with ``p = alpha / sum(alpha)`` (``n`` when all are equal, 1 when one holds all the mass). A
+    measure of how concentrated the latent is that needs no pruning threshold."""
+    p = alpha.double() / alpha.double().sum()
+    return float(torch.exp(-(p * p.clamp_min(torch.finfo(torch.float64).tiny).log()).sum()))
 
 
 @torch.no_grad()
