@@ -51,10 +51,13 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert moved == 0.0  # loading is deterministic
     for k in s1:
         a, b = s2[k], s1[k]
+        # A key bias adds q.b_k to every score of a query, which the softmax cancels: its true gradient
+        # is exactly 0, so Adam turns float rounding (which differs between one process and an
+        # all-reduce over two) into steps of up to lr (measured: 1e-5 apart after 8 steps, all other
+        # parameters within 2e-8). Compare everything but the key biases.
+        if k.endswith("k_proj.bias"):
+            continue
         if k.endswith("in_proj_bias"):
-            # The key bias adds q.b_k to every score of a query, which the softmax cancels: its true
-            # gradient is exactly 0, so Adam turns float rounding (which differs between one process
-            # and an all-reduce over two) into steps of +-lr. Compare the query and value biases only.
             d = a.shape[0] // 3
             a, b = torch.cat([a[:d], a[2 * d:]]), torch.cat([b[:d], b[2 * d:]])
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
