@@ -35,6 +35,7 @@ from .hf.dirichlet import convert_dirichlet
 from .nn.functional import denoising_attention
 from .nn.mha import KLTerms, NVMultiheadAttention, kl_terms
 from .nn.nvib import NVIB
+from .tuning.fit import FitResult, fit_knobs
 from .tuning.search import TuneResult, tune
 from .tuning.space import KnobSpace
 
@@ -44,6 +45,7 @@ __all__ = [
     "NVIB",
     "DirichletAttention",
     "DirichletSpec",
+    "FitResult",
     "KLTerms",
     "KnobSpace",
     "Knobs",
@@ -58,6 +60,7 @@ __all__ = [
     "denoising_attention",
     "dirichlet_kl",
     "estimate_prior",
+    "fit_knobs",
     "get_config",
     "get_knobs",
     "kl_dirichlet",

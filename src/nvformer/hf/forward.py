@@ -50,6 +50,8 @@ def _derived(self: nn.Module, name: str, weights: tuple[Tensor, ...], make):
     recomputed only when the NVIB's knobs/prior or the weights change (version counters)."""
     nvib = self.nvib
     deps = (*weights, nvib.logvar_proj.bias, nvib.prior.var)  # S_tok and S_0 come from these
+    if torch.is_grad_enabled() and any(w.requires_grad for w in deps):
+        return make()  # a gradient must reach the weights or the knobs (nvformer.fit_knobs): never cached
     key = (nvib.version, *((w._version, w.data_ptr()) for w in deps))
     cache = self.__dict__.setdefault("_nv_derived", {})
     hit = cache.get(name)
@@ -129,7 +131,8 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
 
     shift = nvib.alpha_bias.detach().double()
     sigma2 = 1.0 / scale
-    tok_logvar = nvib.logvar_proj.bias.detach().double().clamp_min(math.log(nvib.min_var))  # [P], floored like the NVIB's
+    # [P], floored like the NVIB's; differentiable, for nvformer.fit_knobs (stdev_tau)
+    tok_logvar = nvib.logvar_proj.bias.double().clamp_min(math.log(nvib.min_var))
     tok_log_s = (tok_logvar.exp() + sigma2).log()
     n_extra = d if (interp and rope is not None) else 0
 

@@ -19,7 +19,7 @@ from ..core.prior import Prior, PriorEstimator
 from .mha import NVMultiheadAttention
 from .nvib import NVIB
 
-__all__ = ["apply_priors", "estimate_mha_prior", "run_with_pre_hooks"]
+__all__ = ["apply_priors", "call_batch", "estimate_mha_prior", "run_with_pre_hooks"]
 
 
 def run_with_pre_hooks(model: nn.Module, hooks: list[tuple[nn.Module, Callable]], batches: Iterable[Any],
@@ -31,7 +31,7 @@ def run_with_pre_hooks(model: nn.Module, hooks: list[tuple[nn.Module, Callable]]
     try:
         for module, hook in hooks:
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-        call = forward or _call
+        call = forward or call_batch
         for batch in progress(batches, "estimating priors", show_progress):
             call(model, batch)
     finally:
@@ -40,13 +40,14 @@ def run_with_pre_hooks(model: nn.Module, hooks: list[tuple[nn.Module, Callable]]
         model.train(was_training)
 
 
-def _call(model: nn.Module, batch: Any) -> None:
+def call_batch(model: nn.Module, batch: Any) -> Any:
+    """``model``'s output on ``batch``: a dict is passed as keyword arguments, a tuple or list as
+    positional arguments, anything else as the single argument."""
     if isinstance(batch, dict):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..config import Knobs
 from ..core.checks import check_choice, check_float, check_int, check_mask, check_real, check_tensor, compute_dtype
 from ..core.keyform import weighted_sq_sum
+from ..core.knobmap import identity_values
 from ..core.latent import NVLatent
 from ..core.masks import masked_log_softmax
 from ..core.prior import Prior
@@ -140,13 +141,8 @@ class NVIB(nn.Module):
         if p.mean.device.type == "meta" or self.mu_proj.weight.device.type == "meta":
             return None
         dtype = self.mu_proj.weight.dtype
-        try:
-            square = k.stdev_tau**2
-        except OverflowError:  # refused below, naming the knob
-            square = math.inf
-        var = square * p.var.double()
-        values = {"mu_bias": (1.0 - k.mu_tau) * p.mean, "logvar_bias": var.clamp_min(self.min_var).log(), "alpha_bias": k.alpha_tau * p.log_alpha_std}
-        for knob, value, quantity in (("mu_tau", torch.tensor(k.mu_tau, dtype=torch.float64), "the mean projection mu_tau I"),
+        values = identity_values(k.alpha_tau, k.stdev_tau, k.mu_tau, p.mean, p.var, p.log_alpha_std, self.min_var)
+        for knob, value, quantity in (("mu_tau", values.pop("mu_weight"), "the mean projection mu_tau I"),
                                       ("mu_tau", values["mu_bias"], "the token means' bias (1 - mu_tau) mu_p"),
                                       ("stdev_tau", values["logvar_bias"], "the token variances (stdev_tau sigma_p)^2"),
                                       ("alpha_tau", values["alpha_bias"], "the pseudo-count bias alpha_tau s_alpha")):

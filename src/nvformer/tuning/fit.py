@@ -1,0 +1,329 @@
+"""Fit the knobs of a converted model by gradient (docs/MATH.md section 4, "Fitting the knobs").
+
+The knobs enter the forward pass smoothly, through the parameters the identity initialisation
+gives them (:func:`nvformer.core.knobmap.identity_values`). :func:`fit_knobs` keeps every model
+weight frozen and each NVIB in identity form: at every step it writes the current knobs into the
+NVIBs (:meth:`nvformer.NVIB.set_knobs`), runs the evaluation form (deterministic, ``model.eval()``)
+with gradients enabled for the NVIB parameters only, and carries those parameters' gradients back
+to the knobs through ``identity_values`` (the chain rule, by autograd). Adam takes the step.
+
+Parametrisation (chosen so that fitting can leave the identity corner, where the gradients vanish):
+
+* ``alpha_tau`` is fitted as ``u = alpha_tau * s_alpha``, the shift of the tokens' log pseudo-counts
+  in nats, the same unit for every layer; the prior's attention weight is about ``exp(c - u)``
+  with ``c`` of a few nats under the empirical prior, so at ``alpha_tau = 1e4`` it is exactly 0 in
+  floating point and so is its gradient. Fitting starts at ``u <= start_nats`` (default 5: a prior
+  weight of about 1e-4 on MiniLM, whose outputs barely move).
+* ``stdev_tau`` is fitted as ``log stdev_tau``: the token variance ``(stdev_tau sigma_p)^2`` has
+  zero derivative at ``stdev_tau = 0`` (and the variance floor makes it exactly 0), so fitting
+  starts at ``stdev_tau >= start_stdev``.
+* ``mu_tau`` is fitted as it is (its gradient does not vanish at 1).
+
+``groups``: ``"site"`` fits one setting per site (``u`` shared in nats: each layer's ``alpha_tau``
+is ``u / s_alpha`` of its own prior), ``"layer"`` one per NVIB. The validation objective (on
+``validation``) is measured at the model's knobs before fitting and every ``eval_every`` steps;
+the best point is kept (the knobs before fitting if nothing beats them), and fitting stops after
+``patience`` measurements without improvement.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._progress import progress
+from ..api import get_knobs, knob_groups
+from ..config import KNOBS, Knobs
+from ..core.checks import check_choice, check_int, check_real
+from ..core.knobmap import identity_values
+from ..nn.empirical import call_batch
+from ..nn.nvib import NVIB
+from .objectives import OBJECTIVES, objective_from_outputs
+
+__all__ = ["FIT_GROUPS", "FitResult", "fit_knobs", "knob_gradients"]
+
+FIT_GROUPS = ("site", "layer")
+_FWD_PER_STEP = 3.0  # a training step: one forward and a backward (about two forwards)
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit_knobs` did. ``knobs``: ``{group key: Knobs}`` the model is left at
+    (:func:`nvformer.get_knobs`); ``history``: one row per validation measurement (``step``,
+    ``train``: mean training objective since the last row, ``validation``) and, without
+    validation, per ``eval_every`` steps; ``best_step``: the step of the kept knobs (0 = the
+    knobs before fitting); ``forward_equivalents``: forwards run, a training step counted as 3."""
+
+    knobs: dict[str, Knobs]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_step: int = 0
+    initial_value: float | None = None
+    best_value: float | None = None
+    steps: int = 0
+    forward_equivalents: float = 0.0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["knobs"] = {k: v.as_dict() for k, v in self.knobs.items()}
+        return d
+
+
+class _Raw(nn.Module):
+    """The fitted coordinates of one group: ``u`` (nats), ``log_stdev``, ``mu`` (only the fitted ones)."""
+
+    def __init__(self, u: float, log_stdev: float, mu: float, fit: Sequence[str]) -> None:
+        super().__init__()
+        self.u = nn.Parameter(torch.tensor(u, dtype=torch.float64), requires_grad="alpha_tau" in fit)
+        self.log_stdev = nn.Parameter(torch.tensor(log_stdev, dtype=torch.float64), requires_grad="stdev_tau" in fit)
+        self.mu = nn.Parameter(torch.tensor(mu, dtype=torch.float64), requires_grad="mu_tau" in fit)
+
+    def penalty(self) -> Tensor:
+        """Distance from the identity corner: ``(mu_tau - 1)^2 + stdev_tau^2 + exp(-u)`` over the fitted knobs."""
+        terms = [p for p, on in ((torch.exp(-self.u), self.u.requires_grad), (torch.exp(2 * self.log_stdev), self.log_stdev.requires_grad),
+                                 ((self.mu - 1.0) ** 2, self.mu.requires_grad)) if on]
+        return sum(terms, torch.zeros((), dtype=torch.float64))
+
+
+def _knob_params(nvib: NVIB) -> list[Tensor]:
+    return [nvib.mu_proj.weight, nvib.mu_proj.bias, nvib.logvar_proj.bias, nvib.alpha_bias]
+
+
+def _chain(nvib: NVIB, alpha_tau, stdev_tau, mu_tau) -> Tensor:
+    """A scalar whose gradient with respect to the knobs (tensors) is the objective's, given the
+    gradients the last backward left on ``nvib``'s parameters: ``sum_theta dL/dtheta . theta(knobs)``."""
+    v = identity_values(alpha_tau, stdev_tau, mu_tau, nvib.prior.mean, nvib.prior.var, nvib.prior.log_alpha_std, nvib.min_var)
+    g = [torch.zeros_like(x) if x.grad is None else x.grad for x in _knob_params(nvib)]
+    return (v["mu_weight"] * g[0].diagonal().sum().double() + (v["mu_bias"] * g[1].double()).sum() + (v["logvar_bias"] * g[2].double()).sum()
+            + v["alpha_bias"] * g[3].double())
+
+
+def knob_gradients(model: nn.Module, batch: Any, objective: str | Callable[[Any, Any], Tensor] = "nll", *,
+                   forward: Callable[[nn.Module, Any], Any] | None = None) -> dict[str, dict[str, float]]:
+    """``{group key: {knob: d objective / d knob}}`` at the model's current knobs, on one batch, in
+    the evaluation form (the chain rule :func:`fit_knobs` uses; the model is left unchanged).
+
+    At the identity corner ``alpha_tau = 1e4, stdev_tau = 0`` both derivatives are exactly 0
+    (docs/MATH.md section 4, "Fitting the knobs"); ``mu_tau``'s is not."""
+    who = "nvformer.knob_gradients"
+    layout = knob_groups(model, who)
+    loss_of = objective if callable(objective) else objective_from_outputs(objective)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was = model.training
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for _, _, nvib in layout:
+            for p in _knob_params(nvib):
+                p.requires_grad_(True)
+                p.grad = None
+        with torch.enable_grad():
+            loss_of((forward or call_batch)(model, batch), batch).backward()
+            out = {}
+            for key, _, nvib in layout:
+                k = {name: torch.tensor(v, dtype=torch.float64, requires_grad=True) for name, v in nvib.knobs().as_dict().items()}
+                _chain(nvib, k["alpha_tau"], k["stdev_tau"], k["mu_tau"]).backward()
+                out[key] = {name: float(t.grad) for name, t in k.items()}
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+        model.train(was)
+    return out
+
+
+def fit_knobs(
+    model: nn.Module,
+    batches: Iterable[Any],
+    objective: str | Callable[[Any, Any], Tensor] = "nll",
+    *,
+    groups: str = "layer",
+    knobs: Sequence[str] = ("alpha_tau", "stdev_tau"),
+    steps: int = 50,
+    lr: float = 0.1,
+    to_identity: float = 0.0,
+    validation: Iterable[Any] | None = None,
+    patience: int = 3,
+    eval_every: int | None = None,
+    start_nats: float = 5.0,
+    start_stdev: float = 0.05,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    show_progress: bool = True,
+) -> FitResult:
+    """Fit the knobs of a converted model by gradient descent on ``objective``; every model weight
+    stays frozen and the model is left at the kept knobs (save them with :func:`nvformer.save_adapter`).
+
+    Args:
+        model: a model converted with :func:`nvformer.convert` (its NVIBs in identity form).
+        batches: the fitting data, an iterable of model inputs (a dict is passed as keyword
+            arguments, a tuple or list as positional arguments), cycled over ``steps``.
+        objective: ``"nll"`` (labels: ``outputs.loss``, or cross-entropy of ``[B, C]`` logits
+            against ``batch["labels"]``), ``"entropy"`` or ``"information_maximisation"``
+            (label-free; :mod:`nvformer.tuning.objectives`), or ``f(outputs, batch) -> scalar``
+            to minimise.
+        groups: ``"site"`` (one setting per site) or ``"layer"`` (one per NVIB).
+        knobs: which knobs to fit (the others keep their values), a subset of
+            ``("alpha_tau", "stdev_tau", "mu_tau")``.
+        steps: Adam steps (at most; see ``patience``); lr: Adam's learning rate, in the fitted
+            coordinates (nats, log stdev_tau, mu_tau).
+        to_identity: weight of an L2-like pull towards the identity corner, added to the
+            objective: ``to_identity * mean over groups of (mu_tau - 1)^2 + stdev_tau^2 + exp(-u)``.
+        validation: held-out inputs; the objective on them chooses the kept knobs and stops early.
+        patience: stop after this many validation measurements without improvement.
+        eval_every: steps between validation measurements (default: one pass over ``batches``).
+        start_nats, start_stdev: the start (module docstring): ``alpha_tau * s_alpha`` capped at
+            ``start_nats``, ``stdev_tau`` raised to at least ``start_stdev``.
+        forward: ``forward(model, batch) -> outputs`` instead of calling the model on the batch.
+        show_progress: a progress bar.
+
+    Returns:
+        :class:`FitResult`.
+    """
+    who = "nvformer.fit_knobs"
+    if not callable(objective):
+        check_choice(objective, "objective", who, OBJECTIVES)
+    check_choice(groups, "groups", who, FIT_GROUPS)
+    fit = tuple(knobs) if not isinstance(knobs, str) else (knobs,)
+    if not fit or any(k not in KNOBS for k in fit):
+        raise ValueError(f"{who}: `knobs` must be a non-empty subset of {KNOBS}, got {knobs!r}")
+    check_int(steps, "steps", who)
+    check_int(patience, "patience", who)
+    check_real(lr, "lr", who, above=0.0)
+    check_real(to_identity, "to_identity", who, minimum=0.0)
+    check_real(start_nats, "start_nats", who)
+    check_real(start_stdev, "start_stdev", who, above=0.0)
+    if eval_every is not None:
+        check_int(eval_every, "eval_every", who)
+    train = list(batches)
+    if not train:
+        raise ValueError(f"{who}: `batches` is empty")
+    val = None if validation is None else list(validation)
+    if val is not None and not val:
+        raise ValueError(f"{who}: `validation` is empty")
+    layout = knob_groups(model, who)  # raises for an unconverted model
+    for key, _, nvib in layout:
+        if not nvib.in_identity_form():
+            raise ValueError(f"{who}: the NVIB of {key} was trained away from its identity form; knobs do not describe it")
+    loss_of = objective if callable(objective) else objective_from_outputs(objective)
+    call = forward or call_batch
+    every = eval_every or len(train)
+
+    t0 = time.perf_counter()
+    initial = {id(nvib): nvib.knobs() for _, _, nvib in layout}
+    raws: dict[str, _Raw] = {}
+    members: list[tuple[NVIB, _Raw]] = []
+    for key, info, nvib in layout:
+        name = info.site if groups == "site" else key
+        if name not in raws:
+            k = nvib.knobs()
+            raws[name] = _Raw(min(k.alpha_tau * float(nvib.prior.log_alpha_std), start_nats), math.log(max(k.stdev_tau, start_stdev)), k.mu_tau, fit)
+        members.append((nvib, raws[name]))
+
+    def values(nvib: NVIB, raw: _Raw) -> tuple[Tensor | float, Tensor | float, Tensor | float]:
+        """(alpha_tau, stdev_tau, mu_tau) of ``nvib``: the fitted ones from ``raw``, the others as they were."""
+        k = initial[id(nvib)]
+        return (raw.u / nvib.prior.log_alpha_std.double() if "alpha_tau" in fit else k.alpha_tau,
+                raw.log_stdev.exp() if "stdev_tau" in fit else k.stdev_tau, raw.mu if "mu_tau" in fit else k.mu_tau)
+
+    def write() -> None:
+        with torch.no_grad():
+            for nvib, raw in members:
+                a, s, m = values(nvib, raw)
+                nvib.set_knobs(alpha_tau=float(a), stdev_tau=float(s), mu_tau=float(m))
+
+    def restore(saved: dict[int, Knobs]) -> None:
+        for _, _, nvib in layout:
+            nvib.set_knobs(**saved[id(nvib)].as_dict())
+
+    def evaluate() -> float:
+        with torch.no_grad():
+            return sum(float(loss_of(call(model, b), b)) for b in val) / len(val)
+
+    params = [p for r in raws.values() for p in r.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr, eps=1e-12)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    modes = {id(m): (m, m.training) for m in model.modules()}
+    predictions = {id(nvib): nvib.prediction for _, _, nvib in layout}
+    result = FitResult(knobs={})
+    fwd = 0.0
+    try:
+        model.eval()
+        for _, _, nvib in layout:
+            nvib.prediction = "mean"
+        best_value = evaluate() if val is not None else None
+        fwd += len(val) if val is not None else 0
+        result.initial_value = best_value
+        best_knobs, best_step, bad = dict(initial), 0, 0
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for nvib, _ in members:
+            for p in _knob_params(nvib):
+                p.requires_grad_(True)
+        running, count = 0.0, 0
+        bar = progress(range(1, steps + 1), "fitting knobs", show_progress)
+        for step in bar:
+            write()
+            batch = train[(step - 1) % len(train)]
+            for nvib, _ in members:
+                for p in _knob_params(nvib):
+                    p.grad = None
+            with torch.enable_grad():
+                loss = loss_of(call(model, batch), batch)
+                if not isinstance(loss, Tensor) or loss.dim() != 0:
+                    raise ValueError(f"{who}: the objective must return a scalar tensor, got {type(loss).__name__}")
+                if not bool(torch.isfinite(loss)):
+                    raise ValueError(f"{who}: the objective is not finite at step {step} ({float(loss)}); lower `lr`")
+                loss.backward()
+                opt.zero_grad()
+                surrogate = to_identity * sum(r.penalty() for r in raws.values()) / len(raws)
+                for nvib, raw in members:
+                    surrogate = surrogate + _chain(nvib, *values(nvib, raw))
+                if surrogate.requires_grad:
+                    surrogate.backward()
+                opt.step()
+            fwd += _FWD_PER_STEP
+            running, count = running + float(loss.detach()), count + 1
+            if step % every == 0 or step == steps:
+                row: dict[str, Any] = {"step": step, "train": running / count}
+                running, count = 0.0, 0
+                if val is not None:
+                    write()
+                    value = evaluate()
+                    fwd += len(val)
+                    row["validation"] = value
+                    if value < best_value:
+                        best_value, best_step, bad = value, step, 0
+                        best_knobs = {id(nvib): nvib.knobs() for _, _, nvib in layout}
+                    else:
+                        bad += 1
+                result.history.append(row)
+                if val is not None and bad >= patience:
+                    break
+        result.steps = step
+        if val is None:
+            write()
+        else:
+            restore(best_knobs)
+        result.best_step, result.best_value = (best_step, best_value) if val is not None else (step, None)
+    except BaseException:
+        restore(initial)
+        raise
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+        for m, mode in modes.values():
+            m.training = mode
+        for _, _, nvib in layout:
+            nvib.prediction = predictions[id(nvib)]
+    result.knobs = get_knobs(model)
+    result.forward_equivalents = fwd
+    result.seconds = time.perf_counter() - t0
+    return result
