@@ -132,6 +132,19 @@ def _metrics(text: str) -> tuple[str, ...]:
     return names
 
 
+FIT_OBJECTIVES = ("nll", "entropy", "information_maximisation")
+
+
+def _fit_knobs(text: str) -> tuple[str, ...]:
+    from .config import KNOBS
+
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in names if x not in KNOBS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"knobs are {', '.join(KNOBS)}, got {text!r}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``nvformer`` parser (subcommands ``prior``, ``tune``, ``evaluate``)."""
     parser = _Parser(prog="nvformer", formatter_class=_Formatter,
@@ -179,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     reading(p, "", target_default=None)
 
     # tune
-    p = command("tune", "choose the NV knobs (alpha_tau, stdev_tau) on the target's validation data with Optuna; write the "
-                        "adapter at the best knobs, trials.csv, best.json and plots")
+    p = command("tune", "choose the NV knobs (alpha_tau, stdev_tau) on the target's validation data, by an Optuna search "
+                        "(--method search: trials.csv, best.json, plots) or fitted by gradient (--method fit: per site or layer, "
+                        "labelled or label-free objectives; fit.json, plots); write the adapter at the chosen knobs")
     model_arg(p)
     p.add_argument("--adapter", required=True, metavar="ADAPTER", help="the prior adapter written by `nvformer prior`")
     task_args(p, "the objective: classification accuracy|nll|macro_f1|ece, causal-lm perplexity|nll, seq2seq "
@@ -189,7 +203,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="ADAPTER2",
                    help="output folder: the adapter at the best knobs, trials.csv, best.json, history.png, knobs.png "
                         "(and study.db without --storage: rerun with more --trials to resume)")
-    g = p.add_argument_group("search")
+    p.add_argument("--method", choices=("search", "fit"), default="search",
+                   help="search: Optuna over knob settings (forward passes only); fit: gradient descent on the knobs (nvformer.fit_knobs)")
+    g = p.add_argument_group("fit (--method fit)")
+    g.add_argument("--objective", choices=FIT_OBJECTIVES, default="nll",
+                   help="minimised on the validation data: nll (needs labels; a causal LM's NLL of the text itself is label-free), "
+                        "entropy or information_maximisation (label-free: the labels are not read; classification and causal-lm)")
+    g.add_argument("--groups", choices=("site", "layer"), default="layer", help="one knob setting per site, or per layer")
+    g.add_argument("--fit-knobs", type=_fit_knobs, default=("alpha_tau", "stdev_tau"), metavar="K",
+                   help="comma list of the knobs fitted (alpha_tau, stdev_tau, mu_tau)")
+    g.add_argument("--steps", type=_positive_int, default=50, metavar="N", help="Adam steps (at most: early stopping)")
+    g.add_argument("--lr", type=_finite_float, default=0.1, metavar="X", help="Adam learning rate (nats, log stdev_tau, mu_tau)")
+    g.add_argument("--to-identity", type=_finite_float, default=0.0, metavar="X", help="weight of the pull towards the identity knobs")
+    g.add_argument("--holdout", type=_finite_float, default=0.25, metavar="F",
+                   help="share of the validation rows held out (seeded by --seed) to choose the step and stop early")
+    g.add_argument("--patience", type=_positive_int, default=3, metavar="N", help="held-out measurements without improvement before stopping")
+    g = p.add_argument_group("search (--method search)")
     g.add_argument("--sites", type=_sites, default=None, metavar="S",
                    help="comma list of sites tuned separately, each with its own knobs (the others keep theirs); "
                         "(default: one setting shared by all of the adapter's sites)")
@@ -644,6 +673,8 @@ def cmd_tune(args) -> int:
     task = TASKS[args.task]
     metric = task_metric(task, args.metric)
     space = knob_space(args)
+    if args.method == "fit":
+        _check_fit_args(args, task)
     if args.storage is not None and "://" not in args.storage:
         raise CLIError(f"--storage {args.storage}: not an Optuna RDB URL (e.g. sqlite:///study.db, postgresql://...)")
     adapter_meta, adapter_config = check_adapter(args.adapter)
@@ -671,6 +702,8 @@ def cmd_tune(args) -> int:
         stats = score(task, m, data, tokenizer, cheap, max_length=args.max_length, batch_size=args.batch_size)
         return {n: task.metrics[n](stats[n]) for n in cheap}
 
+    if args.method == "fit":
+        return _fit(args, task, metric, model, data, tokenizer, ex, data_path, out, report)
     try:
         result = nv.tune(model, objective, space=space, n_trials=args.trials, direction=metric.direction, storage=args.storage,
                          study_name=args.study, seed=args.seed, sampler=args.sampler, out_dir=out, report=report, show_progress=_bars())
@@ -684,6 +717,77 @@ def cmd_tune(args) -> int:
     print(f"nvformer tune: best {metric.name} {_fmt(result.best_value)}{identity} on {len(ex.texts)} examples of {data_path} "
           f"after {sum(t['state'] == 'COMPLETE' for t in result.trials)} trials; knobs {knobs}")
     print(f"adapter at the best knobs, trials.csv, best.json and plots written to {out}")
+    return 0
+
+
+def _check_fit_args(args, task: Task) -> None:
+    """The --method fit options, checked before anything is loaded."""
+    if args.objective in ("entropy", "information_maximisation") and task.name == "seq2seq":
+        raise CLIError(f"--objective {args.objective}: label-free objectives need predictions without targets; seq2seq fits nll only")
+    if not 0.0 < args.holdout < 1.0:
+        raise CLIError(f"--holdout must lie in (0, 1), got {args.holdout:g}")
+    if args.lr <= 0:
+        raise CLIError(f"--lr must be > 0, got {args.lr:g}")
+    if args.to_identity < 0:
+        raise CLIError(f"--to-identity must be >= 0, got {args.to_identity:g}")
+
+
+def fit_batches(task: Task, data) -> list[dict]:
+    """The model-input batches with what the objective reads: classification labels in batch order,
+    a causal LM's own tokens as labels (padding -100); seq2seq batches already carry labels."""
+    import torch
+
+    out, start = [], 0
+    for b in data.batches:
+        n = b["input_ids"].shape[0]
+        b = dict(b)
+        if task.name == "classification":
+            b["labels"] = data.labels[data.order[start : start + n]]
+        elif task.name == "causal-lm":
+            b["labels"] = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+        out.append(b)
+        start += n
+    if task.name == "classification" and any(int(b["labels"].min()) < 0 for b in out):
+        raise CLIError("classification labels must be class indices")
+    return [{k: v for k, v in b.items() if isinstance(v, torch.Tensor)} for b in out]
+
+
+def _fit(args, task: Task, metric, model, data, tokenizer, ex, data_path, out, report) -> int:
+    import torch
+
+    import nvformer as nv
+
+    from .tasks import batch_on, model_device
+    from .tuning.report import write_fit_outputs
+
+    batches = fit_batches(task, data)
+    if len(batches) < 2:
+        raise CLIError(f"{data_path}: {len(ex.texts)} rows make {len(batches)} batch of --batch-size {args.batch_size}; fitting holds "
+                       "out a share of the batches: use a smaller --batch-size or more rows")
+    g = torch.Generator().manual_seed(args.seed)
+    perm = torch.randperm(len(batches), generator=g).tolist()
+    n_hold = min(len(batches) - 1, max(1, round(args.holdout * len(batches))))
+    device = model_device(model)
+    held = [batch_on(batches[i], device) for i in perm[:n_hold]]
+    fit_on = [batch_on(batches[i], device) for i in perm[n_hold:]]
+    label_free = args.objective != "nll" or task.name == "causal-lm"
+    if args.objective != "nll":
+        fit_on = [{k: v for k, v in b.items() if k != "labels"} for b in fit_on]
+        held = [{k: v for k, v in b.items() if k != "labels"} for b in held]
+    before = report(model)
+    result = nv.fit_knobs(model, fit_on, args.objective, groups=args.groups, knobs=args.fit_knobs, steps=args.steps, lr=args.lr,
+                          to_identity=args.to_identity, validation=held, patience=args.patience, show_progress=_bars())
+    after = report(model)
+    nv.save_adapter(model, out)
+    write_fit_outputs(result, out)
+    (out / "fit_report.json").write_text(json.dumps({"before": before, "after": after, "objective": args.objective,
+                                                     "label_free": label_free, "batches": {"fit": len(fit_on), "held_out": len(held)}}, indent=2))
+    metrics = ", ".join(f"{n} {_fmt(before[n])} -> {_fmt(after[n])}" for n in before)
+    stayed = " (no step beat the starting knobs on the held-out batches: kept them)" if result.best_step == 0 else ""
+    print(f"nvformer tune --method fit: {args.objective} on {len(fit_on)} batches, held-out {_fmt(result.initial_value)} -> "
+          f"{_fmt(result.best_value)} at step {result.best_step} of {result.steps}{stayed}; on all {len(ex.texts)} rows of {data_path}: "
+          f"{metrics}; {result.forward_equivalents:.0f} forward equivalents, {result.seconds:.1f} s")
+    print(f"adapter at the fitted knobs, fit.json, fit_report.json and plots written to {out}")
     return 0
 
 

@@ -37,11 +37,13 @@ __all__ = [
     "Metric",
     "Task",
     "TextBatches",
+    "batch_on",
     "classification_batches",
     "generate_texts",
     "get_task",
     "lm_batches",
     "lm_nll",
+    "model_device",
     "predict_logits",
     "seq2seq_batches",
     "seq2seq_nll",
@@ -166,7 +168,7 @@ def seq2seq_batches(tokenizer, sources: Sequence[str], targets: Sequence[str], *
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
@@ -181,21 +183,21 @@ class _evaluating:
     def __enter__(self) -> torch.device:
         self.grad.__enter__()
         self.model.eval()
-        return _device(self.model)
+        return model_device(self.model)
 
     def __exit__(self, *exc) -> None:
         self.model.train(self.was_training)
         self.grad.__exit__(*exc)
 
 
-def _on(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+def batch_on(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
 
 def predict_logits(model: nn.Module, data: TextBatches) -> Tensor:
     """``[N, C]`` float32 logits of a sequence classifier (``model(**batch).logits``), example order."""
     with _evaluating(model) as device:
-        out = torch.cat([model(**_on(b, device)).logits.float().cpu() for b in data.batches])
+        out = torch.cat([model(**batch_on(b, device)).logits.float().cpu() for b in data.batches])
     return data.unsort(out)
 
 
@@ -205,7 +207,7 @@ def lm_nll(model: nn.Module, data: TextBatches) -> Tensor:
     out = []
     with _evaluating(model) as device:
         for b in data.batches:
-            b = _on(b, device)
+            b = batch_on(b, device)
             logits = model(**b).logits[:, :-1].float()
             target = b["input_ids"][:, 1:]
             valid = b["attention_mask"][:, 1:].bool()
@@ -220,7 +222,7 @@ def seq2seq_nll(model: nn.Module, data: TextBatches) -> Tensor:
     out = []
     with _evaluating(model) as device:
         for b in data.batches:
-            b = _on(b, device)
+            b = batch_on(b, device)
             logits = model(**b).logits.float()
             labels = b["labels"]
             logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1).double()

@@ -55,12 +55,13 @@ _FWD_PER_STEP = 3.0  # a training step: one forward and a backward (about two fo
 @dataclass
 class FitResult:
     """What :func:`fit_knobs` did. ``knobs``: ``{group key: Knobs}`` the model is left at
-    (:func:`nvformer.get_knobs`); ``history``: one row per validation measurement (``step``,
+    (:func:`nvformer.get_knobs`); ``nats``: ``alpha_tau * s_alpha`` per group; ``history``: one row per validation measurement (``step``,
     ``train``: mean training objective since the last row, ``validation``) and, without
     validation, per ``eval_every`` steps; ``best_step``: the step of the kept knobs (0 = the
     knobs before fitting); ``forward_equivalents``: forwards run, a training step counted as 3."""
 
     knobs: dict[str, Knobs]
+    nats: dict[str, float] = field(default_factory=dict)  # per group: alpha_tau * s_alpha, the fitted coordinate
     history: list[dict[str, Any]] = field(default_factory=list)
     best_step: int = 0
     initial_value: float | None = None
@@ -324,6 +325,7 @@ def fit_knobs(
         for _, _, nvib in layout:
             nvib.prediction = predictions[id(nvib)]
     result.knobs = get_knobs(model)
+    result.nats = {key: nvib.alpha_tau * float(nvib.prior.log_alpha_std) for key, _, nvib in layout}
     result.forward_equivalents = fwd
     result.seconds = time.perf_counter() - t0
     return result

@@ -18,7 +18,7 @@ from typing import Any
 
 from .shared import DIED, DUPLICATE, ERROR, NOTE, OWNER, RETRY_OF
 
-__all__ = ["TuneResult", "trial_rows", "write_outputs"]
+__all__ = ["TuneResult", "trial_rows", "write_fit_outputs", "write_outputs"]
 
 
 @dataclass
@@ -110,15 +110,8 @@ def write_outputs(result: TuneResult, out: Path) -> None:
         "storage": result.storage, "space": result.space, "n_trials": result.n_complete, "states": result.states,
     }
     _replace(out / "best.json", lambda p: p.write_text(json.dumps(best, indent=2, default=str)))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        import warnings
-
-        warnings.warn("nvformer.tune: matplotlib is not installed (pip install 'nvformer[hf]'); no plots written", stacklevel=2)
+    plt = _pyplot("nvformer.tune")
+    if plt is None:
         return
     done = [t for t in result.trials if t["state"] == "COMPLETE"]
     knobs = [k for k in keys if "/" in k]
@@ -143,4 +136,54 @@ def write_outputs(result: TuneResult, out: Path) -> None:
         ax.set(xlabel=k, ylabel="objective")
     fig.tight_layout()
     _replace(out / "knobs.png", lambda p: fig.savefig(p, dpi=110))
+    plt.close(fig)
+
+
+def _pyplot(who: str):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        import warnings
+
+        warnings.warn(f"{who}: matplotlib is not installed (pip install 'nvformer[hf]'); no plots written", stacklevel=3)
+        return None
+    return plt
+
+
+def write_fit_outputs(result, out: Path) -> None:
+    """``fit.json`` (the :class:`~nvformer.tuning.fit.FitResult`), ``fit_history.png`` (training and
+    validation objective against the step) and ``fitted_knobs.png`` (per group: ``alpha_tau * s_alpha``
+    in nats and ``stdev_tau``, with the ``mu_tau`` values in the title when they moved)."""
+    out.mkdir(parents=True, exist_ok=True)
+    _replace(out / "fit.json", lambda p: p.write_text(json.dumps(result.to_dict(), indent=2)))
+    plt = _pyplot("nvformer.fit_knobs")
+    if plt is None or not result.history:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    steps = [r["step"] for r in result.history]
+    ax.plot(steps, [r["train"] for r in result.history], "o-", ms=3, label="training (mean since last point)")
+    if result.initial_value is not None:
+        ax.plot([0, *steps], [result.initial_value, *(r["validation"] for r in result.history)], "s-", ms=3, label="held out")
+        ax.axvline(result.best_step, color="grey", lw=0.8, ls=":", label=f"kept (step {result.best_step})")
+    ax.set(xlabel="step", ylabel="objective (minimised)", title="fitting the knobs")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _replace(out / "fit_history.png", lambda p: fig.savefig(p, dpi=110))
+    plt.close(fig)
+    keys = list(result.knobs)
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 0.45 * len(keys) + 3), 3.2))
+    axes[0].bar(range(len(keys)), [result.nats[k] for k in keys])
+    axes[0].set(ylabel="alpha_tau * s_alpha (nats)", title="token pseudo-count shift")
+    axes[1].bar(range(len(keys)), [result.knobs[k].stdev_tau for k in keys])
+    axes[1].set(ylabel="stdev_tau", title="token standard deviation")
+    for ax in axes:
+        ax.set_xticks(range(len(keys)), keys, rotation=60, fontsize=7)
+    mus = {k: v.mu_tau for k, v in result.knobs.items() if v.mu_tau != 1.0}
+    if mus:
+        fig.suptitle("mu_tau: " + ", ".join(f"{k} {v:.3g}" for k, v in mus.items()), fontsize=7)
+    fig.tight_layout()
+    _replace(out / "fitted_knobs.png", lambda p: fig.savefig(p, dpi=110))
     plt.close(fig)
