@@ -1,0 +1,1 @@
+"""Knobs fitted by gradient against the alternatives (issue 18)."""

@@ -1,0 +1,203 @@
+"""The "fit-knobs" section of docs/RESULTS.md from :func:`nvformer_studies.fitknobs.study.run_fit_study`:
+the gain of every method per target with paired bootstrap intervals (docs/results/fit_knobs.csv), the
+transfer of fitted knobs between targets (fit_knobs_transfer.csv), the gain against input length
+(fit_knobs_length.csv), plots of the gains and of the fitted knobs, and a reading computed from the numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from nvformer.metrics import paired_bootstrap
+
+from ..common.docs import table
+from ..common.plots import pyplot, save
+from .study import FIT_METHODS, LABEL_FREE
+
+__all__ = ["fit_rows", "fit_section", "length_rows", "transfer_rows"]
+
+MODEL = "finetuned"
+
+
+def _correct(logits: Tensor, labels: Tensor) -> Tensor:
+    return (logits.argmax(-1) == labels).double()
+
+
+def fit_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (target, method) and per method over all targets (``target`` = ``mean``): test
+    accuracy, its gain over the baseline in points with a paired bootstrap interval (per-target
+    resampling for the mean), the in-domain (source test) change, forward equivalents and seconds."""
+    cfg, lg, lab = res["config"], res["logits"], res["labels"]
+    src, targets = cfg["source"], cfg["targets"]
+    n = cfg["bootstrap"]
+    by = {(r["method"], r["target"], r["domain"]): r for r in res["rows"]}
+    methods = [m for m in FIT_METHODS if any(r["method"] == m for r in res["rows"])]
+    rows = []
+    for m in methods:
+        base_t, new_t, base_s, new_s = [], [], [], []
+        for t in targets:
+            a, b = _correct(lg[f"baseline|{t}|{t}"], lab[t]), _correct(lg[f"{m}|{t}|{t}"], lab[t])
+            a_s, b_s = _correct(lg[f"baseline|{t}|{src}"], lab[src]), _correct(lg[f"{m}|{t}|{src}"], lab[src])
+            base_t.append(a), new_t.append(b), base_s.append(a_s), new_s.append(b_s)
+            ci = paired_bootstrap(a, b, n_resamples=n, seed=cfg["seed"])
+            r = by[(m, t, t)]
+            rows.append({"model": MODEL, "target": t, "method": m, "metric": "accuracy", "unit": "points", "baseline": 100 * ci["a"],
+                         "value": 100 * ci["b"], "gain": 100 * ci["diff"], "ci_low": 100 * ci["low"], "ci_high": 100 * ci["high"],
+                         "in_domain_gain": 100 * float(b_s.mean() - a_s.mean()), "label_free": m in LABEL_FREE,
+                         "forward_equivalents": r["forward_equivalents"], "seconds": r["seconds"]})
+        ci = paired_bootstrap(base_t, new_t, n_resamples=n, seed=cfg["seed"])
+        per = [r for r in rows if r["method"] == m]
+        rows.append({"model": MODEL, "target": "mean", "method": m, "metric": "accuracy", "unit": "points", "baseline": 100 * ci["a"],
+                     "value": 100 * ci["b"], "gain": 100 * ci["diff"], "ci_low": 100 * ci["low"], "ci_high": 100 * ci["high"],
+                     "in_domain_gain": sum(r["in_domain_gain"] for r in per) / len(per), "label_free": m in LABEL_FREE,
+                     "forward_equivalents": sum(r["forward_equivalents"] for r in per) / len(per),
+                     "seconds": sum(r["seconds"] for r in per) / len(per)})
+    return rows
+
+
+def transfer_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``fit-layer`` knobs fitted on one target, on every target's test split: accuracy gain in points."""
+    lg, lab = res["logits"], res["labels"]
+    out = []
+    for r in res["transfer"]:
+        t = r["target"]
+        base = float(_correct(lg[f"baseline|{t}|{t}"], lab[t]).mean())
+        out.append({"fitted_on": r["fitted_on"], "target": t, "gain": 100 * (r["accuracy"] - base), "own": r["fitted_on"] == t})
+    return out
+
+
+def length_rows(res: dict[str, Any], buckets: int = 4) -> list[dict[str, Any]]:
+    """The gain of each method against input length: the target test examples pooled, ranked by
+    token count (ties in example order) and cut into ``buckets`` equal-count buckets; accuracy
+    gain in points per bucket, with the bucket's token range."""
+    cfg, lg, lab = res["config"], res["logits"], res["labels"]
+    lengths = torch.cat([torch.tensor(res["lengths"][t]) for t in cfg["targets"]])
+    chunks = torch.argsort(lengths, stable=True).tensor_split(buckets)
+    base = torch.cat([_correct(lg[f"baseline|{t}|{t}"], lab[t]) for t in cfg["targets"]])
+    out = []
+    for m in FIT_METHODS:
+        if m == "baseline" or f"{m}|{cfg['targets'][0]}|{cfg['targets'][0]}" not in lg:
+            continue
+        new = torch.cat([_correct(lg[f"{m}|{t}|{t}"], lab[t]) for t in cfg["targets"]])
+        for k, idx in enumerate(chunks):
+            if idx.numel() == 0:
+                continue
+            out.append({"method": m, "bucket": k + 1, "tokens_from": int(lengths[idx].min()), "tokens_to": int(lengths[idx].max()),
+                        "n": int(idx.numel()), "gain": 100 * float((new[idx] - base[idx]).mean())})
+    return out
+
+
+def _figures(res: dict[str, Any], rows: list[dict], fig_dir: Path) -> list[str]:
+    plt = pyplot()
+    cfg = res["config"]
+    targets = [*cfg["targets"], "mean"]
+    methods = [m for m in FIT_METHODS if m != "baseline" and any(r["method"] == m for r in rows)]
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        rs = {r["target"]: r for r in rows if r["method"] == m}
+        xs = [i + (j - len(methods) / 2 + 0.5) * width for i in range(len(targets))]
+        g = [rs[t]["gain"] for t in targets]
+        err = [[rs[t]["gain"] - rs[t]["ci_low"] for t in targets], [rs[t]["ci_high"] - rs[t]["gain"] for t in targets]]
+        ax.bar(xs, g, width, yerr=err, capsize=1.5, label=m, error_kw={"lw": 0.6})
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xticks(range(len(targets)), targets)
+    ax.set(ylabel="test accuracy gain (points, 95% CI)", title="Gain over the fine-tuned model per target domain")
+    ax.legend(fontsize=6, ncol=4)
+    names = [save(fig, fig_dir / "fit_knobs_gain.png").name]
+    fits = [r for r in res["rows"] if r["method"] == "fit-layer" and r["domain"] == r["target"]]
+    if fits:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+        for r in fits:
+            keys = list(r["knobs"])
+            axes[0].plot(range(len(keys)), [r["nats"][k] for k in keys], "o-", ms=3, label=r["target"])
+            axes[1].plot(range(len(keys)), [r["knobs"][k]["stdev_tau"] for k in keys], "o-", ms=3, label=r["target"])
+        for ax in axes:
+            ax.set_xticks(range(len(keys)), keys, fontsize=7)
+        axes[0].set(ylabel="alpha_tau * s_alpha (nats)", title="fit-layer: token pseudo-count shift")
+        axes[1].set(ylabel="stdev_tau", title="fit-layer: token standard deviation")
+        axes[0].legend(fontsize=6)
+        names.append(save(fig, fig_dir / "fit_knobs_layers.png").name)
+    return names
+
+
+def _reading(rows: list[dict], transfer: list[dict], lengths: list[dict]) -> str:
+    mean = {r["method"]: r for r in rows if r["target"] == "mean"}
+    per = lambda m: [r for r in rows if r["method"] == m and r["target"] != "mean"]  # noqa: E731
+    text = ["**Reading (the recorded run).** "]
+    fits = [m for m in ("fit-site", "fit-layer") if m in mean]
+    if fits:
+        best = max(fits, key=lambda m: mean[m]["gain"])
+        b = mean[best]
+        rivals = [m for m in ("wise", "control", "search") if m in mean]
+        ahead = all(b["gain"] > mean[m]["gain"] for m in rivals)
+        reached = b["gain"] >= 1.5 and b["ci_low"] > 0 and ahead and b["in_domain_gain"] >= -0.5
+        text.append(f"With target labels, the best fitted method is {best}: mean gain {b['gain']:+.2f} points "
+                    f"[{b['ci_low']:+.2f}, {b['ci_high']:+.2f}], in-domain change {b['in_domain_gain']:+.2f}; "
+                    + ", ".join(f"{m} {mean[m]['gain']:+.2f}" for m in rivals) + ". The goal (+1.5 points, interval above 0, ahead of "
+                    f"WiSE-FT and the control, in-domain cost at most 0.5) is {'reached' if reached else 'not reached'}. ")
+    free = [m for m in ("fit-entropy", "fit-im") if m in mean]
+    if free:
+        best = max(free, key=lambda m: mean[m]["gain"])
+        b = mean[best]
+        worst = min(r["gain"] for r in per(best))
+        tent_gain = mean["tent"]["gain"] if "tent" in mean else None
+        reached = b["gain"] >= 0.5 and worst >= -0.5 and (tent_gain is None or b["gain"] > tent_gain)
+        text.append(f"Label-free, the best is {best}: mean {b['gain']:+.2f} [{b['ci_low']:+.2f}, {b['ci_high']:+.2f}], worst target "
+                    f"{worst:+.2f}" + ("" if tent_gain is None else f", TENT {tent_gain:+.2f}") + f"; the goal (+0.5, no target below -0.5, "
+                    f"ahead of TENT) is {'reached' if reached else 'not reached'}. ")
+    if "fit-layer" in mean:
+        secs = [r["seconds"] for r in per("fit-layer")]
+        text.append(f"Fitting per layer took {min(secs):.0f}-{max(secs):.0f} s per target on this machine (goal: under 60 s) and "
+                    f"{mean['fit-layer']['forward_equivalents']:.0f} forward equivalents on average, against "
+                    f"{mean['search']['forward_equivalents']:.0f} for the search. " if "search" in mean else "")
+    if transfer:
+        own = [r["gain"] for r in transfer if r["own"]]
+        other = [r["gain"] for r in transfer if not r["own"]]
+        text.append(f"Transfer: knobs fitted on a target gain {sum(own) / len(own):+.2f} points there on average and "
+                    f"{sum(other) / len(other):+.2f} on the other targets. ")
+    if lengths:
+        fl = [r for r in lengths if r["method"] == "fit-layer"]
+        if fl:
+            text.append("By input length (fit-layer, pooled targets): " + ", ".join(
+                f"{r['tokens_from']}-{r['tokens_to']} tokens {r['gain']:+.2f}" for r in fl) + ". ")
+    return "".join(text)
+
+
+def fit_section(res: dict[str, Any], fig_dir: Path, csv_dir: Path | None = None) -> str:
+    """The section's markdown (figures to ``fig_dir``; tables through ``csv_dir`` if given)."""
+    cfg = res["config"]
+    rows = fit_rows(res)
+    transfer = transfer_rows(res)
+    lengths = length_rows(res)
+    n_val = cfg["n_val"] or 200
+    lines = ["## Fitted knobs: gradient-fitted NV knobs against search, TENT, WiSE-FT and the control", "",
+             f"Command: `.venv/bin/python experiments/fit_knobs.py` ({res['info']['seconds'] / 60:.0f} min, "
+             f"{res['info']['threads']} torch threads). Model: all-MiniLM-L6-v2 fine-tuned on books (the sentiment study's; "
+             f"{res['n_layers']} NV layers, empirical prior of {cfg['prior_examples']} books training reviews, identity knobs). "
+             f"Data: the review domains (Blitzer et al. 2007; Ryu & Lee 2020), split seed {cfg['split_seed']}; per target, the "
+             f"validation split ({n_val} reviews) is all a method sees: fitting methods fit on {1 - cfg['holdout']:.0%} of it and "
+             f"choose the step on the rest ({cfg['steps']} Adam steps at most, lr {cfg['lr']}, patience {cfg['patience']}; TENT "
+             f"lr {cfg['tent_lr']}), the search and the choices of WiSE-FT and the control use all of it; test: the target's "
+             f"test split (gain with a paired bootstrap 95% interval, {cfg['bootstrap']} resamples; `mean`: resampling within "
+             "each target) and the books test split (in-domain change of the target's choice). Cost: forwards over one example "
+             "(a training step counts 3 per example) and seconds on this machine. Methods: `nvformer_studies.fitknobs.study`.", "",
+             table(rows, [("target", "{target}"), ("method", "{method}"), ("accuracy", "{value:.1f}"), ("gain", "{gain:+.2f}"),
+                          ("95% CI", "[{ci_low:+.2f}, {ci_high:+.2f}]"), ("in-domain", "{in_domain_gain:+.2f}"),
+                          ("forward equivalents", "{forward_equivalents:.0f}"), ("seconds", "{seconds:.1f}")], csv_dir, "fit_knobs")]
+    for f in _figures(res, rows, fig_dir):
+        lines += ["", f"![{f}](figures/{f})"]
+    if transfer:
+        lines += ["", "Transfer (test accuracy gain in points of the `fit-layer` knobs fitted on the row's target):", "",
+                  table(transfer, [("fitted on", "{fitted_on}"), ("target", "{target}"), ("gain", "{gain:+.2f}")], csv_dir,
+                        "fit_knobs_transfer")]
+    if lengths:
+        lines += ["", "Gain against input length (target test examples pooled, four equal-count buckets by token count):", "",
+                  table(lengths, [("method", "{method}"), ("tokens", "{tokens_from}-{tokens_to}"), ("examples", "{n}"),
+                                  ("gain", "{gain:+.2f}")], csv_dir, "fit_knobs_length")]
+    lines += ["", _reading(rows, transfer, lengths)]
+    return "\n".join(lines) + "\n"

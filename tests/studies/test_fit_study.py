@@ -1,0 +1,51 @@
+"""The fitted-knobs study end to end on a tiny classifier (real review text, tiny budget): every
+method's rows, the CSV the section is rendered from, the bootstrap, transfer and length tables."""
+
+import csv
+
+import pytest
+import torch
+import transformers as tf
+
+from nvformer_studies.common.checkpoints import load_minilm
+from nvformer_studies.fitknobs.report import fit_section
+from nvformer_studies.fitknobs.study import FIT_METHODS, FitStudyConfig, run_fit_study
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory):
+    _, tok = load_minilm()
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=256, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2)
+    folder = tmp_path_factory.mktemp("fit-study") / "tiny"
+    tf.BertForSequenceClassification(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_fit_study_end_to_end(tiny_classifier, tmp_path):
+    cfg = FitStudyConfig.smoke(model_dir=str(tiny_classifier), wise=(), max_length=32)
+    res = run_fit_study(cfg, tmp_path / "run", show_progress=False)
+    methods = [m for m in FIT_METHODS if m != "wise"]
+    assert {r["method"] for r in res["rows"]} == set(methods)
+    assert len(res["rows"]) == len(methods) * 2 * 2  # per target: the target's and the source's test split
+    for r in res["rows"]:
+        if r["method"].startswith("fit-"):
+            assert r["steps"] <= cfg.steps and r["forward_equivalents"] > 0
+    text = fit_section(res, tmp_path / "figures", tmp_path / "results")
+    with open(tmp_path / "results" / "fit_knobs.csv") as f:
+        rows = list(csv.DictReader(f))
+    need = {"model", "target", "method", "metric", "baseline", "value", "gain", "ci_low", "ci_high", "forward_equivalents", "seconds", "unit"}
+    assert need <= set(rows[0])
+    assert len(rows) == len(methods) * 3 and {r["target"] for r in rows} == {"dvd", "airline", "mean"}
+    for r in rows:
+        assert r["model"] == "finetuned" and r["unit"] == "points"
+        assert float(r["ci_low"]) <= float(r["gain"]) + 1e-9 <= float(r["ci_high"]) + 2e-9
+        assert float(r["gain"]) == pytest.approx(float(r["value"]) - float(r["baseline"]), abs=1e-9)
+        if r["method"] == "baseline":
+            assert float(r["gain"]) == 0.0
+    with open(tmp_path / "results" / "fit_knobs_transfer.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    assert (tmp_path / "figures" / "fit_knobs_gain.png").exists() and (tmp_path / "figures" / "fit_knobs_layers.png").exists()
+    assert "## Fitted knobs" in text and "Reading (the recorded run)" in text
