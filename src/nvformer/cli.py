@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fit-knobs", type=_fit_knobs, default=("alpha_tau", "stdev_tau"), metavar="K",
                    help="comma list of the knobs fitted (alpha_tau, stdev_tau, mu_tau)")
     g.add_argument("--steps", type=_positive_int, default=50, metavar="N", help="Adam steps (at most: early stopping)")
-    g.add_argument("--lr", type=_finite_float, default=0.1, metavar="X", help="Adam learning rate (nats, log stdev_tau, mu_tau)")
+    g.add_argument("--lr", type=_finite_float, default=0.3, metavar="X", help="Adam learning rate (nats, log stdev_tau, mu_tau)")
     g.add_argument("--to-identity", type=_finite_float, default=0.0, metavar="X", help="weight of the pull towards the identity knobs")
     g.add_argument("--holdout", type=_finite_float, default=0.25, metavar="F",
                    help="share of the validation rows held out (seeded by --seed) to choose the step and stop early")

@@ -148,7 +148,7 @@ def fit_knobs(
     groups: str = "layer",
     knobs: Sequence[str] = ("alpha_tau", "stdev_tau"),
     steps: int = 50,
-    lr: float = 0.1,
+    lr: float = 0.3,
     to_identity: float = 0.0,
     validation: Iterable[Any] | None = None,
     patience: int = 3,
@@ -173,7 +173,9 @@ def fit_knobs(
         knobs: which knobs to fit (the others keep their values), a subset of
             ``("alpha_tau", "stdev_tau", "mu_tau")``.
         steps: Adam steps (at most; see ``patience``); lr: Adam's learning rate, in the fitted
-            coordinates (nats, log stdev_tau, mu_tau).
+            coordinates (nats, log stdev_tau, mu_tau). Adam moves each about ``lr`` per step at
+            first: the default 0.3 travels from the start (5 nats) to where the prior's weight is
+            about 1% (0 nats) in about 17 steps, and ``stdev_tau`` from 0.05 to 0.5 in about 8.
         to_identity: weight of an L2-like pull towards the identity corner, added to the
             objective: ``to_identity * mean over groups of (mu_tau - 1)^2 + stdev_tau^2 + exp(-u)``.
         validation: held-out inputs; the objective on them chooses the kept knobs and stops early.

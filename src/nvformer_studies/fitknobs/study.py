@@ -86,7 +86,7 @@ class FitStudyConfig:
     prior_examples: int = 256
     trials: int = 10
     steps: int = 50
-    lr: float = 0.1
+    lr: float = 0.3
     patience: int = 3
     tent_lr: float = 1e-3
     alpha_tau: tuple[float, float] = (-4.0, 4.0)
