@@ -1,38 +1,56 @@
-"""Knobs fitted by gradient (issue 18) against today's search, TENT, WiSE-FT and the prior-only control,
-on the fine-tuned sentiment classifier and six target domains -> docs/RESULTS.md ("fit-knobs" section).
+"""Knobs fitted by gradient (issue 18) against today's search, TENT, WiSE-FT and the prior-only control:
+the fine-tuned sentiment classifier on six target domains (``finetuned``) and SmolLM2 on five text
+domains, fitted on unlabelled target text (``smollm2``) -> docs/RESULTS.md ("fit-knobs" section).
 
-    .venv/bin/python experiments/fit_knobs.py                 # the study (fine-tunes runs/minilm-books first if missing)
-    .venv/bin/python experiments/fit_knobs.py --reuse         # rewrite the section from runs/fit-knobs
+    .venv/bin/python experiments/fit_knobs.py                          # both parts (fine-tunes runs/minilm-books first if missing)
+    .venv/bin/python experiments/fit_knobs.py --models finetuned       # one part; the section shows every part saved in OUT
+    .venv/bin/python experiments/fit_knobs.py --reuse                  # rewrite the section from runs/fit-knobs
     .venv/bin/python experiments/fit_knobs.py --smoke --out /tmp/fit-smoke --results /tmp/fit-smoke/RESULTS.md
 
-Model, data, methods, budget: ``nvformer_studies.fitknobs.study`` (the docstring and ``FitStudyConfig``);
-the section (tables via docs/results/fit_knobs*.csv): ``nvformer_studies.fitknobs.report``.
+Model, data, methods, budget: ``nvformer_studies.fitknobs.study`` (``FitStudyConfig``) and
+``nvformer_studies.fitknobs.lm`` (``FitLMConfig``); the section (tables via docs/results/fit_knobs*.csv):
+``nvformer_studies.fitknobs.report``.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from nvformer_studies.common.scripts import doc_dirs, publish, script_parser, set_threads
+from nvformer_studies.fitknobs.lm import FitLMConfig, run_fit_lm
 from nvformer_studies.fitknobs.report import fit_section
 from nvformer_studies.fitknobs.study import FitStudyConfig, load_fit_study, run_fit_study
 
 ROOT = Path(__file__).resolve().parents[1]
+PARTS = ("finetuned", "smollm2")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = script_parser(__doc__, ROOT, run="fit-knobs", no_results=True, reuse=True, smoke=True, threads=True)
+    parser.add_argument("--models", default=",".join(PARTS), help="comma list of the parts to run: finetuned, smollm2")
     parser.add_argument("--model", default=str(ROOT / "runs" / "minilm-books"), help="the fine-tuned books classifier (fine-tuned there if missing)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    parts = [x.strip() for x in args.models.split(",") if x.strip()]
+    bad = [x for x in parts if x not in PARTS]
+    if bad or not parts:
+        parser.error(f"--models: unknown {', '.join(bad) or 'empty'}; parts are {', '.join(PARTS)}")
     set_threads(args)
     out = Path(args.out)
-    if args.reuse:
-        res = load_fit_study(out)
-    else:
-        cfg = (FitStudyConfig.smoke if args.smoke else FitStudyConfig)(model_dir=args.model)
-        res = run_fit_study(cfg, out, show_progress=not args.quiet)
-    publish(fit_section(res, *doc_dirs(args)), "fit-knobs", args)
+    if not args.reuse:
+        if "finetuned" in parts:
+            cfg = (FitStudyConfig.smoke if args.smoke else FitStudyConfig)(model_dir=args.model)
+            run_fit_study(cfg, out / "finetuned", show_progress=not args.quiet)
+        if "smollm2" in parts:
+            lm = run_fit_lm(FitLMConfig.smoke() if args.smoke else FitLMConfig(), show_progress=not args.quiet)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "smollm2.json").write_text(json.dumps(lm, indent=1, default=str))
+    res = load_fit_study(out / "finetuned") if (out / "finetuned" / "results.json").exists() else None
+    lm = json.loads((out / "smollm2.json").read_text()) if (out / "smollm2.json").exists() else None
+    if res is None and lm is None:
+        parser.error(f"nothing saved in {out}: run without --reuse first")
+    publish(fit_section(res, *doc_dirs(args), lm=lm), "fit-knobs", args)
 
 
 if __name__ == "__main__":

@@ -49,3 +49,23 @@ def test_fit_study_end_to_end(tiny_classifier, tmp_path):
         assert len(list(csv.DictReader(f))) == 4
     assert (tmp_path / "figures" / "fit_knobs_gain.png").exists() and (tmp_path / "figures" / "fit_knobs_layers.png").exists()
     assert "## Fitted knobs" in text and "Reading (the recorded run)" in text
+
+
+def test_lm_part_end_to_end(tmp_path):
+    """A tiny Llama over the MiniLM tokenizer on real domain text: baseline, search and the label-free
+    fit rows, in the same CSV as the classifier's, with relative perplexity changes."""
+    from hf_models import tiny_llama
+
+    from nvformer_studies.fitknobs.lm import FitLMConfig, run_fit_lm
+
+    _, tok = load_minilm()
+    tok.bos_token = "[CLS]"
+    lm = run_fit_lm(FitLMConfig.smoke(), model=tiny_llama(tok), tok=tok, show_progress=False)
+    assert [(r["target"], r["method"]) for r in lm["rows"]] == [(t, m) for t in ("koran", "law") for m in ("baseline", "search", "fit-lm-unlabelled")]
+    for r in lm["rows"]:
+        assert r["unit"] == "relative" and r["ci_low"] <= r["gain"] + 1e-12 <= r["ci_high"] + 2e-12
+        assert r["value"] == pytest.approx(r["baseline"] * (1 + r["gain"]), rel=1e-9)
+    fit_section(None, tmp_path / "figures", tmp_path / "results", lm=lm)
+    with open(tmp_path / "results" / "fit_knobs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["model"] for r in rows} == {"smollm2"} and len(rows) == 6

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from nvformer.metrics import paired_bootstrap
 
-from ..common.docs import table
+from ..common.docs import markdown_table, read_csv, table, write_csv
 from ..common.plots import pyplot, save
 from .study import FIT_METHODS, LABEL_FREE
 
@@ -168,36 +168,79 @@ def _reading(rows: list[dict], transfer: list[dict], lengths: list[dict]) -> str
     return "".join(text)
 
 
-def fit_section(res: dict[str, Any], fig_dir: Path, csv_dir: Path | None = None) -> str:
-    """The section's markdown (figures to ``fig_dir``; tables through ``csv_dir`` if given)."""
-    cfg = res["config"]
-    rows = fit_rows(res)
-    transfer = transfer_rows(res)
-    lengths = length_rows(res)
-    n_val = cfg["n_val"] or 200
-    lines = ["## Fitted knobs: gradient-fitted NV knobs against search, TENT, WiSE-FT and the control", "",
-             f"Command: `.venv/bin/python experiments/fit_knobs.py` ({res['info']['seconds'] / 60:.0f} min, "
-             f"{res['info']['threads']} torch threads). Model: all-MiniLM-L6-v2 fine-tuned on books (the sentiment study's; "
-             f"{res['n_layers']} NV layers, empirical prior of {cfg['prior_examples']} books training reviews, identity knobs). "
-             f"Data: the review domains (Blitzer et al. 2007; Ryu & Lee 2020), split seed {cfg['split_seed']}; per target, the "
-             f"validation split ({n_val} reviews) is all a method sees: fitting methods fit on {1 - cfg['holdout']:.0%} of it and "
-             f"choose the step on the rest ({cfg['steps']} Adam steps at most, lr {cfg['lr']}, patience {cfg['patience']}; TENT "
-             f"lr {cfg['tent_lr']}), the search and the choices of WiSE-FT and the control use all of it; test: the target's "
-             f"test split (gain with a paired bootstrap 95% interval, {cfg['bootstrap']} resamples; `mean`: resampling within "
-             "each target) and the books test split (in-domain change of the target's choice). Cost: forwards over one example "
-             "(a training step counts 3 per example) and seconds on this machine. Methods: `nvformer_studies.fitknobs.study`.", "",
-             table(rows, [("target", "{target}"), ("method", "{method}"), ("accuracy", "{value:.1f}"), ("gain", "{gain:+.2f}"),
-                          ("95% CI", "[{ci_low:+.2f}, {ci_high:+.2f}]"), ("in-domain", "{in_domain_gain:+.2f}"),
-                          ("forward equivalents", "{forward_equivalents:.0f}"), ("seconds", "{seconds:.1f}")], csv_dir, "fit_knobs")]
-    for f in _figures(res, rows, fig_dir):
-        lines += ["", f"![{f}](figures/{f})"]
-    if transfer:
-        lines += ["", "Transfer (test accuracy gain in points of the `fit-layer` knobs fitted on the row's target):", "",
-                  table(transfer, [("fitted on", "{fitted_on}"), ("target", "{target}"), ("gain", "{gain:+.2f}")], csv_dir,
-                        "fit_knobs_transfer")]
-    if lengths:
-        lines += ["", "Gain against input length (target test examples pooled, four equal-count buckets by token count):", "",
-                  table(lengths, [("method", "{method}"), ("tokens", "{tokens_from}-{tokens_to}"), ("examples", "{n}"),
-                                  ("gain", "{gain:+.2f}")], csv_dir, "fit_knobs_length")]
-    lines += ["", _reading(rows, transfer, lengths)]
+_MAIN_COLUMNS = [("target", "{target}"), ("method", "{method}"), ("accuracy", "{value:.1f}"), ("gain", "{gain:+.2f}"),
+                 ("95% CI", "[{ci_low:+.2f}, {ci_high:+.2f}]"), ("in-domain", "{in_domain_gain:+.2f}"),
+                 ("forward equivalents", "{forward_equivalents:.0f}"), ("seconds", "{seconds:.1f}")]
+_LM_COLUMNS = [("target", "{target}"), ("method", "{method}"), ("perplexity", "{value:.2f}"), ("baseline", "{baseline:.2f}"),
+               ("change", lambda r: f"{100 * r['gain']:+.1f}%"), ("95% CI", lambda r: f"[{100 * r['ci_low']:+.1f}%, {100 * r['ci_high']:+.1f}%]"),
+               ("forward equivalents", "{forward_equivalents:.0f}"), ("seconds", "{seconds:.1f}")]
+CSV_FIELDS = ("model", "target", "method", "metric", "unit", "baseline", "value", "gain", "ci_low", "ci_high", "in_domain_gain",
+              "label_free", "forward_equivalents", "seconds")
+
+
+def _lm_reading(rows: list[dict]) -> str:
+    fits = [r for r in rows if r["method"] == "fit-lm-unlabelled"]
+    search = [r for r in rows if r["method"] == "search"]
+    if not fits:
+        return ""
+    sig = [r["target"] for r in fits if r["ci_high"] < 0]
+    worse = [r["target"] for r in fits if r["ci_low"] > 0]
+    text = (f"**Reading, SmolLM2 (the recorded run).** Knobs fitted on unlabelled target text lower the test perplexity significantly "
+            f"(interval below 0) on {len(sig)} of {len(fits)} target domains ({', '.join(sig) or 'none'}); significantly higher on "
+            f"{', '.join(worse) or 'none'}. The goal (a significant reduction on at least 4 of the 5) is "
+            f"{'reached' if len(sig) >= 4 and len(fits) >= 5 else 'not reached'}. ")
+    if search:
+        sig_s = [r["target"] for r in search if r["ci_high"] < 0]
+        text += f"The search: significant on {len(sig_s)} of {len(search)} ({', '.join(sig_s) or 'none'}). "
+    return text
+
+
+def fit_section(res: dict[str, Any] | None, fig_dir: Path, csv_dir: Path | None = None, lm: dict[str, Any] | None = None) -> str:
+    """The section's markdown from the classifier part ``res`` (:func:`~nvformer_studies.fitknobs.study.run_fit_study`)
+    and the LM part ``lm`` (:func:`~nvformer_studies.fitknobs.lm.run_fit_lm`), either may be None;
+    figures to ``fig_dir``; every table through ``csv_dir`` (``fit_knobs.csv`` holds both models' rows)."""
+    rows = fit_rows(res) if res is not None else []
+    lm_rows = list(lm["rows"]) if lm is not None else []
+    both = [{k: r.get(k) for k in CSV_FIELDS} for r in rows + lm_rows]
+    if csv_dir is not None:
+        both = read_csv(write_csv(Path(csv_dir) / "fit_knobs.csv", both))
+    lines = ["## Fitted knobs: gradient-fitted NV knobs against search, TENT, WiSE-FT and the control", ""]
+    if res is not None:
+        cfg = res["config"]
+        transfer = transfer_rows(res)
+        lengths = length_rows(res)
+        n_val = cfg["n_val"] or 200
+        lines += [f"Command: `.venv/bin/python experiments/fit_knobs.py` (classifier part: {res['info']['seconds'] / 60:.0f} min, "
+                  f"{res['info']['threads']} torch threads). Model `finetuned`: all-MiniLM-L6-v2 fine-tuned on books (the sentiment "
+                  f"study's; {res['n_layers']} NV layers, empirical prior of {cfg['prior_examples']} books training reviews, identity "
+                  f"knobs). Data: the review domains (Blitzer et al. 2007; Ryu & Lee 2020), split seed {cfg['split_seed']}; per target, "
+                  f"the validation split ({n_val} reviews) is all a method sees: fitting methods fit on {1 - cfg['holdout']:.0%} of it "
+                  f"and choose the step on the rest ({cfg['steps']} Adam steps at most, lr {cfg['lr']}, patience {cfg['patience']}; "
+                  f"TENT lr {cfg['tent_lr']}), the search ({cfg['trials']} trials) and the choices of WiSE-FT and the control use all "
+                  f"of it; test: the target's test split (gain in points with a paired bootstrap 95% interval, {cfg['bootstrap']} "
+                  "resamples; `mean`: resampling within each target) and the books test split (in-domain change of the target's "
+                  "choice). Cost: forwards over one example (a training step counts 3 per example) and seconds on this machine. "
+                  "Methods: `nvformer_studies.fitknobs.study`.", "",
+                  markdown_table([r for r in both if r["model"] == "finetuned"], _MAIN_COLUMNS)]
+        for f in _figures(res, rows, fig_dir):
+            lines += ["", f"![{f}](figures/{f})"]
+        if transfer:
+            lines += ["", "Transfer (test accuracy gain in points of the `fit-layer` knobs fitted on the row's target):", "",
+                      table(transfer, [("fitted on", "{fitted_on}"), ("target", "{target}"), ("gain", "{gain:+.2f}")], csv_dir,
+                            "fit_knobs_transfer")]
+        if lengths:
+            lines += ["", "Gain against input length (target test examples pooled, four equal-count buckets by token count):", "",
+                      table(lengths, [("method", "{method}"), ("tokens", "{tokens_from}-{tokens_to}"), ("examples", "{n}"),
+                                      ("gain", "{gain:+.2f}")], csv_dir, "fit_knobs_length")]
+        lines += ["", _reading(rows, transfer, lengths)]
+    if lm is not None:
+        c = lm["config"]
+        lines += ["", f"Model `smollm2` (`.venv/bin/python experiments/fit_knobs.py --models smollm2`; {lm['info']['seconds'] / 60:.0f} min, "
+                  f"{lm['info']['threads']} torch threads): SmolLM2-135M-Instruct, the LM study's data (prior: {c['n_prior']} WikiText-2 "
+                  f"paragraphs; per target {c['n_val']} validation and {c['n_test']} test units of at most {c['max_tokens']} tokens, seed "
+                  f"{c['seed']}). `fit-lm-unlabelled`: one setting per layer fitted on the NLL of {1 - c['holdout']:.0%} of the "
+                  f"validation text (no labels exist or are needed), the step chosen on the rest ({c['steps']} steps at most, lr "
+                  f"{c['lr']}); `search`: {c['trials']} Optuna trials on the validation perplexity. Change: test perplexity relative to "
+                  f"the unregularised model, paired bootstrap over units ({c['bootstrap']} resamples).", "",
+                  markdown_table([r for r in both if r["model"] == "smollm2"], _LM_COLUMNS), "", _lm_reading(lm_rows)]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,114 @@
+"""The causal-LM part of the fitted-knobs study (model ``"smollm2"``): SmolLM2-135M-Instruct, its
+decoder knobs fitted by gradient on *unlabelled* target text (the NLL of the text itself), against
+the unregularised model and today's search (the LM study's: Optuna on the validation perplexity,
+``alpha_tau`` on a log scale). Data, prior and splits are the LM study's
+(:mod:`nvformer_studies.lm.study`): the prior from WikiText-2 paragraphs, per target domain its
+validation units (what a method may see; fitting holds out ``holdout`` of them to choose the step)
+and its test units (perplexity ratio against the unregularised model, paired bootstrap over units).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+import nvformer as nv
+from nvformer import IDENTITY, KnobSpace
+from nvformer.tasks import TextBatches, get_task, lm_batches, lm_nll
+
+from ..common.protocol import Choice, Protocol, convert_at_identity
+from ..common.subsets import seeded_subset
+from ..lm.study import lm_texts, perplexity, unit_stats
+
+__all__ = ["FitLMConfig", "lm_fit_batches", "run_fit_lm"]
+
+
+@dataclass
+class FitLMConfig:
+    """Sizes of the LM part (the LM study's data sizes; ``steps``, ``lr``, ``patience``, ``holdout``:
+    :func:`nvformer.fit_knobs`; ``trials``: the search's)."""
+
+    targets: tuple[str, ...] = ("koran", "it", "law", "medical", "reviews")
+    n_prior: int = 96
+    n_val: int = 48
+    n_test: int = 192
+    max_tokens: int = 64
+    batch_size: int = 8
+    trials: int = 16
+    steps: int = 50
+    lr: float = 0.3
+    patience: int = 3
+    holdout: float = 0.25
+    seed: int = 0
+    bootstrap: int = 1000
+
+    @classmethod
+    def smoke(cls, **kw) -> FitLMConfig:
+        return cls(**{**dict(targets=("koran", "law"), n_prior=8, n_val=8, n_test=8, max_tokens=16, batch_size=4, trials=2, steps=2,
+                             bootstrap=50), **kw})
+
+
+def lm_fit_batches(data: TextBatches) -> list[dict[str, torch.Tensor]]:
+    """Model inputs whose ``labels`` are the text's own tokens (padding -100): the NLL of unlabelled text."""
+    return [dict(b, labels=b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)) for b in data.batches]
+
+
+def run_fit_lm(cfg: FitLMConfig, model=None, tok=None, show_progress: bool = True) -> dict[str, Any]:
+    """Per target: the search and ``fit-lm-unlabelled`` (one setting per layer); returns
+    ``{"config", "rows", "info"}`` with per-unit statistics for the bootstrap."""
+    t0 = time.time()
+    if model is None:
+        from ..common.checkpoints import load_smollm2
+
+        model, tok = load_smollm2()
+
+    def units(domain: str, split: str, n: int) -> tuple[list[str], TextBatches]:
+        texts = lm_texts(domain, split, None, cfg.seed)
+        picked = [texts[i] for i in seeded_subset(len(texts), n, cfg.seed)]
+        return picked, lm_batches(tok, picked, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size)
+
+    proto = Protocol(model, seed=cfg.seed)
+    convert_at_identity(model, units("wikitext", "prior", cfg.n_prior)[1].batches)
+    log_ppl = get_task("causal-lm").metric("nll")
+    space = KnobSpace(alpha_tau=(0.3, 1e4), stdev_tau=(0.0, 0.5), log_alpha=True)
+    rows = []
+    from tqdm.auto import tqdm
+
+    for d in tqdm(cfg.targets, desc="fit-knobs LM", disable=not show_progress):
+        texts, val = units(d, "validation", cfg.n_val)
+        _, test = units(d, "test", cfg.n_test)
+        perm = torch.randperm(len(texts), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        n_hold = max(1, round(cfg.holdout * len(texts)))
+        held = lm_batches(tok, [texts[i] for i in perm[:n_hold]], max_tokens=cfg.max_tokens, batch_size=cfg.batch_size)
+        fit_on = lm_batches(tok, [texts[i] for i in perm[n_hold:]], max_tokens=cfg.max_tokens, batch_size=cfg.batch_size)
+        proto.reset()
+        base = lm_nll(model, test)
+
+        def row(method: str, cost: float, seconds: float, extra: dict | None = None) -> None:
+            nll = lm_nll(model, test)
+            ci = log_ppl.compare(unit_stats(base, test), unit_stats(nll, test), n_resamples=cfg.bootstrap, seed=cfg.seed)
+            rows.append({"model": "smollm2", "target": d, "method": method, "metric": "perplexity", "unit": "relative",
+                         "baseline": perplexity(base, test.n_tokens), "value": perplexity(nll, test.n_tokens),
+                         "gain": math.exp(ci["diff"]) - 1.0, "ci_low": math.exp(ci["low"]) - 1.0, "ci_high": math.exp(ci["high"]) - 1.0,
+                         "forward_equivalents": cost, "seconds": seconds, "in_domain_gain": None, "label_free": method != "search",
+                         **(extra or {})})
+
+        row("baseline", 0.0, 0.0)
+        s0 = time.perf_counter()
+        choice = proto.search(Choice("search", d), space, lambda m: perplexity(lm_nll(m, val), val.n_tokens), cfg.trials, direction="minimize")
+        row("search", float(choice.trials * len(texts)), time.perf_counter() - s0, {"knobs": choice.params})
+        proto.reset()
+        train_b, held_b = lm_fit_batches(fit_on), lm_fit_batches(held)
+        res = nv.fit_knobs(model, train_b, "nll", groups="layer", steps=cfg.steps, lr=cfg.lr, validation=held_b, patience=cfg.patience,
+                           show_progress=False)
+        rows_of = [int(b["input_ids"].shape[0]) for b in train_b]
+        cost = 3.0 * sum(rows_of[(s - 1) % len(rows_of)] for s in range(1, res.steps + 1)) + (1 + len(res.history)) * len(held)
+        row("fit-lm-unlabelled", cost, res.seconds, {"knobs": {k: v.as_dict() for k, v in res.knobs.items()}, "nats": res.nats,
+                                                     "best_step": res.best_step, "steps": res.steps})
+        proto.reset()
+    return {"config": asdict(cfg), "rows": rows, "info": {"seconds": time.time() - t0, "threads": torch.get_num_threads(),
+                                                          "identity": IDENTITY.as_dict()}}
