@@ -23,7 +23,17 @@ datasets and matplotlib are imported when a feature first needs them.
 
 from ._version import __version__
 from .adapter import load_adapter, save_adapter
-from .api import convert, estimate_prior, get_config, get_knobs, set_knobs, set_prediction, unconvert
+from .api import (
+    convert,
+    estimate_prior,
+    get_config,
+    get_head_knobs,
+    get_knobs,
+    set_head_knobs,
+    set_knobs,
+    set_prediction,
+    unconvert,
+)
 from .config import IDENTITY, Knobs, NVConfig
 from .core.kl import kl_dirichlet, kl_gaussian, kl_symmetric_dirichlet
 from .core.latent import NVLatent
@@ -62,6 +72,7 @@ __all__ = [
     "estimate_prior",
     "fit_knobs",
     "get_config",
+    "get_head_knobs",
     "get_knobs",
     "kl_dirichlet",
     "kl_gaussian",
@@ -71,6 +82,7 @@ __all__ = [
     "sample_log_dirichlet",
     "sample_log_gamma",
     "save_adapter",
+    "set_head_knobs",
     "set_knobs",
     "set_prediction",
     "tune",

@@ -22,6 +22,7 @@ loads it as a plain model) with the adapter files beside the weights.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .api import convert, get_config, model_kind, nv_modules, site_of
+from .api import convert, get_config, model_kind, nv_modules, site_of, unconvert
 from .config import SITES, NVConfig, is_module_key
 from .core.prior import Prior
 from .hf.convert import is_hf_model
@@ -42,7 +43,7 @@ CONFIG_FILE = "nvformer.json"
 TENSORS_FILE = "nvformer.safetensors"
 _PRIOR_FIELDS = ("mean", "var", "log_alpha", "log_alpha_std")
 _TOP_KEYS = {"format_version", "nvformer_version", "kind", "architecture", "config", "modules"}
-_MODULE_KEYS = {"site", "layer", "dim", "shares", "trained"}
+_MODULE_KEYS = {"site", "layer", "dim", "shares", "trained", "head_knobs"}
 
 
 def _base_prefix(model: nn.Module) -> str:
@@ -94,6 +95,8 @@ def save_adapter(model: nn.Module, folder: str | Path) -> Path:
             for f in _PRIOR_FIELDS:
                 tensors[f"{rel}.prior.{f}"] = getattr(m.nvib.prior, f).detach().float().contiguous().cpu()
             entry["trained"] = not m.nvib.in_identity_form()
+            if m.nvib.head_knobs() is not None:
+                entry["head_knobs"] = m.nvib.head_knobs()
             if entry["trained"]:
                 for key, t in m.nvib.state_dict().items():
                     if not key.startswith("prior."):
@@ -146,9 +149,24 @@ def read_adapter(folder: str | Path) -> tuple[dict[str, Any], NVConfig]:
             raise ValueError(f"{who}: {path}: module {rel!r}: `layer` must be a layer index or null, got {layer!r}")
         if not isinstance(entry.get("trained", False), bool):
             raise ValueError(f"{who}: {path}: module {rel!r}: `trained` must be true or false, got {entry['trained']!r}")
+        _check_head_knobs(entry.get("head_knobs"), rel, f"{who}: {path}")
         if "shares" in entry and (not isinstance(modules.get(entry["shares"]), dict) or "shares" in modules[entry["shares"]]):
             raise ValueError(f"{who}: {path}: module {rel!r} shares the NVIB of {entry['shares']!r}, which is not a module with its own NVIB")
     return meta, config
+
+
+def _check_head_knobs(value: Any, rel: str, where: str) -> None:
+    """An adapter's per-head knobs of module ``rel``: absent, or ``{"alpha_tau": [...], "stdev_tau": [...]}``
+    of equal non-zero length, finite numbers, ``stdev_tau >= 0``."""
+    if value is None:
+        return
+    if not isinstance(value, dict) or set(value) != {"alpha_tau", "stdev_tau"}:
+        raise ValueError(f"{where}: module {rel!r}: `head_knobs` must map alpha_tau and stdev_tau to lists, got {value!r}")
+    a, s = value["alpha_tau"], value["stdev_tau"]
+    ok = all(isinstance(x, list) and x and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in x)
+             for x in (a, s))
+    if not ok or len(a) != len(s) or any(v < 0 for v in s):
+        raise ValueError(f"{where}: module {rel!r}: `head_knobs` must hold equal-length lists of finite numbers (stdev_tau >= 0)")
 
 
 def _candidates(model: nn.Module, kind: str, sites: tuple[str, ...]) -> dict[str, int]:
@@ -249,6 +267,13 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     knobs = {full.get(k, k): v for k, v in config.knobs.items()}
     convert(model, config.with_knobs(knobs), prior={full[rel]: p for rel, p in priors.items()})
     for rel, entry in meta["modules"].items():
+        if entry.get("head_knobs") is not None:
+            nvib = model.get_submodule(full[rel]).nvib
+            try:
+                nvib.set_head_knobs(**entry["head_knobs"])
+            except ValueError as e:
+                unconvert(model)
+                raise ValueError(f"{who}: module {rel!r}: {e}") from None
         if entry.get("trained"):
             nvib = model.get_submodule(full[rel]).nvib
             state = {k[len(rel) + 6:]: v for k, v in tensors.items() if k.startswith(f"{rel}.nvib.")}

@@ -29,10 +29,12 @@ __all__ = [
     "convert",
     "estimate_prior",
     "get_config",
+    "get_head_knobs",
     "get_knobs",
     "knob_groups",
     "model_kind",
     "nv_modules",
+    "set_head_knobs",
     "set_knobs",
     "set_prediction",
     "site_of",
@@ -158,6 +160,39 @@ def knob_groups(model: nn.Module, who: str = "nvformer") -> list[tuple[str, NVSi
 def get_knobs(model: nn.Module) -> dict[str, Knobs]:
     """``{group key: Knobs}`` of every NVIB (keys: :func:`knob_groups`)."""
     return {key: nvib.knobs() for key, _, nvib in knob_groups(model, "nvformer.get_knobs")}
+
+
+def get_head_knobs(model: nn.Module) -> dict[str, dict[str, list[float]]]:
+    """``{group key: {"alpha_tau": [...], "stdev_tau": [...]}}`` of every NVIB with per-head knobs
+    (:meth:`nvformer.NVIB.set_head_knobs`; one value per key/value head); empty if none has them."""
+    return {key: nvib.head_knobs() for key, _, nvib in knob_groups(model, "nvformer.get_head_knobs") if nvib.head_knobs() is not None}
+
+
+def set_head_knobs(model: nn.Module, knobs: Mapping[str, Mapping[str, Any] | None]) -> nn.Module:
+    """Per-head knobs of a converted model, in place: ``{group key: {"alpha_tau": [...], "stdev_tau":
+    [...]}}`` (keys of :func:`get_knobs`; one value per key/value head, or one number for all; a
+    missing knob takes the layer's value; None removes a group's per-head knobs). They replace the
+    layer's ``alpha_tau`` and ``stdev_tau`` for each head in the evaluation form; ``mu_tau`` stays
+    per layer. Supported on converted Hugging Face models. Atomic: checked before any change."""
+    who = "nvformer.set_head_knobs"
+    if model_kind(model, who) != "hf":
+        raise ValueError(f"{who}: per-head knobs are supported on converted Hugging Face models")
+    if not isinstance(knobs, Mapping):
+        raise ValueError(f"{who}: `knobs` must map group keys to per-head knob lists, got {type(knobs).__name__}")
+    groups = {key: nvib for key, _, nvib in knob_groups(model, who)}
+    stray = sorted(set(knobs) - set(groups))
+    if stray:
+        raise ValueError(f"{who}: knob group(s) {stray} match no NV module; groups are {sorted(groups)}")
+    plan = []
+    for key, value in knobs.items():
+        if value is not None and (not isinstance(value, Mapping) or set(value) - {"alpha_tau", "stdev_tau"}):
+            raise ValueError(f"{who}: {key}: expected {{'alpha_tau': [...], 'stdev_tau': [...]}} or None, got {value!r}")
+        if value is not None:
+            groups[key].check_head_knobs(**value, who=f"{who} ({key})")
+        plan.append((groups[key], value))
+    for nvib, value in plan:
+        nvib.set_head_knobs(**(value or {}))
+    return model
 
 
 def get_config(model: nn.Module) -> NVConfig:

@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--objective", choices=FIT_OBJECTIVES, default="nll",
                    help="minimised on the validation data: nll (needs labels; a causal LM's NLL of the text itself is label-free), "
                         "entropy or information_maximisation (label-free: the labels are not read; classification and causal-lm)")
-    g.add_argument("--groups", choices=("site", "layer"), default="layer", help="one knob setting per site, or per layer")
+    g.add_argument("--groups", choices=("site", "layer", "head"), default="layer",
+                   help="one knob setting per site, per layer, or alpha_tau and stdev_tau per key/value head of every layer")
     g.add_argument("--fit-knobs", type=_fit_knobs, default=("alpha_tau", "stdev_tau"), metavar="K",
                    help="comma list of the knobs fitted (alpha_tau, stdev_tau, mu_tau)")
     g.add_argument("--steps", type=_positive_int, default=50, metavar="N", help="Adam steps (at most: early stopping)")

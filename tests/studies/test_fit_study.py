@@ -48,6 +48,7 @@ def test_fit_study_end_to_end(tiny_classifier, tmp_path):
     with open(tmp_path / "results" / "fit_knobs_transfer.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
     assert (tmp_path / "figures" / "fit_knobs_gain.png").exists() and (tmp_path / "figures" / "fit_knobs_layers.png").exists()
+    assert (tmp_path / "figures" / "fit_knobs_heads.png").exists()
     assert "## Fitted knobs" in text and "Reading (the recorded run)" in text
 
 

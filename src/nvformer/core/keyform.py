@@ -34,7 +34,9 @@ __all__ = [
     "shift_rows",
     "key_terms",
     "shared_key_terms",
+    "head_key_terms",
     "head_matrices",
+    "scale_heads",
     "attend",
 ]
 
@@ -120,15 +122,52 @@ def shared_key_terms(
     return m, mu[:, :1] * (sigma2 / S0).to(cd), b
 
 
+def head_key_terms(
+    mu: Tensor, log_w: Tensor, head_logvar: Tensor, prior_logvar: Tensor, scale: float, shift: Tensor | float, head_shift: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Evaluation-form terms with per-head token variances and pseudo-count shifts (per-head knobs).
+
+    Head ``h`` sees every token component with variance ``exp(head_logvar[h])`` and log pseudo-count
+    ``log_w + head_shift[h]``; the prior component (column 0) is the same for every head. The token
+    columns' ``m_h = mu * f_h`` is not formed: keys are ``(W_k,h diag(f_h)) mu`` (:func:`scale_heads`).
+
+    Args:
+        mu: ``[B, C, P]``; log_w: ``[B, C]``; head_logvar: ``[H, P]``; prior_logvar: ``[P]``;
+        shift: a constant subtracted from every column; head_shift: ``[H]`` added to token columns.
+
+    Returns:
+        ``(f [H, P], m0 [B, 1, P], b [B, H, C])``: ``f_h = sigma2 / S_h`` (float64), the prior column's
+        ``m``, and ``b`` (float64) with ``-1/2 sum_p log S_h`` as each head's reference (a constant shift per row).
+    """
+    cd = torch.promote_types(mu.dtype, torch.float32)
+    mu = mu.to(cd)
+    sigma2 = 1.0 / scale
+    S_h = head_logvar.double().exp() + sigma2
+    S0 = prior_logvar.double().exp() + sigma2
+    sq = torch.einsum("bcp,hp->bhc", (mu * mu).double(), 0.5 / S_h)
+    sq0 = weighted_sq_sum(mu[:, 0], (0.5 / S0).to(cd))[:, None] + 0.5 * (S0.log()[None, :] - S_h.log()).sum(-1)[None, :]
+    b = log_w.double()[:, None, :] - shift + head_shift.double()[None, :, None] - sq
+    b0 = log_w.double()[:, :1] - shift - sq0
+    b = torch.cat([b0[:, :, None], b[:, :, 1:]], dim=-1)
+    return sigma2 / S_h, mu[:, :1] * (sigma2 / S0).to(cd), b
+
+
+def scale_heads(w: Tensor, f: Tensor) -> Tensor:
+    """``[H*d, P]`` weights whose head ``h`` block has its input columns scaled by ``f[h]`` (``[H, P]``)."""
+    H = f.shape[0]
+    return (w.reshape(H, -1, w.shape[-1]) * f[:, None, :].to(w.dtype)).reshape(w.shape)
+
+
 def head_matrices(w_k: Tensor, w_v: Tensor | None, diag: Tensor, head_dim: int) -> Tensor:
     """Per-head ``A diag(r) W_k,h^T``: ``[H, d, d]`` with ``A = W_v,h`` (or ``W_k,h`` if ``w_v`` is None).
 
-    ``w_k``, ``w_v``: ``[H*d, P]``; ``diag``: ``[P]``.
+    ``w_k``, ``w_v``: ``[H*d, P]``; ``diag``: ``[P]``, or ``[H, P]`` (a diagonal per head).
     """
     H = w_k.shape[0] // head_dim
     wk = w_k.reshape(H, head_dim, -1)
     left = wk if w_v is None else w_v.reshape(H, head_dim, -1)
-    return (left * diag.to(left.dtype)) @ wk.transpose(1, 2)
+    r = diag.to(left.dtype)
+    return (left * (r[:, None, :] if r.dim() == 2 else r)) @ wk.transpose(1, 2)
 
 
 def attend(

@@ -121,7 +121,7 @@ def convert_hf(model: nn.Module, config: NVConfig, prior: Prior | Mapping[str, P
             nvib = shared_cross
         else:
             knobs = config.knobs_for(site, None if site == "cross" else layer, name)
-            nvib = NVIB(dim, q_w.shape[0] // d, prior=prior_for(prior, name, dim), head_dim=d, scale=scale,
+            nvib = NVIB(dim, q_w.shape[0] // d, prior=prior_for(prior, name, dim), head_dim=d, scale=scale, kv_heads=k_w.shape[0] // d,
                         device=k_w.device, dtype=compute_dtype(k_w.dtype), **config.nvib_settings(), **knobs.as_dict())
             if site == "cross":
                 shared_cross, cross_name = nvib, name

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.checks import compute_dtype
-from ..core.keyform import attend, head_matrices, key_terms, shared_key_terms
+from ..core.keyform import attend, head_key_terms, head_matrices, key_terms, scale_heads, shared_key_terms
 from ..core.latent import NVLatent
 from ..core.masks import hf_mask_bias, key_padding_from_bias
 from ..core.rope import apply_rope, inverse_rope_combine, repeat_kv
@@ -45,12 +45,13 @@ def _shared_variance(nvib: nn.Module) -> None:
         )
 
 
-def _derived(self: nn.Module, name: str, weights: tuple[Tensor, ...], make):
+def _derived(self: nn.Module, name: str, weights: tuple[Tensor, ...], make, fresh: bool = False):
     """A per-module cache of matrices derived from weights and knobs (per-head d x d matrices):
-    recomputed only when the NVIB's knobs/prior or the weights change (version counters)."""
+    recomputed only when the NVIB's knobs/prior or the weights change (version counters); ``fresh``:
+    computed without the cache (per-head knobs, whose parameters are buffers that fitting may differentiate)."""
     nvib = self.nvib
     deps = (*weights, nvib.logvar_proj.bias, nvib.prior.var)  # S_tok and S_0 come from these
-    if torch.is_grad_enabled() and any(w.requires_grad for w in deps):
+    if fresh or (torch.is_grad_enabled() and any(w.requires_grad for w in deps)):
         return make()  # a gradient must reach the weights or the knobs (nvformer.fit_knobs): never cached
     key = (nvib.version, *((w._version, w.data_ptr()) for w in deps))
     cache = self.__dict__.setdefault("_nv_derived", {})
@@ -117,7 +118,10 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
     sampled = training or nvib.prediction == "sample"  # nvformer.set_prediction(model, "sample")
     if not sampled:
         _shared_variance(nvib)
-    interp = (not sampled) and nvib.stdev_tau > 0
+    heads = (not sampled) and nvib.head_alpha_tau is not None  # per-head knobs (NVIB.set_head_knobs)
+    if heads and nvib.head_alpha_tau.numel() != k_w.shape[0] // ad.head_size(self):
+        raise ValueError(f"NV attention ({type(self).__name__}): {nvib.head_alpha_tau.numel()} per-head knobs for {k_w.shape[0] // ad.head_size(self)} key/value heads")
+    interp = (not sampled) and (bool((nvib.head_stdev_tau > 0).any()) if heads else nvib.stdev_tau > 0)
     rope = call.get(ad.arg_rope) if ad.arg_rope else None
     if rope is not None and self._nv.formula == "exact" and not sampled:
         raise ValueError("formula='exact' is not available for rotary-position models (its extra term is key-dependent under RoPE); use 'paper'")
@@ -139,11 +143,25 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
     groups = Hq // Hkv
 
     def terms(lat):
-        """(m for token columns, m for the prior column, b [B, C]) of a latent."""
+        """(m for token columns, m for the prior column, b [B, C], or [B, Hkv, C] with per-head knobs) of a latent."""
         if sampled:
             m, b = key_terms(lat.mu, lat.logvar, lat.log_w, lat.z, scale, shift)
             return m, m[:, :1], b
+        if heads:
+            _, m0, b = head_key_terms(lat.mu, lat.log_w, nvib.head_logvar_bias, lat.logvar[0, 0], scale, shift,
+                                      nvib.head_alpha_bias - nvib.alpha_bias.double())
+            return lat.mu, m0, b
         return shared_key_terms(lat.mu, lat.log_w, tok_logvar, lat.logvar[0, 0], scale, shift)
+
+    def per_key(b, cols):
+        """The per-key terms ``b`` of columns ``cols`` as ``[B, Hkv, n]`` in ``cd``."""
+        return b[:, :, cols].to(cd) if b.dim() == 3 else b[:, cols].to(cd)[:, None, :].expand(B, Hkv, -1)
+
+    if heads:  # token keys and values through per-head input scalings f_h = sigma2 / S_h (the prior column keeps k_w, v_w)
+        f_heads = sigma2 / (nvib.head_logvar_bias.double().exp() + sigma2)
+        kw_tok, vw_tok = scale_heads(k_w, f_heads), scale_heads(v_w, f_heads)
+    else:
+        kw_tok, vw_tok = k_w, v_w
 
     def project(m, w, bias, n):
         """Per-key vectors projected as the original module projects (in its weights' dtype), not yet cast to ``cd``."""
@@ -164,25 +182,25 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
         b = b.masked_fill(~torch.isfinite(b), EXCLUDED)  # padded keys: finite, so SDPA's GEMM stays NaN-free
         if layer_cache is None and not n_extra:
             # no KV cache: every column (prior first) in one projection, no concatenation
-            keys = project(m, k_w, k_b, n_new + 1)
-            values = project(m, v_w, v_b, n_new + 1)
+            keys = project(m, kw_tok, k_b, n_new + 1)
+            values = project(m, vw_tok, v_b, n_new + 1)
             if not sampled:
                 keys[:, :, :1] = project(m0, k_w, k_b, 1)
                 values[:, :, :1] = project(m0, v_w, v_b, 1)
             if rope is not None:
                 keys[:, :, 1:] = apply_rope(keys[:, :, 1:], cos, sin)
             keys, values = keys.to(cd), values.to(cd)
-            bvec = b.to(cd)[:, None, :].expand(B, Hkv, n_new + 1)
+            bvec = per_key(b, slice(None))
             Nk = n_new
             # a mask that only hides padded keys is already in b: SDPA then needs no mask at all
             padding_only = tok_bias is not None and not (self.is_causal and not cross) and ad.arg_position_bias is None and bool(
                 ((tok_bias <= torch.finfo(cd).min / 2) == kpm[:, None, None, :]).all())
         else:
-            k_tok = project(m[:, 1:], k_w, k_b, n_new)
-            v_tok = project(m[:, 1:], v_w, v_b, n_new)
+            k_tok = project(m[:, 1:], kw_tok, k_b, n_new)
+            v_tok = project(m[:, 1:], vw_tok, v_b, n_new)
             if rope is not None:
                 k_tok = apply_rope(k_tok, cos, sin)
-            k_ext = torch.cat([k_tok.to(cd), b[:, 1:].to(cd)[:, None, :, None].expand(B, Hkv, n_new, 1)], dim=-1)
+            k_ext = torch.cat([k_tok.to(cd), per_key(b, slice(1, None))[..., None]], dim=-1)
             extras = []
             if n_extra:
                 half = d // 2
@@ -206,7 +224,7 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
             v0 = torch.cat([v0, v0.new_zeros(B, Hkv, 1, n_extra)], dim=-1)
         Nk = k_ext.shape[2]
         keys = torch.cat([k0, k_ext[..., :d].to(cd)], dim=2)
-        bvec = torch.cat([b_all[:, :1].to(cd)[:, None, :].expand(B, Hkv, 1), k_ext[..., d].to(cd)], dim=2)
+        bvec = torch.cat([per_key(b_all, slice(0, 1)), k_ext[..., d].to(cd)], dim=2)
         values = torch.cat([v0, v_ext.to(cd)], dim=2)
     keys, values = repeat_kv(keys, groups), repeat_kv(values, groups)
     bvec = repeat_kv(bvec.unsqueeze(-1), groups).squeeze(-1)
@@ -230,11 +248,12 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
     if bias is not None:
         bias = torch.cat([torch.zeros(bias.shape[:-1] + (1,), dtype=cd, device=x.device), bias], dim=-1)
 
-    S_tok = tok_log_s.exp()
+    S_tok = (nvib.head_logvar_bias.double().exp() + sigma2) if heads else tok_log_s.exp()  # [Hkv, P] with per-head knobs, else [P]
     S_0 = lat.logvar[0, 0].double().exp() + sigma2
     prior_logit = None
     if self._nv.formula == "exact" and not sampled:
-        G = _derived(self, f"G{cd}", (k_w,), lambda: head_matrices(k_w.double(), None, 1.0 / S_0 - 1.0 / S_tok, d).to(cd).repeat_interleave(groups, 0))
+        G = _derived(self, f"G{cd}", (k_w,), lambda: head_matrices(k_w.double(), None, 1.0 / S_0 - 1.0 / S_tok, d).to(cd).repeat_interleave(groups, 0),
+                     fresh=heads)
         prior_logit = -0.5 * torch.einsum("bhti,hij,bhtj->bht", q, G, q)
 
     dropout_p = ad.dropout_p(self) if training else 0.0
@@ -263,7 +282,8 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
         M0 = _derived(self, f"M0{cd}", (k_w, v_w), lambda: head_matrices(k_w.double(), v_w.double(), (S_0 - sigma2) / S_0, d).to(cd).repeat_interleave(groups, 0))
         ctx = ctx + w0 * torch.einsum("hij,bhtj->bhti", M0, q)
         if interp:
-            Mt = _derived(self, f"Mt{cd}", (k_w, v_w), lambda: head_matrices(k_w.double(), v_w.double(), (S_tok - sigma2) / S_tok, d).to(cd).repeat_interleave(groups, 0))
+            Mt = _derived(self, f"Mt{cd}", (k_w, v_w), lambda: head_matrices(k_w.double(), v_w.double(), (S_tok - sigma2) / S_tok, d).to(cd).repeat_interleave(groups, 0),
+                          fresh=heads)
             if rope is not None:
                 half = d // 2
                 c_cos, c_sin = out[..., d : d + half], out[..., d + half : d + 2 * half]

@@ -81,6 +81,7 @@ class NVIB(nn.Module):
         alpha_threshold: float | None = None,
         threshold_mode: str = "absolute",
         min_var: float = 1e-20,
+        kv_heads: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -99,7 +100,10 @@ class NVIB(nn.Module):
             check_real(alpha_threshold, "alpha_threshold", where, above=0.0)
         if prior is not None and not isinstance(prior, Prior):
             raise ValueError(f"{where}: `prior` must be a nvformer.Prior or None, got {type(prior).__name__}")
+        if kv_heads is not None:
+            check_int(kv_heads, "kv_heads", where)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
+        self.kv_heads = kv_heads or num_heads  # the key/value heads that per-head knobs address (grouped-query attention: fewer)
         self.scale = check_real(scale, "scale", where, above=0.0) if scale is not None else 1.0 / math.sqrt(head_dim)
         self.delta = check_real(delta, "delta", where, minimum=0.0)
         self.kappa = kappa
@@ -124,6 +128,13 @@ class NVIB(nn.Module):
         self.alpha_lin = nn.Parameter(torch.empty(dim, **factory))
         self.alpha_quad = nn.Parameter(torch.empty(dim, **factory))
         self.alpha_bias = nn.Parameter(torch.empty((), **factory))
+        # per-head knobs (set_head_knobs): None, or float64 [kv_heads] values of alpha_tau and stdev_tau that replace the
+        # layer's for the attention of each key/value head; their parameters as buffers that follow .to() (not saved in
+        # state_dict: adapters save the knobs)
+        self.head_alpha_tau: Tensor | None = None
+        self.head_stdev_tau: Tensor | None = None
+        self.register_buffer("head_alpha_bias", None, persistent=False)
+        self.register_buffer("head_logvar_bias", None, persistent=False)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ knobs and initialisation
@@ -165,6 +176,58 @@ class NVIB(nn.Module):
         self.alpha_lin.zero_()
         self.alpha_quad.fill_(self.scale / 2.0)
         self.alpha_bias.copy_(values["alpha_bias"])
+        self._apply_head_knobs()
+
+    @torch.no_grad()
+    def _apply_head_knobs(self) -> None:
+        """The per-head parameters of the per-head knobs (identity initialisation per head), or none."""
+        if self.head_alpha_tau is None:
+            self.head_alpha_bias = self.head_logvar_bias = None
+            return
+        p, dev = self.prior, self.mu_proj.weight.device
+        v = identity_values(self.head_alpha_tau.to(dev)[:, None], self.head_stdev_tau.to(dev)[:, None], 1.0, p.mean, p.var, p.log_alpha_std,
+                            self.min_var)
+        self.head_alpha_bias = v["alpha_bias"][:, 0].to(torch.float64)
+        self.head_logvar_bias = v["logvar_bias"].to(compute_dtype(self.mu_proj.weight.dtype))
+
+    def check_head_knobs(self, alpha_tau=None, stdev_tau=None, who: str = "NVIB.set_head_knobs") -> tuple[Tensor, Tensor]:
+        """The per-head values :meth:`set_head_knobs` would set (float64 ``[kv_heads]`` each), checked;
+        nothing changes."""
+        vals = []
+        for name, given, layer in (("alpha_tau", alpha_tau, self.alpha_tau), ("stdev_tau", stdev_tau, self.stdev_tau)):
+            try:
+                t = torch.as_tensor(layer if given is None else given, dtype=torch.float64).detach().cpu()
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"{who}: `{name}` must be numbers, got {given!r}") from None
+            if t.dim() == 0:
+                t = t.expand(self.kv_heads)
+            if t.shape != (self.kv_heads,):
+                raise ValueError(f"{who}: `{name}` must be a number or {self.kv_heads} values (one per key/value head), got shape {tuple(t.shape)}")
+            if not bool(torch.isfinite(t).all()) or (name == "stdev_tau" and bool((t < 0).any())):
+                raise ValueError(f"{who}: `{name}` must be finite{' and >= 0' if name == 'stdev_tau' else ''}, got {t.tolist()}")
+            vals.append(t.clone())
+        for a, sd in zip(*vals):
+            self.identity_parameters(self.knobs().replace(alpha_tau=float(a), stdev_tau=float(sd)), who=who)
+        return vals[0], vals[1]
+
+    def set_head_knobs(self, alpha_tau=None, stdev_tau=None) -> None:
+        """Per-head knobs: one ``alpha_tau`` and one ``stdev_tau`` per key/value head (sequences or
+        tensors of length :attr:`kv_heads`; a number = the same for every head; a missing one takes
+        the layer's value), which replace the layer's knobs for the attention of that head in the
+        evaluation form (docs/MATH.md section 4). ``set_head_knobs()`` (both None) removes them.
+        Checked before anything changes; heads set to the layer's knobs compute what the layer computes."""
+        if alpha_tau is None and stdev_tau is None:
+            self.head_alpha_tau = self.head_stdev_tau = None
+        else:
+            self.head_alpha_tau, self.head_stdev_tau = self.check_head_knobs(alpha_tau, stdev_tau)
+        self.version = getattr(self, "version", 0) + 1
+        self._apply_head_knobs()
+
+    def head_knobs(self) -> dict[str, list[float]] | None:
+        """``{"alpha_tau": [...], "stdev_tau": [...]}`` per key/value head, or None (the layer's knobs for every head)."""
+        if self.head_alpha_tau is None:
+            return None
+        return {"alpha_tau": self.head_alpha_tau.tolist(), "stdev_tau": self.head_stdev_tau.tolist()}
 
     def set_knobs(self, *, alpha_tau: float | None = None, stdev_tau: float | None = None, mu_tau: float | None = None) -> None:
         """Change the knobs (None = keep) and re-apply the identity initialisation (overwrites the
@@ -225,6 +288,7 @@ class NVIB(nn.Module):
         return (
             f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, kappa={self.kappa}, "
             f"delta={self.delta}, alpha_tau={self.alpha_tau}, stdev_tau={self.stdev_tau}, mu_tau={self.mu_tau}"
+            + ("" if self.head_alpha_tau is None else ", per-head knobs")
         )
 
     # ------------------------------------------------------------------ forward
@@ -301,6 +365,9 @@ class NVIB(nn.Module):
         log_alpha = log_alpha.masked_fill(pad_mask, float("-inf"))
 
         if self.training or self.prediction == "sample":
+            if self.head_alpha_tau is not None:
+                raise ValueError("NVIB: per-head knobs apply to the evaluation form (mean prediction) only; remove them "
+                                 "(set_head_knobs()) to train or sample")
             lat = self._sample(mu, logvar, log_alpha, pad_mask)
         else:
             lat = self._mean_latent(mu, logvar, log_alpha, pad_mask)

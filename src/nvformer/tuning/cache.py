@@ -88,7 +88,11 @@ class KnobCache:
         self.calls = {"memo": 0, "full": 0, "replayed_layers": 0, "run_layers": 0}
 
     def _state(self) -> tuple:
-        return tuple(tuple(m.nvib.knobs() for m in mods) for mods in self.modules)
+        def heads(nvib):
+            h = nvib.head_knobs()
+            return None if h is None else (tuple(h["alpha_tau"]), tuple(h["stdev_tau"]))
+
+        return tuple(tuple((m.nvib.knobs(), heads(m.nvib)) for m in mods) for mods in self.modules)
 
     def clear(self, tag: object = None) -> None:
         """Forget everything (after changing weights or priors) and take the current knobs as the reference."""

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .._progress import progress
-from ..api import get_knobs, knob_groups
+from ..api import get_knobs, knob_groups, model_kind
 from ..config import KNOBS, Knobs
 from ..core.checks import check_choice, check_int, check_real
 from ..core.knobmap import identity_values
@@ -48,7 +48,7 @@ from .objectives import OBJECTIVES, objective_from_outputs
 
 __all__ = ["FIT_GROUPS", "FitResult", "fit_knobs", "knob_gradients"]
 
-FIT_GROUPS = ("site", "layer")
+FIT_GROUPS = ("site", "layer", "head")
 _FWD_PER_STEP = 3.0  # a training step: one forward and a backward (about two forwards)
 
 
@@ -62,6 +62,7 @@ class FitResult:
 
     knobs: dict[str, Knobs]
     nats: dict[str, float] = field(default_factory=dict)  # per group: alpha_tau * s_alpha, the fitted coordinate
+    head_knobs: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # per group with per-head knobs (groups="head")
     history: list[dict[str, Any]] = field(default_factory=list)
     best_step: int = 0
     initial_value: float | None = None
@@ -77,18 +78,20 @@ class FitResult:
 
 
 class _Raw(nn.Module):
-    """The fitted coordinates of one group: ``u`` (nats), ``log_stdev``, ``mu`` (only the fitted ones)."""
+    """The fitted coordinates of one group: ``u`` (nats), ``log_stdev``, ``mu`` (only the fitted ones);
+    ``u`` and ``log_stdev`` have one entry per key/value head with ``heads``, ``mu`` is per layer."""
 
-    def __init__(self, u: float, log_stdev: float, mu: float, fit: Sequence[str]) -> None:
+    def __init__(self, u: float, log_stdev: float, mu: float, fit: Sequence[str], heads: int | None = None) -> None:
         super().__init__()
-        self.u = nn.Parameter(torch.tensor(u, dtype=torch.float64), requires_grad="alpha_tau" in fit)
-        self.log_stdev = nn.Parameter(torch.tensor(log_stdev, dtype=torch.float64), requires_grad="stdev_tau" in fit)
+        shape = () if heads is None else (heads,)
+        self.u = nn.Parameter(torch.full(shape, u, dtype=torch.float64), requires_grad="alpha_tau" in fit)
+        self.log_stdev = nn.Parameter(torch.full(shape, log_stdev, dtype=torch.float64), requires_grad="stdev_tau" in fit)
         self.mu = nn.Parameter(torch.tensor(mu, dtype=torch.float64), requires_grad="mu_tau" in fit)
 
     def penalty(self) -> Tensor:
-        """Distance from the identity corner: ``(mu_tau - 1)^2 + stdev_tau^2 + exp(-u)`` over the fitted knobs."""
-        terms = [p for p, on in ((torch.exp(-self.u), self.u.requires_grad), (torch.exp(2 * self.log_stdev), self.log_stdev.requires_grad),
-                                 ((self.mu - 1.0) ** 2, self.mu.requires_grad)) if on]
+        """Distance from the identity corner: ``(mu_tau - 1)^2 + stdev_tau^2 + exp(-u)`` over the fitted knobs (heads averaged)."""
+        terms = [p.mean() for p, on in ((torch.exp(-self.u), self.u.requires_grad), (torch.exp(2 * self.log_stdev), self.log_stdev.requires_grad),
+                                        ((self.mu - 1.0) ** 2, self.mu.requires_grad)) if on]
         return sum(terms, torch.zeros((), dtype=torch.float64))
 
 
@@ -105,10 +108,32 @@ def _chain(nvib: NVIB, alpha_tau, stdev_tau, mu_tau) -> Tensor:
             + v["alpha_bias"] * g[3].double())
 
 
-def knob_gradients(model: nn.Module, batch: Any, objective: str | Callable[[Any, Any], Tensor] = "nll", *,
-                   forward: Callable[[nn.Module, Any], Any] | None = None) -> dict[str, dict[str, float]]:
+def _head_chain(nvib: NVIB, alpha_tau: Tensor, stdev_tau: Tensor) -> Tensor:
+    """:func:`_chain` for per-head knobs (``[H]`` each), from the gradients on the NVIB's per-head parameters."""
+    alpha_tau = torch.as_tensor(alpha_tau, dtype=torch.float64).expand(nvib.kv_heads)
+    stdev_tau = torch.as_tensor(stdev_tau, dtype=torch.float64).expand(nvib.kv_heads)
+    v = identity_values(alpha_tau[:, None], stdev_tau[:, None], 1.0, nvib.prior.mean, nvib.prior.var, nvib.prior.log_alpha_std, nvib.min_var)
+    ga, gl = nvib.head_alpha_bias.grad, nvib.head_logvar_bias.grad
+    out = torch.zeros((), dtype=torch.float64)
+    if ga is not None:
+        out = out + (v["alpha_bias"][:, 0] * ga.double()).sum()
+    if gl is not None:
+        out = out + (v["logvar_bias"] * gl.double()).sum()
+    return out
+
+
+def _track_heads(nvib: NVIB) -> None:
+    """Let the next backward leave gradients on the NVIB's per-head parameters (buffers rebuilt at every knob change)."""
+    nvib.head_alpha_bias.requires_grad_(True)
+    nvib.head_logvar_bias.requires_grad_(True)
+
+
+def knob_gradients(model: nn.Module, batch: Any, objective: str | Callable[[Any, Any], Tensor] = "nll", *, heads: bool = False,
+                   forward: Callable[[nn.Module, Any], Any] | None = None) -> dict[str, dict[str, Any]]:
     """``{group key: {knob: d objective / d knob}}`` at the model's current knobs, on one batch, in
-    the evaluation form (the chain rule :func:`fit_knobs` uses; the model is left unchanged).
+    the evaluation form (the chain rule :func:`fit_knobs` uses; the model is left unchanged). With
+    ``heads``, ``alpha_tau`` and ``stdev_tau`` are per key/value head (lists; the layer's values for
+    every head where no per-head knobs are set).
 
     At the identity corner ``alpha_tau = 1e4, stdev_tau = 0`` both derivatives are exactly 0
     (docs/MATH.md section 4, "Fitting the knobs"); ``mu_tau``'s is not."""
@@ -116,12 +141,17 @@ def knob_gradients(model: nn.Module, batch: Any, objective: str | Callable[[Any,
     layout = knob_groups(model, who)
     loss_of = objective if callable(objective) else objective_from_outputs(objective)
     flags = {p: p.requires_grad for p in model.parameters()}
+    saved_heads = {id(nvib): nvib.head_knobs() for _, _, nvib in layout}
     was = model.training
     try:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
         for _, _, nvib in layout:
+            if heads and nvib.head_knobs() is None:
+                nvib.set_head_knobs(nvib.alpha_tau, nvib.stdev_tau)
+            if heads:
+                _track_heads(nvib)
             for p in _knob_params(nvib):
                 p.requires_grad_(True)
                 p.grad = None
@@ -132,10 +162,17 @@ def knob_gradients(model: nn.Module, batch: Any, objective: str | Callable[[Any,
                 k = {name: torch.tensor(v, dtype=torch.float64, requires_grad=True) for name, v in nvib.knobs().as_dict().items()}
                 _chain(nvib, k["alpha_tau"], k["stdev_tau"], k["mu_tau"]).backward()
                 out[key] = {name: float(t.grad) for name, t in k.items()}
+                if heads:
+                    a = nvib.head_alpha_tau.clone().requires_grad_(True)
+                    sd = nvib.head_stdev_tau.clone().requires_grad_(True)
+                    _head_chain(nvib, a, sd).backward()
+                    out[key].update({"alpha_tau": a.grad.tolist(), "stdev_tau": sd.grad.tolist()})
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
             p.grad = None
+        for _, _, nvib in layout:
+            nvib.set_head_knobs(**(saved_heads[id(nvib)] or {}))
         model.train(was)
     return out
 
@@ -169,7 +206,9 @@ def fit_knobs(
             against ``batch["labels"]``), ``"entropy"`` or ``"information_maximisation"``
             (label-free; :mod:`nvformer.tuning.objectives`), or ``f(outputs, batch) -> scalar``
             to minimise.
-        groups: ``"site"`` (one setting per site) or ``"layer"`` (one per NVIB).
+        groups: ``"site"`` (one setting per site), ``"layer"`` (one per NVIB) or ``"head"`` (one
+            ``alpha_tau`` and ``stdev_tau`` per key/value head of every NVIB, :meth:`nvformer.NVIB.set_head_knobs`;
+            ``mu_tau`` per layer; converted Hugging Face models).
         knobs: which knobs to fit (the others keep their values), a subset of
             ``("alpha_tau", "stdev_tau", "mu_tau")``.
         steps: Adam steps (at most; see ``patience``); lr: Adam's learning rate, in the fitted
@@ -218,32 +257,51 @@ def fit_knobs(
     call = forward or call_batch
     every = eval_every or len(train)
 
+    per_head = groups == "head"
+    if per_head and model_kind(model, who) != "hf":
+        raise ValueError(f"{who}: groups='head' needs a converted Hugging Face model (per-head knobs)")
     t0 = time.perf_counter()
-    initial = {id(nvib): nvib.knobs() for _, _, nvib in layout}
+
+    def snapshot() -> dict[int, tuple[Knobs, dict | None]]:
+        return {id(nvib): (nvib.knobs(), nvib.head_knobs()) for _, _, nvib in layout}
+
+    initial = snapshot()
     raws: dict[str, _Raw] = {}
     members: list[tuple[NVIB, _Raw]] = []
     for key, info, nvib in layout:
         name = info.site if groups == "site" else key
         if name not in raws:
-            k = nvib.knobs()
-            raws[name] = _Raw(min(k.alpha_tau * float(nvib.prior.log_alpha_std), start_nats), math.log(max(k.stdev_tau, start_stdev)), k.mu_tau, fit)
+            k, h = initial[id(nvib)]
+            u = min((max(h["alpha_tau"]) if h else k.alpha_tau) * float(nvib.prior.log_alpha_std), start_nats)
+            raws[name] = _Raw(u, math.log(max(min(h["stdev_tau"]) if h else k.stdev_tau, start_stdev)), k.mu_tau, fit,
+                              heads=nvib.kv_heads if per_head else None)
         members.append((nvib, raws[name]))
 
     def values(nvib: NVIB, raw: _Raw) -> tuple[Tensor | float, Tensor | float, Tensor | float]:
-        """(alpha_tau, stdev_tau, mu_tau) of ``nvib``: the fitted ones from ``raw``, the others as they were."""
-        k = initial[id(nvib)]
-        return (raw.u / nvib.prior.log_alpha_std.double() if "alpha_tau" in fit else k.alpha_tau,
-                raw.log_stdev.exp() if "stdev_tau" in fit else k.stdev_tau, raw.mu if "mu_tau" in fit else k.mu_tau)
+        """(alpha_tau, stdev_tau, mu_tau) of ``nvib`` (per head with ``groups="head"``): the fitted
+        ones from ``raw``, the others as they were."""
+        k, h = initial[id(nvib)]
+        a0 = torch.tensor(h["alpha_tau"], dtype=torch.float64) if (per_head and h) else k.alpha_tau
+        s0 = torch.tensor(h["stdev_tau"], dtype=torch.float64) if (per_head and h) else k.stdev_tau
+        return (raw.u / nvib.prior.log_alpha_std.double() if "alpha_tau" in fit else a0,
+                raw.log_stdev.exp() if "stdev_tau" in fit else s0, raw.mu if "mu_tau" in fit else k.mu_tau)
 
     def write() -> None:
         with torch.no_grad():
             for nvib, raw in members:
                 a, s, m = values(nvib, raw)
-                nvib.set_knobs(alpha_tau=float(a), stdev_tau=float(s), mu_tau=float(m))
+                if per_head:
+                    nvib.set_knobs(mu_tau=float(m))
+                    nvib.set_head_knobs(torch.as_tensor(a, dtype=torch.float64).detach(), torch.as_tensor(s, dtype=torch.float64).detach())
+                    _track_heads(nvib)
+                else:
+                    nvib.set_knobs(alpha_tau=float(a), stdev_tau=float(s), mu_tau=float(m))
 
-    def restore(saved: dict[int, Knobs]) -> None:
+    def restore(saved: dict[int, tuple[Knobs, dict | None]]) -> None:
         for _, _, nvib in layout:
-            nvib.set_knobs(**saved[id(nvib)].as_dict())
+            k, h = saved[id(nvib)]
+            nvib.set_knobs(**k.as_dict())
+            nvib.set_head_knobs(**(h or {}))
 
     def evaluate() -> float:
         with torch.no_grad():
@@ -287,7 +345,12 @@ def fit_knobs(
                 opt.zero_grad()
                 surrogate = to_identity * sum(r.penalty() for r in raws.values()) / len(raws)
                 for nvib, raw in members:
-                    surrogate = surrogate + _chain(nvib, *values(nvib, raw))
+                    a, s, m = values(nvib, raw)
+                    if per_head:
+                        k = initial[id(nvib)][0]
+                        surrogate = surrogate + _chain(nvib, k.alpha_tau, k.stdev_tau, m) + _head_chain(nvib, torch.as_tensor(a), torch.as_tensor(s))
+                    else:
+                        surrogate = surrogate + _chain(nvib, a, s, m)
                 if surrogate.requires_grad:
                     surrogate.backward()
                 opt.step()
@@ -303,7 +366,7 @@ def fit_knobs(
                     row["validation"] = value
                     if value < best_value:
                         best_value, best_step, bad = value, step, 0
-                        best_knobs = {id(nvib): nvib.knobs() for _, _, nvib in layout}
+                        best_knobs = snapshot()
                     else:
                         bad += 1
                 result.history.append(row)
@@ -328,6 +391,7 @@ def fit_knobs(
             nvib.prediction = predictions[id(nvib)]
     result.knobs = get_knobs(model)
     result.nats = {key: nvib.alpha_tau * float(nvib.prior.log_alpha_std) for key, _, nvib in layout}
+    result.head_knobs = {key: nvib.head_knobs() for key, _, nvib in layout if nvib.head_knobs() is not None}
     result.forward_equivalents = fwd
     result.seconds = time.perf_counter() - t0
     return result

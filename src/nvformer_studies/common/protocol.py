@@ -25,6 +25,7 @@ from typing import Any
 from torch import nn
 
 from nvformer import IDENTITY, Knobs, KnobSpace, Prior, convert, estimate_prior, set_knobs, tune
+from nvformer.api import knob_groups
 from nvformer.tuning.space import apply_knobs
 
 __all__ = ["Choice", "Protocol", "convert_at_identity"]
@@ -74,8 +75,11 @@ class Protocol:
         self.model, self.identity, self.seed = model, identity, seed
 
     def reset(self) -> None:
-        """Every NV module back to the identity knobs."""
+        """Every NV module back to the identity knobs (and no per-head knobs)."""
         set_knobs(self.model, self.identity)
+        for _, _, nvib in knob_groups(self.model):
+            if nvib.head_knobs() is not None:
+                nvib.set_head_knobs()
 
     def apply(self, choice: Choice) -> None:
         """The identity, then the knobs of ``choice``."""

@@ -122,6 +122,24 @@ def _figures(res: dict[str, Any], rows: list[dict], fig_dir: Path) -> list[str]:
         axes[1].set(ylabel="stdev_tau", title="fit-layer: token standard deviation")
         axes[0].legend(fontsize=6)
         names.append(save(fig, fig_dir / "fit_knobs_layers.png").name)
+    heads = [r for r in res["rows"] if r["method"] == "fit-head" and r["domain"] == r["target"] and r.get("head_knobs")]
+    if heads:
+        fig, axes = plt.subplots(2, len(heads), figsize=(2.2 * len(heads) + 1, 4.6), squeeze=False)
+        for j, r in enumerate(heads):
+            keys = list(r["head_knobs"])
+            scale = {k: r["nats"][k] / r["knobs"][k]["alpha_tau"] if r["knobs"][k]["alpha_tau"] else 0.0 for k in keys}
+            nats = [[a * scale[k] for a in r["head_knobs"][k]["alpha_tau"]] for k in keys]
+            sds = [r["head_knobs"][k]["stdev_tau"] for k in keys]
+            im0 = axes[0][j].imshow(nats, aspect="auto", cmap="viridis")
+            im1 = axes[1][j].imshow(sds, aspect="auto", cmap="magma")
+            axes[0][j].set_title(r["target"], fontsize=8)
+            for ax, im in ((axes[0][j], im0), (axes[1][j], im1)):
+                ax.set_yticks(range(len(keys)), keys if j == 0 else [], fontsize=6)
+                ax.set_xlabel("head", fontsize=7)
+                fig.colorbar(im, ax=ax, fraction=0.08)
+        axes[0][0].set_ylabel("alpha_tau * s_alpha (nats)", fontsize=7)
+        axes[1][0].set_ylabel("stdev_tau", fontsize=7)
+        names.append(save(fig, fig_dir / "fit_knobs_heads.png").name)
     return names
 
 
@@ -129,7 +147,7 @@ def _reading(rows: list[dict], transfer: list[dict], lengths: list[dict]) -> str
     mean = {r["method"]: r for r in rows if r["target"] == "mean"}
     per = lambda m: [r for r in rows if r["method"] == m and r["target"] != "mean"]  # noqa: E731
     text = ["**Reading (the recorded run).** "]
-    fits = [m for m in ("fit-site", "fit-layer") if m in mean]
+    fits = [m for m in ("fit-site", "fit-layer", "fit-head") if m in mean]
     if fits:
         best = max(fits, key=lambda m: mean[m]["gain"])
         b = mean[best]

@@ -14,6 +14,7 @@ step and stops early. Test: the target's test split (400) and the source's (the 
                     (``trials`` trials, identity corner first; the sentiment study's ``nv-target``)
 ``fit-site``        :func:`nvformer.fit_knobs`, ``nll`` with the labels, one setting (in nats) for all layers
 ``fit-layer``       the same with one setting per layer
+``fit-head``        the same with one ``alpha_tau`` and ``stdev_tau`` per head (``mu_tau`` stays 1)
 ``fit-entropy``     ``fit-layer`` on the unlabelled validation text, mean prediction entropy (TENT's objective)
 ``fit-im``          the same with information maximisation (SHOT's objective)
 ``tent``            TENT: the LayerNorm affine parameters adapted by entropy on the same unlabelled text,
@@ -54,7 +55,7 @@ from ..sentiment.study import TARGETS, prior_only
 
 __all__ = ["FIT_METHODS", "FitStudyConfig", "load_fit_study", "run_fit_study", "with_labels"]
 
-FIT_METHODS = ("baseline", "search", "fit-site", "fit-layer", "fit-entropy", "fit-im", "tent", "wise", "control")
+FIT_METHODS = ("baseline", "search", "fit-site", "fit-layer", "fit-head", "fit-entropy", "fit-im", "tent", "wise", "control")
 LABEL_FREE = ("fit-entropy", "fit-im", "tent")
 
 
@@ -195,6 +196,7 @@ def run_fit_study(cfg: FitStudyConfig, out: str | Path | None = None, show_progr
         bar.update(1)
         # knobs fitted by gradient
         for method, objective, groups, labelled in (("fit-site", "nll", "site", True), ("fit-layer", "nll", "layer", True),
+                                                    ("fit-head", "nll", "head", True),
                                                     ("fit-entropy", "entropy", "layer", False), ("fit-im", "information_maximisation", "layer", False)):
             proto.reset()
             train_b, held_b = with_labels(fit_data, labelled), with_labels(held_data, labelled)
@@ -202,8 +204,8 @@ def run_fit_study(cfg: FitStudyConfig, out: str | Path | None = None, show_progr
                                patience=cfg.patience, show_progress=False)
             cost = _fit_cost(res.steps, 1 + len(res.history), _rows(train_b), _rows(held_b))
             knobs_of[(method, t)] = {k: v.as_dict() for k, v in res.knobs.items()}
-            record(method, t, cost, res.seconds, {"knobs": knobs_of[(method, t)], "nats": res.nats, "best_step": res.best_step,
-                                                  "steps": res.steps})
+            record(method, t, cost, res.seconds, {"knobs": knobs_of[(method, t)], "nats": res.nats, "head_knobs": res.head_knobs,
+                                                  "best_step": res.best_step, "steps": res.steps})
             bar.update(1)
         proto.reset()
         # TENT, on the same unlabelled text and budget
