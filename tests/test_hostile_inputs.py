@@ -284,6 +284,29 @@ ERRORS = [
         ("set_prediction-mode", lambda: nv.set_prediction(encoder(), "max"), ValueError, "nvformer.set_prediction: `mode` must be one of"),
         ("save_adapter-onto-a-file", lambda: nv.save_adapter(encoder(), Path(__file__)), ValueError, "nvformer.save_adapter: "),
     ]),
+    *_cases("fit_knobs", [
+        ("objective", lambda: nv.fit_knobs(encoder(), [torch.randn(2, 3, 8)], "kl"), ValueError, "nvformer.fit_knobs: `objective` must be one of"),
+        ("groups", lambda: nv.fit_knobs(encoder(), [torch.randn(2, 3, 8)], "entropy", groups="neuron"), ValueError,
+         "nvformer.fit_knobs: `groups` must be one of ('site', 'layer', 'head')"),
+        ("lr-nan", lambda: nv.fit_knobs(encoder(), [torch.randn(2, 3, 8)], "entropy", lr=NAN), ValueError, "nvformer.fit_knobs: `lr` must be finite"),
+        ("steps-float", lambda: nv.fit_knobs(encoder(), [torch.randn(2, 3, 8)], "entropy", steps=2.5), ValueError,
+         "nvformer.fit_knobs: `steps` must be an int >= 1, got 2.5"),
+        ("no-batches", lambda: nv.fit_knobs(encoder(), [], "entropy"), ValueError, "nvformer.fit_knobs: `batches` is empty"),
+        ("unconverted", lambda: nv.fit_knobs(build("bert"), [{}], "entropy"), ValueError, "nvformer.fit_knobs: BertForSequenceClassification has no NV"),
+        ("head-on-torch", lambda: nv.fit_knobs(encoder(), [torch.randn(2, 3, 8)], "entropy", groups="head"), ValueError,
+         "nvformer.fit_knobs: groups='head' needs a converted Hugging Face model"),
+        ("nan-objective", lambda: nv.fit_knobs(encoder(), [torch.randn(2, 3, 8)], lambda out, b: out.sum() * NAN, show_progress=False), ValueError,
+         "nvformer.fit_knobs: the objective is not finite at step 1"),
+    ]),
+    *_cases("set_head_knobs", [
+        ("torch-model", lambda: nv.set_head_knobs(encoder(), {}), ValueError, "nvformer.set_head_knobs: per-head knobs are supported on converted Hugging Face"),
+        ("not-a-mapping", lambda: nv.set_head_knobs(nv.convert(build("bert")), [1.0]), ValueError, "nvformer.set_head_knobs: `knobs` must map group keys"),
+        ("wrong-length", lambda: nv.set_head_knobs(nv.convert(build("bert")), {"encoder.0": {"alpha_tau": [1.0, 2.0]}}), ValueError,
+         "`alpha_tau` must be a number or 4 values (one per key/value head), got shape (2,)"),
+        ("negative-stdev", lambda: nv.set_head_knobs(nv.convert(build("bert")), {"encoder.0": {"stdev_tau": -0.1}}), ValueError,
+         "`stdev_tau` must be finite and >= 0"),
+        ("text", lambda: nv.set_head_knobs(nv.convert(build("bert")), {"encoder.0": {"alpha_tau": "high"}}), ValueError, "`alpha_tau` must be numbers"),
+    ]),
 ]
 
 
@@ -477,6 +500,9 @@ ADAPTER_DAMAGE = [
     pytest.param(_edit_json(lambda m: m["config"].update(min_var=0.0)), "`min_var` must be > 0.0", id="config-min_var"),
     pytest.param(_edit_json(lambda m: m["config"]["knobs"]["*"].update(alpha_tau=float("nan"))), "knob `alpha_tau` must be finite",
                  id="config-knob-nan"),
+    pytest.param(_edit_json(lambda m: _first_module(m).update(head_knobs={"alpha_tau": [1.0], "stdev_tau": [0.1, 0.2]})),
+                 "`head_knobs` must hold equal-length lists", id="head-knobs-lengths"),
+    pytest.param(_edit_json(lambda m: _first_module(m).update(head_knobs=[1.0])), "`head_knobs` must map alpha_tau and stdev_tau", id="head-knobs-list"),
 ]
 
 
@@ -501,6 +527,15 @@ def test_a_damaged_adapter_is_refused_by_load_adapter(damaged, damage, fragment)
         nv.load_adapter(fresh, folder)
     assert not any(hasattr(m, "nvib") for m in fresh.modules())
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
+
+
+def test_head_knobs_for_another_head_count_are_refused_before_the_model_changes(damaged):
+    """Valid JSON, but per-head knobs for 3 heads on a module with 4: only the model can tell (match_modules)."""
+    folder = damaged(_edit_json(lambda m: _first_module(m).update(head_knobs={"alpha_tau": [1.0] * 3, "stdev_tau": [0.1] * 3})))
+    fresh = build("bert")
+    with pytest.raises(ValueError, match=re.escape("`alpha_tau` must be a number or 4 values (one per key/value head); the adapter's head_knobs have 3")):
+        nv.load_adapter(fresh, folder)
+    assert not any(hasattr(m, "nvib") for m in fresh.modules())
 
 
 @pytest.mark.parametrize("damage, fragment", ADAPTER_DAMAGE)

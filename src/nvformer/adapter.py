@@ -169,19 +169,21 @@ def _check_head_knobs(value: Any, rel: str, where: str) -> None:
         raise ValueError(f"{where}: module {rel!r}: `head_knobs` must hold equal-length lists of finite numbers (stdev_tau >= 0)")
 
 
-def _candidates(model: nn.Module, kind: str, sites: tuple[str, ...]) -> dict[str, int]:
-    """``{name: width}`` of the attention modules ``convert`` would convert at ``sites``."""
+def _candidates(model: nn.Module, kind: str, sites: tuple[str, ...]) -> dict[str, tuple[int, int | None]]:
+    """``{name: (width, key/value heads)}`` of the attention modules ``convert`` would convert at
+    ``sites`` (heads: None for PyTorch modules, which take no per-head knobs)."""
     if kind == "hf":
         from .hf.convert import attention_modules
 
         out = {}
         for name, module, ad, site in attention_modules(model):
             if site in sites:
-                out[name] = ad.qkv(module)[1][0].shape[1]
+                k_w = ad.qkv(module)[1][0]
+                out[name] = (k_w.shape[1], k_w.shape[0] // ad.head_size(module))
         return out
     from .nn.mha import torch_site
 
-    return {name: m.kdim for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention) and torch_site(model, name) in sites}
+    return {name: (m.kdim, None) for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention) and torch_site(model, name) in sites}
 
 
 def match_modules(model: nn.Module, meta: dict[str, Any], config: NVConfig) -> dict[str, tuple[str, int]]:
@@ -195,7 +197,9 @@ def match_modules(model: nn.Module, meta: dict[str, Any], config: NVConfig) -> d
         raise ValueError(f"{who}: the adapter was saved from a {'Hugging Face' if meta['kind'] == 'hf' else 'PyTorch'} model, "
                          f"but {type(model).__name__} is {'a Hugging Face' if kind == 'hf' else 'a PyTorch'} model")
     prefix = _base_prefix(model)
-    have = {_relative(name, prefix): (name, dim) for name, dim in _candidates(model, kind, config.sites).items()}
+    found = _candidates(model, kind, config.sites)
+    have = {_relative(name, prefix): (name, dim) for name, (dim, _) in found.items()}
+    heads = {_relative(name, prefix): h for name, (_, h) in found.items()}
     saved = meta["modules"]
     if set(have) != set(saved):
         missing, extra = sorted(set(saved) - set(have)), sorted(set(have) - set(saved))
@@ -204,6 +208,10 @@ def match_modules(model: nn.Module, meta: dict[str, Any], config: NVConfig) -> d
     for rel, (_, dim) in have.items():
         if saved[rel]["dim"] != dim:
             raise ValueError(f"{who}: module {rel!r} reads vectors of width {dim}, the adapter's has width {saved[rel]['dim']}")
+        per_head = saved[rel].get("head_knobs")
+        if per_head is not None and len(per_head["alpha_tau"]) != heads[rel]:
+            raise ValueError(f"{who}: module {rel!r}: `alpha_tau` must be a number or {heads[rel]} values (one per key/value head); "
+                             f"the adapter's head_knobs have {len(per_head['alpha_tau'])}")
     return have
 
 

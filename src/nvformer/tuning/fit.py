@@ -340,7 +340,7 @@ def fit_knobs(
                 if not isinstance(loss, Tensor) or loss.dim() != 0:
                     raise ValueError(f"{who}: the objective must return a scalar tensor, got {type(loss).__name__}")
                 if not bool(torch.isfinite(loss)):
-                    raise ValueError(f"{who}: the objective is not finite at step {step} ({float(loss)}); lower `lr`")
+                    raise ValueError(f"{who}: the objective is not finite at step {step} ({float(loss.detach())}); lower `lr`")
                 loss.backward()
                 opt.zero_grad()
                 surrogate = to_identity * sum(r.penalty() for r in raws.values()) / len(raws)
