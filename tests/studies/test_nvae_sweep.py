@@ -125,3 +125,19 @@ def test_the_sweep_has_its_own_budget_and_refuses_unknown_models_before_any_work
     with pytest.raises(ValueError, match="unknown model.*nvae-d7"):
         study.run_nvae_sweep(tmp_path, ["autoencoder", "nvae-d7"])
     assert not any(tmp_path.iterdir())  # nothing trained, no tokenizer written
+
+
+def test_the_dirichlet_kl_pushes_every_tokens_pseudo_count_by_the_same_factor():
+    """KL_D depends on the pseudo-counts through their total only, so d KL_D / d log a_i = a_i f'(A):
+    the relative push is the same for every token of a sentence (a tiny random NVAE, float64 sums)."""
+    from nvformer.models import NVAE, NVAEConfig
+    from nvformer_studies.common.tokenizer import train_tokenizer
+    from nvformer_studies.nvae import training as vae
+
+    texts = ["the cat sat on the mat .", "a dog ran far away from home today .", "birds sing in the old tree by the river ."]
+    tok = train_tokenizer(texts * 5, 300)
+    torch.manual_seed(0)
+    model = NVAE(NVAEConfig(vocab_size=len(tok), d_model=16, heads=2, encoder_layers=1, decoder_layers=1, ffn=32, max_length=24, delta=0.25))
+    push = vae.kl_d_push(model, tok, texts)
+    assert push["spread_max"] < 1e-6 and push["relative_push_mean"] != 0.0
+    assert all(p.grad is None for p in model.parameters())

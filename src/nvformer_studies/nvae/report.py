@@ -318,6 +318,12 @@ def sweep_reading(res: dict, rows: list[dict]) -> str:
                     "trained on the training sentences): " + "; ".join(
                         f"{n}: r(length) {_fmt_r(v['length'])}, r(information) {_fmt_r(v['information'])}, r(information | length) "
                         f"{_fmt_r(v['information_given_length'])}, {_fmt_r(v['slope'])} vectors per token" for n, v in rel.items()) + ". ")
+    push = {n: r["kl_d_push"] for n, r in res["models"].items() if r.get("kl_d_push")}
+    if push:
+        text.append("Measured on the test sentences, the relative push of KL_D on a token's pseudo-count, (dKL_D / d log a_i) / a_i, "
+                    "differs between the tokens of a sentence by at most " + ", ".join(
+                        f"{v['spread_max']:.1e} ({n})" for n, v in push.items()) + " of its mean (max over sentences of (max - min) / |mean|): "
+                    "the same factor for every token. ")
     text.append("Why the Dirichlet KL does not choose which vectors go: KL_D depends on the pseudo-counts only through their total "
                 "A (docs/MATH.md section 2), so its gradient with respect to a token's log pseudo-count is a_i dKL_D/dA, the same "
                 "relative push on every token; delta sets the budget B = alpha_p + delta (n - 1) that A is pulled to, and which "

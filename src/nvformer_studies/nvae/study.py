@@ -125,7 +125,11 @@ def run_nvae_sweep(out: Path, names: list[str], *, smoke: bool = False, train_on
            "information": {"nats": nats, "tokens": lm_tokens, "lm": "2-layer GPT-2 trained on the training sentences"},
            "threshold": THRESHOLD, "models": {}, "smoke": smoke}
     for name, (model, summary) in models.items():
-        res["models"][name] = _sweep_eval(out / "sweep" / name, model, summary, tok, test, ood)
+        folder = out / "sweep" / name
+        res["models"][name] = _sweep_eval(folder, model, summary, tok, test, ood)
+        if model.config.bottleneck == "nvib":
+            res["models"][name]["kl_d_push"] = _cached(folder / "kl-d-push.json", {"config": model.config.to_dict(), "train": summary, "test": test},
+                                                       lambda: vae.kl_d_push(model, tok, test))
     res["seconds"] = time.time() - t0
     (out / "sweep.json").write_text(json.dumps(res, indent=2))
     return res

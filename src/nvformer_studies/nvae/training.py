@@ -384,6 +384,37 @@ def sentence_pseudo_counts(model: NVAE, tok, texts: Sequence[str], batch_size: i
     return out
 
 
+def kl_d_push(model: NVAE, tok, texts: Sequence[str], batch_size: int = 64) -> dict[str, float]:
+    """What the Dirichlet KL does to each token's pseudo-count, measured: per sentence the gradient
+    ``g_i = dKL_D / d log a_i`` of its token components (evaluation form), and the spread of the
+    relative push ``g_i / a_i`` over its tokens, ``(max - min) / |mean|``. Zero spread means KL_D
+    pushes every token's pseudo-count by the same factor (it depends on their total only, docs/MATH.md
+    section 2), so it cannot choose which vectors to drop. Returns the median and the maximum spread
+    over sentences and the mean relative push."""
+    from nvformer import kl_dirichlet
+
+    if model.config.bottleneck != "nvib":
+        raise ValueError(f"kl_d_push: a {model.config.bottleneck!r} bottleneck has no Dirichlet KL")
+    model.eval()
+    ids = encode_texts(tok, texts, model.config.max_length)
+    spreads, pushes = [], []
+    for rows in _batches(ids, batch_size):
+        x, m = pad_batch([ids[i] for i in rows], model.config.pad_id)
+        with torch.enable_grad():
+            lat = model.encode(x.to(model.device), m.to(model.device))[0].latent
+            lat.log_alpha.retain_grad()
+            kl_dirichlet(lat, model.nvib.prior, model.nvib.delta).sum().backward()
+        g, a, keep = lat.log_alpha.grad[:, 1:].double().cpu(), lat.log_alpha[:, 1:].detach().double().exp().cpu(), ~lat.pad_mask[:, 1:].cpu()
+        for j in range(len(rows)):
+            r = (g[j] / a[j])[keep[j]]
+            if r.numel() > 1:
+                spreads.append(float((r.max() - r.min()) / r.mean().abs().clamp_min(1e-300)))
+            pushes.append(float(r.mean()))
+    model.zero_grad(set_to_none=True)
+    t = torch.tensor(spreads, dtype=torch.float64)
+    return {"spread_median": float(t.median()), "spread_max": float(t.max()), "relative_push_mean": sum(pushes) / len(pushes)}
+
+
 def token_pseudo_counts(model: NVAE, tok, texts: Sequence[str], batch_size: int = 64) -> Tensor:
     """``[T]`` float64: the pseudo-count of every token component of ``texts`` (all sentences of
     :func:`sentence_pseudo_counts` concatenated), for the distribution of an NVAE's pseudo-counts."""
