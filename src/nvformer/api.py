@@ -207,6 +207,7 @@ def get_config(model: nn.Module) -> NVConfig:
     alpha_skip = any(getattr(m, "_alpha_skip_source", None) for _, m in nv_modules(model))
     return NVConfig(sites=sites, formula=formulas.pop(), delta=first.delta, kappa=first.kappa, alpha_threshold=first.alpha_threshold,
                     threshold_mode=first.threshold_mode, prior_component=first.prior_component, min_var=first.min_var,
+                    prior_scaling=first.prior_scaling,
                     alpha_skip=alpha_skip, knobs=_compact({key: (info.site, nvib.knobs()) for key, info, nvib in groups}))
 
 

@@ -38,6 +38,7 @@ SITES = ("encoder", "decoder", "cross")
 FORMULAS = ("paper", "exact")
 KNOBS = ("alpha_tau", "stdev_tau", "mu_tau")  # the one knob order, everywhere
 THRESHOLD_MODES = ("absolute", "relative")
+PRIOR_SCALINGS = ("constant", "length")
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,9 @@ class NVConfig:
             (``"absolute"``: pseudo-count ``<= alpha_threshold``, the authors' 0.1;
             ``"relative"``: weight ``a_i / sum a <= alpha_threshold``); None keeps all.
         prior_component: include the prior component.
+        prior_scaling: ``"constant"`` (the prior component's pseudo-count ``alpha_p``, the publications') or
+            ``"length"`` (``alpha_p`` times the number of tokens each query sees, so the prior's share does
+            not shrink as inputs grow: docs/MATH.md section 4; evaluation form of Hugging Face models).
         min_var: variance floor (keeps ``stdev_tau = 0`` finite).
         alpha_skip: link consecutive NV self-attention layers (Behjati et al. 2023; PyTorch models).
         knobs: group key -> :class:`Knobs` (module docstring); default ``{"*": IDENTITY}``.
@@ -124,6 +128,7 @@ class NVConfig:
     alpha_threshold: float | None = None
     threshold_mode: str = "absolute"
     prior_component: bool = True
+    prior_scaling: str = "constant"
     min_var: float = 1e-20
     alpha_skip: bool = False
     knobs: Mapping[str, Knobs] = field(default_factory=lambda: {"*": IDENTITY})
@@ -144,6 +149,7 @@ class NVConfig:
         if self.alpha_threshold is not None:
             check_real(self.alpha_threshold, "alpha_threshold", where, above=0.0)
         check_choice(self.threshold_mode, "threshold_mode", where, THRESHOLD_MODES)
+        check_choice(self.prior_scaling, "prior_scaling", where, PRIOR_SCALINGS)
         if not isinstance(self.prior_component, bool) or not isinstance(self.alpha_skip, bool):
             raise ValueError(f"{where}: `prior_component` and `alpha_skip` must be True or False")
         check_real(self.min_var, "min_var", where, above=0.0)
@@ -184,7 +190,8 @@ class NVConfig:
     def nvib_settings(self) -> dict[str, Any]:
         """The :class:`~nvformer.NVIB` keyword arguments besides knobs and prior."""
         return {"delta": self.delta, "kappa": self.kappa, "alpha_threshold": self.alpha_threshold,
-                "threshold_mode": self.threshold_mode, "prior_component": self.prior_component, "min_var": self.min_var}
+                "threshold_mode": self.threshold_mode, "prior_component": self.prior_component, "min_var": self.min_var,
+                "prior_scaling": self.prior_scaling}
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -235,6 +235,7 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
         bias = hf_mask_bias(raw_mask, B, Nt, Nk, False, cd, x.device)
     else:
         bias = tok_bias  # already built over the past + new keys, which are all Nk key columns
+    token_mask = bias if (cross and cached_cross) else tok_bias  # the token columns each query sees (None: all Nk)
     position_bias = None
     if ad.arg_position_bias:
         position_bias = call.get(ad.arg_position_bias)
@@ -255,6 +256,15 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
         G = _derived(self, f"G{cd}", (k_w,), lambda: head_matrices(k_w.double(), None, 1.0 / S_0 - 1.0 / S_tok, d).to(cd).repeat_interleave(groups, 0),
                      fresh=heads)
         prior_logit = -0.5 * torch.einsum("bhti,hij,bhtj->bht", q, G, q)
+
+    if nvib.prior_scaling == "length":  # the prior's pseudo-count times the tokens each query sees (docs/MATH.md section 4)
+        if sampled:
+            raise ValueError("NV attention: prior_scaling='length' applies to the evaluation form (mean prediction) only")
+        if token_mask is None:
+            seen = torch.full((B, Hq, Nt), float(Nk), dtype=cd, device=x.device)
+        else:
+            seen = (token_mask > torch.finfo(token_mask.dtype).min / 2).sum(-1).to(cd).expand(B, Hq, Nt)
+        prior_logit = seen.clamp_min(1.0).log() if prior_logit is None else prior_logit + seen.clamp_min(1.0).log()
 
     dropout_p = ad.dropout_p(self) if training else 0.0
     if getattr(self.config, "_attn_implementation", "sdpa") == "eager":

@@ -103,6 +103,8 @@ class NVMultiheadAttention(nn.Module):
         self.k_proj = nn.Linear(kdim, embed_dim, bias=bias, **factory)
         self.v_proj = nn.Linear(kdim, embed_dim, bias=bias, **factory)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        if nvib_kwargs.get("prior_scaling", "constant") != "constant":
+            raise ValueError(f"{where}: `prior_scaling` {nvib_kwargs['prior_scaling']!r} is supported on Hugging Face models only")
         self.nvib = NVIB(kdim, num_heads, prior=prior, head_dim=self.head_dim, **nvib_kwargs, **factory)
         self.last_latent: NVLatent | None = None
         self._alpha_skip_source: list[NVMultiheadAttention] = []
@@ -319,6 +321,9 @@ def convert_mha(model: nn.Module, config: NVConfig = NVConfig(), prior: Prior | 
     if not chosen:
         present = sorted({torch_site(model, name) for name, _ in targets})
         raise ValueError(f"nvformer.convert: {type(model).__name__} has no attention module at site(s) {list(config.sites)}; its sites are {present}")
+    if config.prior_scaling != "constant":
+        raise ValueError(f"nvformer.convert: prior_scaling={config.prior_scaling!r} is supported on Hugging Face models; "
+                         "PyTorch models use 'constant'")
     built = []  # everything is built (and checked) before the model changes
     for name, mha, site in chosen:
         layer = layer_index(name)

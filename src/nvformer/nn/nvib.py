@@ -62,6 +62,9 @@ class NVIB(nn.Module):
             weight ``a_i / sum a`` is ``<= alpha_threshold`` (``"relative"``). None = keep all.
             The prior component is never dropped.
         min_var: floor of the variances (so ``stdev_tau = 0`` stays finite in ``KL_G``).
+        prior_scaling: ``"constant"`` or ``"length"`` (:class:`nvformer.NVConfig`; read by the Hugging Face
+            attention, which scales the prior's pseudo-count by the tokens each query sees).
+        kv_heads: the key/value heads of the attention (grouped-query attention), addressed by per-head knobs.
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class NVIB(nn.Module):
         alpha_threshold: float | None = None,
         threshold_mode: str = "absolute",
         min_var: float = 1e-20,
+        prior_scaling: str = "constant",
         kv_heads: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -96,6 +100,8 @@ class NVIB(nn.Module):
         check_int(head_dim, "head_dim", where)
         check_int(kappa, "kappa", where)
         check_choice(threshold_mode, "threshold_mode", where, ("absolute", "relative"))
+        check_choice(prior_scaling, "prior_scaling", where, ("constant", "length"))
+        self.prior_scaling = prior_scaling  # "length": the attention adds log(visible tokens) to the prior column (HF evaluation form)
         if alpha_threshold is not None:
             check_real(alpha_threshold, "alpha_threshold", where, above=0.0)
         if prior is not None and not isinstance(prior, Prior):

@@ -147,7 +147,7 @@ def _reading(rows: list[dict], transfer: list[dict], lengths: list[dict]) -> str
     mean = {r["method"]: r for r in rows if r["target"] == "mean"}
     per = lambda m: [r for r in rows if r["method"] == m and r["target"] != "mean"]  # noqa: E731
     text = ["**Reading (the recorded run).** "]
-    fits = [m for m in ("fit-site", "fit-layer", "fit-head") if m in mean]
+    fits = [m for m in ("fit-site", "fit-layer", "fit-head", "fit-layer-length") if m in mean]
     if fits:
         best = max(fits, key=lambda m: mean[m]["gain"])
         b = mean[best]
@@ -178,11 +178,15 @@ def _reading(rows: list[dict], transfer: list[dict], lengths: list[dict]) -> str
         other = [r["gain"] for r in transfer if not r["own"]]
         text.append(f"Transfer: knobs fitted on a target gain {sum(own) / len(own):+.2f} points there on average and "
                     f"{sum(other) / len(other):+.2f} on the other targets. ")
-    if lengths:
-        fl = [r for r in lengths if r["method"] == "fit-layer"]
+    for m in ("fit-layer", "fit-layer-length"):
+        fl = [r for r in lengths if r["method"] == m]
         if fl:
-            text.append("By input length (fit-layer, pooled targets): " + ", ".join(
+            text.append(f"By input length ({m}, pooled targets): " + ", ".join(
                 f"{r['tokens_from']}-{r['tokens_to']} tokens {r['gain']:+.2f}" for r in fl) + ". ")
+    if "fit-layer-length" in mean and "fit-layer" in mean:
+        d = mean["fit-layer-length"]["gain"] - mean["fit-layer"]["gain"]
+        text.append(f"The length-aware prior changes the mean gain by {d:+.2f} points against fit-layer"
+                    f"{'' if d > 0 else ': it does not help here'}. ")
     return "".join(text)
 
 

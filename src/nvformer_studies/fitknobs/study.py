@@ -15,6 +15,8 @@ step and stops early. Test: the target's test split (400) and the source's (the 
 ``fit-site``        :func:`nvformer.fit_knobs`, ``nll`` with the labels, one setting (in nats) for all layers
 ``fit-layer``       the same with one setting per layer
 ``fit-head``        the same with one ``alpha_tau`` and ``stdev_tau`` per head (``mu_tau`` stays 1)
+``fit-layer-length`` ``fit-layer`` with the length-aware prior (``prior_scaling="length"``: the prior's
+                    pseudo-count times the tokens each query sees), against short-input collapse
 ``fit-entropy``     ``fit-layer`` on the unlabelled validation text, mean prediction entropy (TENT's objective)
 ``fit-im``          the same with information maximisation (SHOT's objective)
 ``tent``            TENT: the LayerNorm affine parameters adapted by entropy on the same unlabelled text,
@@ -43,6 +45,7 @@ from torch import Tensor, nn
 
 import nvformer as nv
 from nvformer import KnobSpace
+from nvformer.api import knob_groups
 from nvformer.metrics import classification_metrics
 from nvformer.tasks import TextBatches, classification_batches
 
@@ -55,7 +58,8 @@ from ..sentiment.study import TARGETS, prior_only
 
 __all__ = ["FIT_METHODS", "FitStudyConfig", "load_fit_study", "run_fit_study", "with_labels"]
 
-FIT_METHODS = ("baseline", "search", "fit-site", "fit-layer", "fit-head", "fit-entropy", "fit-im", "tent", "wise", "control")
+FIT_METHODS = ("baseline", "search", "fit-site", "fit-layer", "fit-head", "fit-layer-length", "fit-entropy", "fit-im", "tent", "wise",
+               "control")
 LABEL_FREE = ("fit-entropy", "fit-im", "tent")
 
 
@@ -132,6 +136,12 @@ def _fit_cost(steps: int, measurements: int, train_rows: list[int], held_rows: l
     return 3.0 * trained + measurements * sum(held_rows)
 
 
+def _prior_scaling(model: nn.Module, scaling: str) -> None:
+    """Every NVIB's prior scaling (``"constant"``, or ``"length"``: the length-aware prior of ``fit-layer-length``)."""
+    for _, _, nvib in knob_groups(model):
+        nvib.prior_scaling = scaling
+
+
 def _logits(model: nn.Module, data: TextBatches) -> Tensor:
     with torch.no_grad():
         return data.unsort(torch.cat([model(**b).logits.float() for b in data.batches]))
@@ -196,9 +206,10 @@ def run_fit_study(cfg: FitStudyConfig, out: str | Path | None = None, show_progr
         bar.update(1)
         # knobs fitted by gradient
         for method, objective, groups, labelled in (("fit-site", "nll", "site", True), ("fit-layer", "nll", "layer", True),
-                                                    ("fit-head", "nll", "head", True),
+                                                    ("fit-head", "nll", "head", True), ("fit-layer-length", "nll", "layer", True),
                                                     ("fit-entropy", "entropy", "layer", False), ("fit-im", "information_maximisation", "layer", False)):
             proto.reset()
+            _prior_scaling(model, "length" if method.endswith("-length") else "constant")
             train_b, held_b = with_labels(fit_data, labelled), with_labels(held_data, labelled)
             res = nv.fit_knobs(model, train_b, objective, groups=groups, steps=cfg.steps, lr=cfg.lr, validation=held_b,
                                patience=cfg.patience, show_progress=False)
@@ -208,6 +219,7 @@ def run_fit_study(cfg: FitStudyConfig, out: str | Path | None = None, show_progr
                                                   "best_step": res.best_step, "steps": res.steps})
             bar.update(1)
         proto.reset()
+        _prior_scaling(model, "constant")
         # TENT, on the same unlabelled text and budget
         train_b, held_b = with_labels(fit_data, False), with_labels(held_data, False)
         info = tent(model, train_b, steps=cfg.steps, lr=cfg.tent_lr, validation=held_b, patience=cfg.patience)
