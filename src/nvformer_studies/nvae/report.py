@@ -305,7 +305,7 @@ def sweep_reading(res: dict, rows: list[dict]) -> str:
         text.append("Settings that prune at all: " + ", ".join(f"{r['model']} {100 * r['kept']:.0f}% kept / BLEU {r['test_bleu']:.1f}" for r in pruned) + ". ")
         near = [r for r in pruned if r["median_pseudo_count"] is not None and r["delta"]]
         if near:
-            text.append("Their median token pseudo-count sits at delta (" + ", ".join(
+            text.append("Their median token pseudo-count is close to delta (" + ", ".join(
                 f"{r['model']}: {r['median_pseudo_count']:.3f} for delta {r['delta']:g}" for r in near)
                 + "): the threshold 0.1 cuts through a distribution centred on the per-token budget, rather than separating "
                   "needed from unneeded vectors. ")
