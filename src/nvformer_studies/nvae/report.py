@@ -303,12 +303,12 @@ def sweep_reading(res: dict, rows: list[dict]) -> str:
         text.append("No setting reaches the goal (at most 60% of the vectors kept with test BLEU within 10 points of the autoencoder). ")
     if pruned:
         text.append("Settings that prune at all: " + ", ".join(f"{r['model']} {100 * r['kept']:.0f}% kept / BLEU {r['test_bleu']:.1f}" for r in pruned) + ". ")
-        near = [r for r in pruned if r["median_pseudo_count"] is not None and r["delta"]]
+        near = [r for r in pruned if r["median_pseudo_count"] is not None and r["delta"] and r["kept"] < 0.95]
         if near:
-            text.append("Their median token pseudo-count is close to delta (" + ", ".join(
+            text.append("Their median token pseudo-count is of the order of delta (" + ", ".join(
                 f"{r['model']}: {r['median_pseudo_count']:.3f} for delta {r['delta']:g}" for r in near)
-                + "): the threshold 0.1 cuts through a distribution centred on the per-token budget, rather than separating "
-                  "needed from unneeded vectors. ")
+                + "): with delta near the threshold 0.1, the threshold cuts through the bulk of the pseudo-counts instead of "
+                  "separating needed from unneeded vectors. ")
     eff = [r for r in nvae if r["effective_share"] is not None]
     if eff:
         lo, hi = min(eff, key=lambda r: r["effective_share"]), max(eff, key=lambda r: r["effective_share"])
