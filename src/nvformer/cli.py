@@ -211,11 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "entropy or information_maximisation (label-free: the labels are not read; classification and causal-lm)")
     g.add_argument("--groups", choices=("site", "layer", "head"), default="layer",
                    help="one knob setting per site, per layer, or alpha_tau and stdev_tau per key/value head of every layer")
-    g.add_argument("--fit-knobs", type=_fit_knobs, default=("alpha_tau", "stdev_tau"), metavar="K",
+    g.add_argument("--fit-knobs", type=_fit_knobs, default="alpha_tau,stdev_tau", metavar="K",
                    help="comma list of the knobs fitted (alpha_tau, stdev_tau, mu_tau)")
     g.add_argument("--steps", type=_positive_int, default=50, metavar="N", help="Adam steps (at most: early stopping)")
     g.add_argument("--lr", type=_finite_float, default=0.3, metavar="X", help="Adam learning rate (nats, log stdev_tau, mu_tau)")
-    g.add_argument("--to-identity", type=_finite_float, default=0.0, metavar="X", help="weight of the pull towards the identity knobs")
+    g.add_argument("--to-identity", type=_finite_float, default=0, metavar="X", help="weight of the pull towards the identity knobs")
     g.add_argument("--holdout", type=_finite_float, default=0.25, metavar="F",
                    help="share of the validation rows held out (seeded by --seed) to choose the step and stop early")
     g.add_argument("--patience", type=_positive_int, default=3, metavar="N", help="held-out measurements without improvement before stopping")
