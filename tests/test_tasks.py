@@ -113,3 +113,18 @@ def test_task_table_and_metric_errors():
     with pytest.raises(ValueError, match="no metric 'bleu'"):
         get_task("classification").metric("bleu")
     assert {m.direction for m in TASKS["causal-lm"].metrics.values()} == {"minimize"}
+
+
+def test_labelled_batches_carry_labels_in_batch_order():
+    import torch
+
+    from nvformer.tasks import TextBatches, labelled_batches
+
+    b1 = {"input_ids": torch.tensor([[5, 6, 0]]), "attention_mask": torch.tensor([[1, 1, 0]])}
+    b2 = {"input_ids": torch.tensor([[7, 8, 9], [4, 3, 2]]), "attention_mask": torch.ones(2, 3, dtype=torch.long)}
+    data = TextBatches([b1, b2], order=torch.tensor([2, 0, 1]), labels=torch.tensor([10, 11, 12]))
+    cls = labelled_batches(data, "classification")
+    assert [b["labels"].tolist() for b in cls] == [[12], [10, 11]]
+    lm = labelled_batches(data, "causal-lm")
+    assert lm[0]["labels"].tolist() == [[5, 6, -100]] and torch.equal(lm[1]["labels"], b2["input_ids"])
+    assert "labels" not in b1 and labelled_batches(data, "seq2seq")[0].keys() == b1.keys()

@@ -738,16 +738,9 @@ def fit_batches(task: Task, data) -> list[dict]:
     a causal LM's own tokens as labels (padding -100); seq2seq batches already carry labels."""
     import torch
 
-    out, start = [], 0
-    for b in data.batches:
-        n = b["input_ids"].shape[0]
-        b = dict(b)
-        if task.name == "classification":
-            b["labels"] = data.labels[data.order[start : start + n]]
-        elif task.name == "causal-lm":
-            b["labels"] = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
-        out.append(b)
-        start += n
+    from .tasks import labelled_batches
+
+    out = labelled_batches(data, task.name)
     if task.name == "classification" and any(int(b["labels"].min()) < 0 for b in out):
         raise CLIError("classification labels must be class indices")
     return [{k: v for k, v in b.items() if isinstance(v, torch.Tensor)} for b in out]

@@ -41,6 +41,7 @@ __all__ = [
     "classification_batches",
     "generate_texts",
     "get_task",
+    "labelled_batches",
     "lm_batches",
     "lm_nll",
     "model_device",
@@ -131,6 +132,22 @@ def lm_batches(tokenizer, texts: Sequence[str], *, max_tokens: int = 128, batch_
         input_ids, mask = pad_rows(rows, pad)
         batches.append({"input_ids": input_ids, "attention_mask": mask})
     return TextBatches(batches, order, n_tokens=torch.tensor([len(x) - 1 for x in ids]))
+
+
+def labelled_batches(data: TextBatches, task: str) -> list[dict[str, Tensor]]:
+    """The batches of ``data`` as model inputs carrying what a loss reads: ``"classification"``: the
+    class labels in batch order; ``"causal-lm"``: the text's own tokens (padding -100), the NLL of
+    unlabelled text; ``"seq2seq"``: as they are (they carry their target labels)."""
+    out, start = [], 0
+    for b in data.batches:
+        n = b["input_ids"].shape[0]
+        if task == "classification":
+            b = dict(b, labels=data.labels[data.order[start : start + n]])
+        elif task == "causal-lm":
+            b = dict(b, labels=b["input_ids"].masked_fill(b["attention_mask"] == 0, -100))
+        out.append(dict(b))
+        start += n
+    return out
 
 
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:

@@ -18,13 +18,14 @@ import torch
 
 import nvformer as nv
 from nvformer import IDENTITY, KnobSpace
-from nvformer.tasks import TextBatches, get_task, lm_batches, lm_nll
+from nvformer.tasks import TextBatches, get_task, labelled_batches, lm_batches, lm_nll
 
 from ..common.protocol import Choice, Protocol, convert_at_identity
 from ..common.subsets import seeded_subset
 from ..lm.study import lm_texts, perplexity, unit_stats
+from .study import fit_cost
 
-__all__ = ["FitLMConfig", "lm_fit_batches", "run_fit_lm"]
+__all__ = ["FitLMConfig", "run_fit_lm"]
 
 
 @dataclass
@@ -50,11 +51,6 @@ class FitLMConfig:
     def smoke(cls, **kw) -> FitLMConfig:
         return cls(**{**dict(targets=("koran", "law"), n_prior=8, n_val=8, n_test=8, max_tokens=16, batch_size=4, trials=2, steps=2,
                              bootstrap=50), **kw})
-
-
-def lm_fit_batches(data: TextBatches) -> list[dict[str, torch.Tensor]]:
-    """Model inputs whose ``labels`` are the text's own tokens (padding -100): the NLL of unlabelled text."""
-    return [dict(b, labels=b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)) for b in data.batches]
 
 
 def run_fit_lm(cfg: FitLMConfig, model=None, tok=None, show_progress: bool = True) -> dict[str, Any]:
@@ -102,11 +98,10 @@ def run_fit_lm(cfg: FitLMConfig, model=None, tok=None, show_progress: bool = Tru
         choice = proto.search(Choice("search", d), space, lambda m: perplexity(lm_nll(m, val), val.n_tokens), cfg.trials, direction="minimize")
         row("search", float(choice.trials * len(texts)), time.perf_counter() - s0, {"knobs": choice.params})
         proto.reset()
-        train_b, held_b = lm_fit_batches(fit_on), lm_fit_batches(held)
+        train_b, held_b = labelled_batches(fit_on, "causal-lm"), labelled_batches(held, "causal-lm")
         res = nv.fit_knobs(model, train_b, "nll", groups="layer", steps=cfg.steps, lr=cfg.lr, validation=held_b, patience=cfg.patience,
                            show_progress=False)
-        rows_of = [int(b["input_ids"].shape[0]) for b in train_b]
-        cost = 3.0 * sum(rows_of[(s - 1) % len(rows_of)] for s in range(1, res.steps + 1)) + (1 + len(res.history)) * len(held)
+        cost = fit_cost(res.steps, 1 + len(res.history), [int(b["input_ids"].shape[0]) for b in train_b], [len(held)])
         row("fit-lm-unlabelled", cost, res.seconds, {"knobs": {k: v.as_dict() for k, v in res.knobs.items()}, "nats": res.nats,
                                                      "best_step": res.best_step, "steps": res.steps})
         proto.reset()

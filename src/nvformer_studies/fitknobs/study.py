@@ -47,7 +47,7 @@ import nvformer as nv
 from nvformer import KnobSpace
 from nvformer.api import knob_groups
 from nvformer.metrics import classification_metrics
-from nvformer.tasks import TextBatches, classification_batches
+from nvformer.tasks import TextBatches, classification_batches, labelled_batches
 
 from ..common.protocol import Choice, Protocol, convert_at_identity
 from ..common.subsets import seeded_subset
@@ -56,7 +56,7 @@ from ..common.tent import restore, tent
 from ..sentiment.data import domain_splits
 from ..sentiment.study import TARGETS, prior_only
 
-__all__ = ["FIT_METHODS", "FitStudyConfig", "load_fit_study", "run_fit_study", "with_labels"]
+__all__ = ["FIT_METHODS", "FitStudyConfig", "fit_cost", "load_fit_study", "run_fit_study", "with_labels"]
 
 FIT_METHODS = ("baseline", "search", "fit-site", "fit-layer", "fit-head", "fit-layer-length", "fit-entropy", "fit-im", "tent", "wise",
                "control")
@@ -118,19 +118,14 @@ def _batches(tok, texts, labels, cfg: FitStudyConfig) -> TextBatches:
 
 def with_labels(data: TextBatches, labels: bool = True) -> list[dict[str, Tensor]]:
     """The batches of ``data`` as model inputs, with their ``labels`` in batch order (or none)."""
-    out, start = [], 0
-    for b in data.batches:
-        n = b["input_ids"].shape[0]
-        out.append(dict(b, labels=data.labels[data.order[start : start + n]]) if labels else dict(b))
-        start += n
-    return out
+    return labelled_batches(data, "classification") if labels else [dict(b) for b in data.batches]
 
 
 def _rows(batches: list[dict[str, Tensor]]) -> list[int]:
     return [int(b["input_ids"].shape[0]) for b in batches]
 
 
-def _fit_cost(steps: int, measurements: int, train_rows: list[int], held_rows: list[int]) -> float:
+def fit_cost(steps: int, measurements: int, train_rows: list[int], held_rows: list[int]) -> float:
     """Forwards over one example: 3 per example of each training step, 1 per held-out example measured."""
     trained = sum(train_rows[(s - 1) % len(train_rows)] for s in range(1, steps + 1))
     return 3.0 * trained + measurements * sum(held_rows)
@@ -213,7 +208,7 @@ def run_fit_study(cfg: FitStudyConfig, out: str | Path | None = None, show_progr
             train_b, held_b = with_labels(fit_data, labelled), with_labels(held_data, labelled)
             res = nv.fit_knobs(model, train_b, objective, groups=groups, steps=cfg.steps, lr=cfg.lr, validation=held_b,
                                patience=cfg.patience, show_progress=False)
-            cost = _fit_cost(res.steps, 1 + len(res.history), _rows(train_b), _rows(held_b))
+            cost = fit_cost(res.steps, 1 + len(res.history), _rows(train_b), _rows(held_b))
             knobs_of[(method, t)] = {k: v.as_dict() for k, v in res.knobs.items()}
             record(method, t, cost, res.seconds, {"knobs": knobs_of[(method, t)], "nats": res.nats, "head_knobs": res.head_knobs,
                                                   "best_step": res.best_step, "steps": res.steps})
@@ -223,7 +218,7 @@ def run_fit_study(cfg: FitStudyConfig, out: str | Path | None = None, show_progr
         # TENT, on the same unlabelled text and budget
         train_b, held_b = with_labels(fit_data, False), with_labels(held_data, False)
         info = tent(model, train_b, steps=cfg.steps, lr=cfg.tent_lr, validation=held_b, patience=cfg.patience)
-        record("tent", t, _fit_cost(info["steps"], info["measurements"], _rows(train_b), _rows(held_b)), info["seconds"],
+        record("tent", t, fit_cost(info["steps"], info["measurements"], _rows(train_b), _rows(held_b)), info["seconds"],
                {"best_step": info["best_step"], "steps": info["steps"]})
         restore(model, info["state"])
         bar.update(1)
