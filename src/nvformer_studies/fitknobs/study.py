@@ -145,16 +145,10 @@ def _logits(model: nn.Module, data: TextBatches) -> Tensor:
 def run_fit_study(cfg: FitStudyConfig, out: str | Path | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Run every method on every target (module docstring); returns ``{"config", "rows", "transfer",
     "info"}`` and saves it to ``out/results.json`` with the test logits (``out/logits.safetensors``)."""
-    from ..sentiment.data import load_or_finetune
+    from ..sentiment.data import load_classifier
 
     t0 = time.time()
-    given = Path(cfg.model_dir)
-    if (given / "config.json").exists() and not (given / "nvformer_finetune.json").exists():
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        model, tok = AutoModelForSequenceClassification.from_pretrained(given).eval(), AutoTokenizer.from_pretrained(given)
-    else:
-        model, tok, _ = load_or_finetune(given, cfg.source, cfg.split_seed, show_progress=show_progress)
+    model, tok, _ = load_classifier(cfg.model_dir, cfg.source, cfg.split_seed, show_progress=show_progress)
     train_texts = domain_splits(cfg.source, cfg.split_seed)["train"][0][: cfg.prior_examples]
     convert_at_identity(model, classification_batches(tok, train_texts, batch_size=cfg.batch_size, max_length=cfg.max_length).batches)
     proto = Protocol(model, seed=cfg.seed)

@@ -22,6 +22,18 @@ def domain_splits(domain: str, seed: int = 0, data_dir=None) -> dict[str, tuple[
     return {name: ([r.texts[i] for i in p], [r.labels[i] for i in p]) for name, p in zip(("train", "validation", "test"), parts)}
 
 
+def load_classifier(model_dir: str | Path, source: str = "books", split_seed: int = 0, *, data_dir=None, show_progress: bool = True):
+    """``(model, tokenizer, info)`` of a study's source classifier: a user's own classifier folder
+    (``config.json`` without this project's fine-tuning record) loaded as it is, else
+    :func:`load_or_finetune` (the project's books model, fine-tuned there if missing)."""
+    given = Path(model_dir)
+    if (given / "config.json").exists() and not (given / "nvformer_finetune.json").exists():
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        return AutoModelForSequenceClassification.from_pretrained(given).eval(), AutoTokenizer.from_pretrained(given), {"checkpoint": str(given)}
+    return load_or_finetune(given, source, split_seed, data_dir=data_dir, show_progress=show_progress)
+
+
 def load_or_finetune(out: str | Path, source: str = "books", split_seed: int = 0, config=None, *, force: bool = False,
                      data_dir=None, show_progress: bool = True):
     """``(model, tokenizer, info)``: all-MiniLM-L6-v2 with a classification head fine-tuned on the

@@ -384,18 +384,10 @@ def _build_sets(cfg: StudyConfig, tok) -> tuple[dict[tuple[str, str], TextBatche
 def run_study(cfg: StudyConfig, out_dir: str | Path | None = None, show_progress: bool = True) -> StudyResult:
     """Run every method of the study (see the module docstring); optionally save ``results.json``
     and ``logits.safetensors`` to ``out_dir`` (tables and plots: :func:`nvformer_studies.sentiment.report.write_outputs`)."""
-    from .data import load_or_finetune
+    from .data import load_classifier
 
     t0 = time.time()
-    given = Path(cfg.model_dir)
-    if (given / "config.json").exists() and not (given / "nvformer_finetune.json").exists():  # a user's own classifier
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        model = AutoModelForSequenceClassification.from_pretrained(given).eval()
-        tok, ft_info = AutoTokenizer.from_pretrained(given), {"checkpoint": str(given)}
-    else:
-        model, tok, ft_info = load_or_finetune(given, cfg.source, cfg.split_seed, data_dir=cfg.data_dir,
-                                               show_progress=show_progress)
+    model, tok, ft_info = load_classifier(cfg.model_dir, cfg.source, cfg.split_seed, data_dir=cfg.data_dir, show_progress=show_progress)
     sets, prior_set, train_set = _build_sets(cfg, tok)
     result = StudyResult(config=asdict(cfg), info={"finetune": ft_info})
     targets = list(cfg.targets)
