@@ -1,14 +1,18 @@
 """Knobs fitted by gradient (issue 18) against today's search, TENT, WiSE-FT and the prior-only control:
-the fine-tuned sentiment classifier on six target domains (``finetuned``) and SmolLM2 on five text
-domains, fitted on unlabelled target text (``smollm2``) -> docs/RESULTS.md ("fit-knobs" section).
+the fine-tuned sentiment classifier (``finetuned``) and frozen MiniLM features with a linear head
+(``frozen``) on six target review domains, SmolLM2 on five text domains fitted on unlabelled target
+text (``smollm2``), and the koran Marian translation model's three sites on law / medical / it
+(``marian``) -> docs/RESULTS.md ("fit-knobs" section).
 
-    .venv/bin/python experiments/fit_knobs.py                          # both parts (fine-tunes runs/minilm-books first if missing)
+    .venv/bin/python experiments/fit_knobs.py                          # every part (fine-tunes runs/minilm-books and trains
+                                                                       # runs/marian-koran first if missing)
     .venv/bin/python experiments/fit_knobs.py --models finetuned       # one part; the section shows every part saved in OUT
     .venv/bin/python experiments/fit_knobs.py --reuse                  # rewrite the section from runs/fit-knobs
     .venv/bin/python experiments/fit_knobs.py --smoke --out /tmp/fit-smoke --results /tmp/fit-smoke/RESULTS.md
 
-Model, data, methods, budget: ``nvformer_studies.fitknobs.study`` (``FitStudyConfig``) and
-``nvformer_studies.fitknobs.lm`` (``FitLMConfig``); the section (tables via docs/results/fit_knobs*.csv):
+Model, data, methods, budget: ``nvformer_studies.fitknobs.study`` (``FitStudyConfig``),
+``nvformer_studies.fitknobs.lm`` (``FitLMConfig``) and ``nvformer_studies.fitknobs.translation``
+(``FitMTConfig``); the section (tables via docs/results/fit_knobs*.csv):
 ``nvformer_studies.fitknobs.report``.
 """
 
@@ -20,16 +24,18 @@ from pathlib import Path
 from nvformer_studies.common.scripts import doc_dirs, publish, script_parser, set_threads
 from nvformer_studies.fitknobs.lm import FitLMConfig, run_fit_lm
 from nvformer_studies.fitknobs.report import fit_section
-from nvformer_studies.fitknobs.study import FitStudyConfig, load_fit_study, run_fit_study
+from nvformer_studies.fitknobs.study import SETTINGS, FitStudyConfig, load_fit_study, run_fit_study
+from nvformer_studies.fitknobs.translation import FitMTConfig, run_fit_translation
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("finetuned", "smollm2")
+PARTS = (*SETTINGS, "smollm2", "marian")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = script_parser(__doc__, ROOT, run="fit-knobs", no_results=True, reuse=True, smoke=True, threads=True)
-    parser.add_argument("--models", default=",".join(PARTS), help="comma list of the parts to run: finetuned, smollm2")
+    parser.add_argument("--models", default=",".join(PARTS), help="comma list of the parts to run: " + ", ".join(PARTS))
     parser.add_argument("--model", default=str(ROOT / "runs" / "minilm-books"), help="the fine-tuned books classifier (fine-tuned there if missing)")
+    parser.add_argument("--marian", default=str(ROOT / "runs" / "marian-koran"), help="the koran translation model (trained there if missing)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     parts = [x.strip() for x in args.models.split(",") if x.strip()]
@@ -39,18 +45,22 @@ def main(argv: list[str] | None = None) -> None:
     set_threads(args)
     out = Path(args.out)
     if not args.reuse:
-        if "finetuned" in parts:
-            cfg = (FitStudyConfig.smoke if args.smoke else FitStudyConfig)(model_dir=args.model)
-            run_fit_study(cfg, out / "finetuned", show_progress=not args.quiet)
+        for setting in SETTINGS:
+            if setting in parts:
+                cfg = (FitStudyConfig.smoke if args.smoke else FitStudyConfig)(setting=setting, model_dir=args.model)
+                run_fit_study(cfg, out / setting, show_progress=not args.quiet)
+        out.mkdir(parents=True, exist_ok=True)
         if "smollm2" in parts:
             lm = run_fit_lm(FitLMConfig.smoke() if args.smoke else FitLMConfig(), show_progress=not args.quiet)
-            out.mkdir(parents=True, exist_ok=True)
             (out / "smollm2.json").write_text(json.dumps(lm, indent=1, default=str))
-    res = load_fit_study(out / "finetuned") if (out / "finetuned" / "results.json").exists() else None
-    lm = json.loads((out / "smollm2.json").read_text()) if (out / "smollm2.json").exists() else None
-    if res is None and lm is None:
+        if "marian" in parts:
+            mt = run_fit_translation((FitMTConfig.smoke if args.smoke else FitMTConfig)(model_dir=args.marian), show_progress=not args.quiet)
+            (out / "marian.json").write_text(json.dumps(mt, indent=1, default=str))
+    classifiers = [load_fit_study(out / s) for s in SETTINGS if (out / s / "results.json").exists()]
+    lm, mt = (json.loads((out / f).read_text()) if (out / f).exists() else None for f in ("smollm2.json", "marian.json"))
+    if not classifiers and lm is None and mt is None:
         parser.error(f"nothing saved in {out}: run without --reuse first")
-    publish(fit_section(res, *doc_dirs(args), lm=lm), "fit-knobs", args)
+    publish(fit_section(classifiers, *doc_dirs(args), lm=lm, translation=mt), "fit-knobs", args)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""The fitted-knobs study end to end on a tiny classifier (real review text, tiny budget): every
-method's rows, the CSV the section is rendered from, the bootstrap, transfer and length tables."""
+"""The fitted-knobs study end to end on tiny models (real review, domain and translation text, tiny
+budgets): the fine-tuned and frozen-feature classifiers, the causal LM and the Marian translation
+parts; every method's rows, the CSV the section is rendered from, the bootstrap, transfer and length
+tables."""
 
 import csv
 
@@ -33,7 +35,7 @@ def test_fit_study_end_to_end(tiny_classifier, tmp_path):
     for r in res["rows"]:
         if r["method"].startswith("fit-"):
             assert r["steps"] <= cfg.steps and r["forward_equivalents"] > 0
-    text = fit_section(res, tmp_path / "figures", tmp_path / "results")
+    text = fit_section([res], tmp_path / "figures", tmp_path / "results")
     with open(tmp_path / "results" / "fit_knobs.csv") as f:
         rows = list(csv.DictReader(f))
     need = {"model", "target", "method", "metric", "baseline", "value", "gain", "ci_low", "ci_high", "forward_equivalents", "seconds", "unit"}
@@ -46,10 +48,10 @@ def test_fit_study_end_to_end(tiny_classifier, tmp_path):
         if r["method"] == "baseline":
             assert float(r["gain"]) == 0.0
     with open(tmp_path / "results" / "fit_knobs_transfer.csv") as f:
-        assert len(list(csv.DictReader(f))) == 4
+        assert [r["model"] for r in csv.DictReader(f)] == ["finetuned"] * 4
     assert (tmp_path / "figures" / "fit_knobs_gain.png").exists() and (tmp_path / "figures" / "fit_knobs_layers.png").exists()
     assert (tmp_path / "figures" / "fit_knobs_heads.png").exists()
-    assert "## Fitted knobs" in text and "Reading (the recorded run)" in text
+    assert "## Fitted knobs" in text and "Reading, `finetuned` (the recorded run)" in text
 
 
 def test_lm_part_end_to_end(tmp_path):
@@ -66,7 +68,69 @@ def test_lm_part_end_to_end(tmp_path):
     for r in lm["rows"]:
         assert r["unit"] == "relative" and r["ci_low"] <= r["gain"] + 1e-12 <= r["ci_high"] + 2e-12
         assert r["value"] == pytest.approx(r["baseline"] * (1 + r["gain"]), rel=1e-9)
-    fit_section(None, tmp_path / "figures", tmp_path / "results", lm=lm)
+    fit_section([], tmp_path / "figures", tmp_path / "results", lm=lm)
     with open(tmp_path / "results" / "fit_knobs.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["model"] for r in rows} == {"smollm2"} and len(rows) == 6
+
+
+def test_frozen_setting(tiny_classifier, tmp_path):
+    """The frozen-feature model: the pretrained encoder's mean-pooled features with a head fitted on the
+    source training split, no WiSE-FT rows; its rows sit beside the fine-tuned model's in one CSV."""
+    cfg = FitStudyConfig.smoke(setting="frozen", pretrained_dir=str(tiny_classifier), model_dir=str(tiny_classifier), max_length=32,
+                               targets=("dvd",), wise=(0.5,))
+    assert cfg.wise == ()
+    res = run_fit_study(cfg, tmp_path / "frozen", show_progress=False)
+    assert {r["method"] for r in res["rows"]} == {m for m in FIT_METHODS if m != "wise"}
+    assert 0.0 <= res["head"]["val_accuracy"] <= 1.0 and res["head"]["l2"] > 0
+    fine = run_fit_study(FitStudyConfig.smoke(model_dir=str(tiny_classifier), wise=(), max_length=32, targets=("dvd",)), None,
+                         show_progress=False)
+    text = fit_section([fine, res], tmp_path / "figures", tmp_path / "results")
+    with open(tmp_path / "results" / "fit_knobs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["model"] for r in rows} == {"finetuned", "frozen"}
+    assert (tmp_path / "figures" / "fit_knobs_gain_frozen.png").exists() and "Model `frozen`" in text
+    with pytest.raises(ValueError, match="unknown setting"):
+        FitStudyConfig(setting="lora")
+
+
+def test_mean_pool_classifier_loss_with_labels(tiny_classifier):
+    """Given labels, the frozen-feature classifier returns their cross-entropy (what ``nll`` fitting reads)."""
+    from nvformer_studies.sentiment.study import MeanPoolClassifier
+
+    enc = tf.AutoModel.from_pretrained(tiny_classifier)
+    model = MeanPoolClassifier(enc).eval()
+    ids = torch.tensor([[101, 2000, 102], [101, 2001, 102]])
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 1]))
+    assert out.loss.item() == pytest.approx(torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 1])).item(), abs=1e-7)
+    assert model(input_ids=ids, attention_mask=torch.ones_like(ids)).loss is None
+
+
+def test_translation_part_end_to_end(tmp_path):
+    """A tiny Marian model trained on koran pairs: every method's rows on a target, BLEU gains that are
+    value minus baseline inside their bootstrap interval, and the marian rows in the same CSV."""
+    pytest.importorskip("sacrebleu")
+    from nvformer_studies.fitknobs.translation import MT_METHODS, FitMTConfig, decoder_entropy, run_fit_translation
+
+    cfg = FitMTConfig.smoke(model_dir=str(tmp_path / "marian"))
+    mt = run_fit_translation(cfg, show_progress=False)
+    assert [(r["target"], r["method"]) for r in mt["rows"]] == [("law", m) for m in MT_METHODS]
+    for r in mt["rows"]:
+        assert r["unit"] == "BLEU" and r["ci_low"] <= r["gain"] + 1e-9 <= r["ci_high"] + 1e-9
+        assert r["gain"] == pytest.approx(r["value"] - r["baseline"], abs=1e-9)
+        if r["method"].startswith("fit-") or r["method"] == "tent":
+            assert 1 <= r["steps"] <= cfg.steps and r["forward_equivalents"] > 0
+    assert next(r for r in mt["rows"] if r["method"] == "baseline")["gain"] == 0.0
+    assert next(r for r in mt["rows"] if r["method"] == "search")["site"] in ("encoder", "cross", "decoder")
+    text = fit_section([], tmp_path / "figures", tmp_path / "results", translation=mt)
+    with open(tmp_path / "results" / "fit_knobs.csv") as f:
+        assert {r["model"] for r in csv.DictReader(f)} == {"marian"}
+    assert "Model `marian`" in text and "Reading, `marian`" in text
+    # the label-free objective counts only the decoder positions of the labels
+    logits = torch.randn(2, 3, 5, dtype=torch.float64)
+    labels = torch.tensor([[1, 2, -100], [3, -100, -100]])
+    p = logits.softmax(-1)
+    h = -(p * p.log()).sum(-1)
+    expected = (h[0, 0] + h[0, 1] + h[1, 0]) / 3
+    out = type("Out", (), {"logits": logits})()
+    assert decoder_entropy(out, {"labels": labels}).item() == pytest.approx(expected.item(), abs=1e-12)

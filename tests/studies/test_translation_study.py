@@ -95,7 +95,7 @@ def test_length_batches_and_collate():
 
 def test_koran_dev_subset_avoids_the_checkpoint_selection_pairs(koran):
     cfg = mt.TranslationStudyConfig(train=TINY, domains=("koran", "law"), n_dev=300, n_test=10, subset_seed=1)
-    sets = mt._domain_sets(cfg, None)
+    sets = mt.domain_sets(cfg, None)
     val = marian.koran_splits(TINY)["val_idx"]
     assert len(val) == TINY.val_size and not set(val) & set(sets["koran"]["indices"]["dev"])
     assert len(sets["koran"]["indices"]["dev"]) == 300 and len(sets["law"]["indices"]["test"]) == 10

@@ -7,7 +7,7 @@ stopping as :func:`nvformer.fit_knobs`, so the two are compared at equal budgets
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -15,7 +15,7 @@ from torch import nn
 
 from nvformer.tuning.objectives import entropy
 
-__all__ = ["layer_norm_parameters", "restore", "tent"]
+__all__ = ["layer_norm_parameters", "prediction_entropy", "restore", "tent"]
 
 
 def layer_norm_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -23,20 +23,28 @@ def layer_norm_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in (m.weight, m.bias) if p is not None]
 
 
-def _mean_entropy(model: nn.Module, batches: Sequence[dict]) -> float:
+def prediction_entropy(outputs: Any, batch: dict) -> torch.Tensor:
+    """TENT's loss: the mean entropy of a classifier's ``[B, C]`` predictions (``batch`` unused)."""
+    return entropy(outputs.logits)
+
+
+def _mean_loss(model: nn.Module, batches: Sequence[dict], loss: Callable[[Any, dict], torch.Tensor]) -> float:
     with torch.no_grad():
-        return sum(float(entropy(model(**b).logits)) for b in batches) / len(batches)
+        return sum(float(loss(model(**b), b)) for b in batches) / len(batches)
 
 
 def tent(model: nn.Module, batches: Sequence[dict], *, steps: int = 50, lr: float = 1e-3, validation: Sequence[dict] | None = None,
-         patience: int = 3, eval_every: int | None = None) -> dict[str, Any]:
+         patience: int = 3, eval_every: int | None = None,
+         loss: Callable[[Any, dict], torch.Tensor] = prediction_entropy) -> dict[str, Any]:
     """Adapt ``model``'s LayerNorm affine parameters by Adam on the mean prediction entropy of
     ``batches`` (classifier inputs without labels), in evaluation mode; keep the best step on the
     ``validation`` entropy (the unadapted model included) and stop after ``patience`` measurements
     without improvement. The model is left at the kept parameters; returns ``{"steps",
     "best_step", "initial_value", "best_value", "measurements", "seconds", "state"}``
     (``measurements``: held-out evaluations, the unadapted model's included; ``state``: the original
-    LayerNorm parameters, to restore with :func:`restore`)."""
+    LayerNorm parameters, to restore with :func:`restore`). ``loss(outputs, batch)``: the entropy
+    minimised, by default :func:`prediction_entropy`; e.g. a seq2seq model's per-token entropy over
+    its decoder positions."""
     if not batches:
         raise ValueError("tent: no batches")
     params = layer_norm_parameters(model)
@@ -54,17 +62,17 @@ def tent(model: nn.Module, batches: Sequence[dict], *, steps: int = 50, lr: floa
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=lr)
-        best = _mean_entropy(model, validation) if validation else None
+        best = _mean_loss(model, validation, loss) if validation else None
         measurements = 1 if validation else 0
         initial, best_state, best_step, bad, step = best, [p.detach().clone() for p in params], 0, 0, 0
         for step in range(1, steps + 1):
             opt.zero_grad()
             with torch.enable_grad():
-                loss = entropy(model(**batches[(step - 1) % len(batches)]).logits)
-                loss.backward()
+                b = batches[(step - 1) % len(batches)]
+                loss(model(**b), b).backward()
             opt.step()
             if validation and (step % every == 0 or step == steps):
-                value = _mean_entropy(model, validation)
+                value = _mean_loss(model, validation, loss)
                 measurements += 1
                 if value < best:
                     best, best_step, bad, best_state = value, step, 0, [p.detach().clone() for p in params]

@@ -21,7 +21,7 @@ from nvformer import IDENTITY, KnobSpace
 from nvformer.tasks import TextBatches, get_task, labelled_batches, lm_batches, lm_nll
 
 from ..common.protocol import Choice, Protocol, convert_at_identity
-from ..common.subsets import seeded_subset
+from ..common.subsets import holdout_split, seeded_subset
 from ..lm.study import lm_texts, perplexity, unit_stats
 from .study import fit_cost
 
@@ -77,10 +77,9 @@ def run_fit_lm(cfg: FitLMConfig, model=None, tok=None, show_progress: bool = Tru
     for d in tqdm(cfg.targets, desc="fit-knobs LM", disable=not show_progress):
         texts, val = units(d, "validation", cfg.n_val)
         _, test = units(d, "test", cfg.n_test)
-        perm = torch.randperm(len(texts), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        n_hold = max(1, round(cfg.holdout * len(texts)))
-        held = lm_batches(tok, [texts[i] for i in perm[:n_hold]], max_tokens=cfg.max_tokens, batch_size=cfg.batch_size)
-        fit_on = lm_batches(tok, [texts[i] for i in perm[n_hold:]], max_tokens=cfg.max_tokens, batch_size=cfg.batch_size)
+        held_idx, fit_idx = holdout_split(len(texts), cfg.holdout, cfg.seed)
+        held = lm_batches(tok, [texts[i] for i in held_idx], max_tokens=cfg.max_tokens, batch_size=cfg.batch_size)
+        fit_on = lm_batches(tok, [texts[i] for i in fit_idx], max_tokens=cfg.max_tokens, batch_size=cfg.batch_size)
         proto.reset()
         base = lm_nll(model, test)
 

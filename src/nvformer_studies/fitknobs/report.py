@@ -14,13 +14,17 @@ from torch import Tensor
 
 from nvformer.metrics import paired_bootstrap
 
-from ..common.docs import markdown_table, read_csv, table, write_csv
+from ..common.docs import markdown_table, read_csv, write_csv
 from ..common.plots import pyplot, save
 from .study import FIT_METHODS, LABEL_FREE
 
 __all__ = ["fit_rows", "fit_section", "length_rows", "transfer_rows"]
 
-MODEL = "finetuned"
+
+
+def _model(res: dict[str, Any]) -> str:
+    """The model column of a classifier part: its setting (``finetuned`` / ``frozen``)."""
+    return res["config"].get("setting", "finetuned")
 
 
 def _correct(logits: Tensor, labels: Tensor) -> Tensor:
@@ -36,6 +40,7 @@ def fit_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     n = cfg["bootstrap"]
     by = {(r["method"], r["target"], r["domain"]): r for r in res["rows"]}
     methods = [m for m in FIT_METHODS if any(r["method"] == m for r in res["rows"])]
+    model = _model(res)
     rows = []
     for m in methods:
         base_t, new_t, base_s, new_s = [], [], [], []
@@ -45,13 +50,13 @@ def fit_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
             base_t.append(a), new_t.append(b), base_s.append(a_s), new_s.append(b_s)
             ci = paired_bootstrap(a, b, n_resamples=n, seed=cfg["seed"])
             r = by[(m, t, t)]
-            rows.append({"model": MODEL, "target": t, "method": m, "metric": "accuracy", "unit": "points", "baseline": 100 * ci["a"],
+            rows.append({"model": model, "target": t, "method": m, "metric": "accuracy", "unit": "points", "baseline": 100 * ci["a"],
                          "value": 100 * ci["b"], "gain": 100 * ci["diff"], "ci_low": 100 * ci["low"], "ci_high": 100 * ci["high"],
                          "in_domain_gain": 100 * float(b_s.mean() - a_s.mean()), "label_free": m in LABEL_FREE,
                          "forward_equivalents": r["forward_equivalents"], "seconds": r["seconds"]})
         ci = paired_bootstrap(base_t, new_t, n_resamples=n, seed=cfg["seed"])
         per = [r for r in rows if r["method"] == m]
-        rows.append({"model": MODEL, "target": "mean", "method": m, "metric": "accuracy", "unit": "points", "baseline": 100 * ci["a"],
+        rows.append({"model": model, "target": "mean", "method": m, "metric": "accuracy", "unit": "points", "baseline": 100 * ci["a"],
                      "value": 100 * ci["b"], "gain": 100 * ci["diff"], "ci_low": 100 * ci["low"], "ci_high": 100 * ci["high"],
                      "in_domain_gain": sum(r["in_domain_gain"] for r in per) / len(per), "label_free": m in LABEL_FREE,
                      "forward_equivalents": sum(r["forward_equivalents"] for r in per) / len(per),
@@ -66,7 +71,7 @@ def transfer_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     for r in res["transfer"]:
         t = r["target"]
         base = float(_correct(lg[f"baseline|{t}|{t}"], lab[t]).mean())
-        out.append({"fitted_on": r["fitted_on"], "target": t, "gain": 100 * (r["accuracy"] - base), "own": r["fitted_on"] == t})
+        out.append({"model": _model(res), "fitted_on": r["fitted_on"], "target": t, "gain": 100 * (r["accuracy"] - base), "own": r["fitted_on"] == t})
     return out
 
 
@@ -86,14 +91,17 @@ def length_rows(res: dict[str, Any], buckets: int = 4) -> list[dict[str, Any]]:
         for k, idx in enumerate(chunks):
             if idx.numel() == 0:
                 continue
-            out.append({"method": m, "bucket": k + 1, "tokens_from": int(lengths[idx].min()), "tokens_to": int(lengths[idx].max()),
+            out.append({"model": _model(res), "method": m, "bucket": k + 1, "tokens_from": int(lengths[idx].min()), "tokens_to": int(lengths[idx].max()),
                         "n": int(idx.numel()), "gain": 100 * float((new[idx] - base[idx]).mean())})
     return out
 
 
 def _figures(res: dict[str, Any], rows: list[dict], fig_dir: Path) -> list[str]:
+    """The gain per target, the fitted per-layer knobs and the per-head knobs; file names carry the
+    model (``fit_knobs_gain.png`` for ``finetuned``, ``fit_knobs_gain_frozen.png`` ...)."""
     plt = pyplot()
     cfg = res["config"]
+    tag = "" if _model(res) == "finetuned" else f"_{_model(res)}"
     targets = [*cfg["targets"], "mean"]
     methods = [m for m in FIT_METHODS if m != "baseline" and any(r["method"] == m for r in rows)]
     fig, ax = plt.subplots(figsize=(9, 3.8))
@@ -106,9 +114,9 @@ def _figures(res: dict[str, Any], rows: list[dict], fig_dir: Path) -> list[str]:
         ax.bar(xs, g, width, yerr=err, capsize=1.5, label=m, error_kw={"lw": 0.6})
     ax.axhline(0, color="black", lw=0.6)
     ax.set_xticks(range(len(targets)), targets)
-    ax.set(ylabel="test accuracy gain (points, 95% CI)", title="Gain over the fine-tuned model per target domain")
+    ax.set(ylabel="test accuracy gain (points, 95% CI)", title=f"Gain over the unregularised model per target domain ({_model(res)})")
     ax.legend(fontsize=6, ncol=4)
-    names = [save(fig, fig_dir / "fit_knobs_gain.png").name]
+    names = [save(fig, fig_dir / f"fit_knobs_gain{tag}.png").name]
     fits = [r for r in res["rows"] if r["method"] == "fit-layer" and r["domain"] == r["target"]]
     if fits:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
@@ -121,7 +129,7 @@ def _figures(res: dict[str, Any], rows: list[dict], fig_dir: Path) -> list[str]:
         axes[0].set(ylabel="alpha_tau * s_alpha (nats)", title="fit-layer: token pseudo-count shift")
         axes[1].set(ylabel="stdev_tau", title="fit-layer: token standard deviation")
         axes[0].legend(fontsize=6)
-        names.append(save(fig, fig_dir / "fit_knobs_layers.png").name)
+        names.append(save(fig, fig_dir / f"fit_knobs_layers{tag}.png").name)
     heads = [r for r in res["rows"] if r["method"] == "fit-head" and r["domain"] == r["target"] and r.get("head_knobs")]
     if heads:
         fig, axes = plt.subplots(2, len(heads), figsize=(2.2 * len(heads) + 1, 4.6), squeeze=False)
@@ -139,14 +147,16 @@ def _figures(res: dict[str, Any], rows: list[dict], fig_dir: Path) -> list[str]:
                 fig.colorbar(im, ax=ax, fraction=0.08)
         axes[0][0].set_ylabel("alpha_tau * s_alpha (nats)", fontsize=7)
         axes[1][0].set_ylabel("stdev_tau", fontsize=7)
-        names.append(save(fig, fig_dir / "fit_knobs_heads.png").name)
+        names.append(save(fig, fig_dir / f"fit_knobs_heads{tag}.png").name)
     return names
 
 
-def _reading(rows: list[dict], transfer: list[dict], lengths: list[dict]) -> str:
+def _reading(rows: list[dict], transfer: list[dict], lengths: list[dict], model: str = "finetuned") -> str:
+    """What the numbers of one classifier part say; the issue's goals are checked for ``finetuned``."""
+    goals = model == "finetuned"
     mean = {r["method"]: r for r in rows if r["target"] == "mean"}
     per = lambda m: [r for r in rows if r["method"] == m and r["target"] != "mean"]  # noqa: E731
-    text = ["**Reading (the recorded run).** "]
+    text = [f"**Reading, `{model}` (the recorded run).** "]
     fits = [m for m in ("fit-site", "fit-layer", "fit-head", "fit-layer-length") if m in mean]
     if fits:
         best = max(fits, key=lambda m: mean[m]["gain"])
@@ -156,8 +166,9 @@ def _reading(rows: list[dict], transfer: list[dict], lengths: list[dict]) -> str
         reached = b["gain"] >= 1.5 and b["ci_low"] > 0 and ahead and b["in_domain_gain"] >= -0.5
         text.append(f"With target labels, the best fitted method is {best}: mean gain {b['gain']:+.2f} points "
                     f"[{b['ci_low']:+.2f}, {b['ci_high']:+.2f}], in-domain change {b['in_domain_gain']:+.2f}; "
-                    + ", ".join(f"{m} {mean[m]['gain']:+.2f}" for m in rivals) + ". The goal (+1.5 points, interval above 0, ahead of "
-                    f"WiSE-FT and the control, in-domain cost at most 0.5) is {'reached' if reached else 'not reached'}. ")
+                    + ", ".join(f"{m} {mean[m]['gain']:+.2f}" for m in rivals) + ". "
+                    + (f"The goal (+1.5 points, interval above 0, ahead of WiSE-FT and the control, in-domain cost at most 0.5) is "
+                       f"{'reached' if reached else 'not reached'}. " if goals else f"{'Ahead' if ahead else 'Not ahead'} of {', '.join(rivals)}. "))
     free = [m for m in ("fit-entropy", "fit-im") if m in mean]
     if free:
         best = max(free, key=lambda m: mean[m]["gain"])
@@ -166,18 +177,19 @@ def _reading(rows: list[dict], transfer: list[dict], lengths: list[dict]) -> str
         tent_gain = mean["tent"]["gain"] if "tent" in mean else None
         reached = b["gain"] >= 0.5 and worst >= -0.5 and (tent_gain is None or b["gain"] > tent_gain)
         text.append(f"Label-free, the best is {best}: mean {b['gain']:+.2f} [{b['ci_low']:+.2f}, {b['ci_high']:+.2f}], worst target "
-                    f"{worst:+.2f}" + ("" if tent_gain is None else f", TENT {tent_gain:+.2f}") + f"; the goal (+0.5, no target below -0.5, "
-                    f"ahead of TENT) is {'reached' if reached else 'not reached'}. ")
+                    f"{worst:+.2f}" + ("" if tent_gain is None else f", TENT {tent_gain:+.2f}")
+                    + (f"; the goal (+0.5, no target below -0.5, ahead of TENT) is {'reached' if reached else 'not reached'}. " if goals else ". "))
     if "fit-layer" in mean:
         secs = [r["seconds"] for r in per("fit-layer")]
         text.append(f"Fitting per layer took {min(secs):.0f}-{max(secs):.0f} s per target on this machine (goal: under 60 s) and "
                     f"{mean['fit-layer']['forward_equivalents']:.0f} forward equivalents on average, against "
                     f"{mean['search']['forward_equivalents']:.0f} for the search. " if "search" in mean else "")
     if transfer:
-        own = [r["gain"] for r in transfer if r["own"]]
-        other = [r["gain"] for r in transfer if not r["own"]]
-        text.append(f"Transfer: knobs fitted on a target gain {sum(own) / len(own):+.2f} points there on average and "
-                    f"{sum(other) / len(other):+.2f} on the other targets. ")
+        own = [r["gain"] for r in transfer if str(r["own"]) == "True"]  # a bool, or its CSV text
+        other = [r["gain"] for r in transfer if str(r["own"]) != "True"]
+        if own and other:
+            text.append(f"Transfer: knobs fitted on a target gain {sum(own) / len(own):+.2f} points there on average and "
+                        f"{sum(other) / len(other):+.2f} on the other targets. ")
     for m in ("fit-layer", "fit-layer-length"):
         fl = [r for r in lengths if r["method"] == m]
         if fl:
@@ -217,44 +229,62 @@ def _lm_reading(rows: list[dict]) -> str:
     return text
 
 
-def fit_section(res: dict[str, Any] | None, fig_dir: Path, csv_dir: Path | None = None, lm: dict[str, Any] | None = None) -> str:
-    """The section's markdown from the classifier part ``res`` (:func:`~nvformer_studies.fitknobs.study.run_fit_study`)
-    and the LM part ``lm`` (:func:`~nvformer_studies.fitknobs.lm.run_fit_lm`), either may be None;
-    figures to ``fig_dir``; every table through ``csv_dir`` (``fit_knobs.csv`` holds both models' rows)."""
-    rows = fit_rows(res) if res is not None else []
+def _classifier_lines(res: dict[str, Any], rows: list[dict], table_rows: list[dict], fig_dir: Path, csv_dir: Path | None,
+                      transfer: list[dict], lengths: list[dict]) -> list[str]:
+    cfg, model = res["config"], _model(res)
+    n_val = cfg["n_val"] or 200
+    what = ("all-MiniLM-L6-v2 fine-tuned on books (the sentiment study's)" if model == "finetuned" else
+            f"the pretrained all-MiniLM-L6-v2 encoder as frozen mean-pooled features with a logistic-regression head fitted on the "
+            f"books training split (L2 {res['head']['l2']:g} chosen on books validation, accuracy {res['head']['val_accuracy']:.3f}; "
+            "no WiSE-FT: nothing was fine-tuned)")
+    lines = ["", f"Model `{model}` (`.venv/bin/python experiments/fit_knobs.py --models {model}`; {res['info']['seconds'] / 60:.0f} min, "
+             f"{res['info']['threads']} torch threads): {what}; {res['n_layers']} NV layers, empirical prior of {cfg['prior_examples']} "
+             f"books training reviews, identity knobs. Data: the review domains (Blitzer et al. 2007; Ryu & Lee 2020), split seed "
+             f"{cfg['split_seed']}; per target, the validation split ({n_val} reviews) is all a method sees: fitting methods fit on "
+             f"{1 - cfg['holdout']:.0%} of it and choose the step on the rest ({cfg['steps']} Adam steps at most, lr {cfg['lr']}, patience "
+             f"{cfg['patience']}; TENT lr {cfg['tent_lr']}), the search ({cfg['trials']} trials) and the choices of WiSE-FT and the control "
+             f"use all of it; test: the target's test split (gain in points with a paired bootstrap 95% interval, {cfg['bootstrap']} "
+             "resamples; `mean`: resampling within each target) and the books test split (in-domain change of the target's choice). "
+             "Methods: `nvformer_studies.fitknobs.study`.", "", markdown_table(table_rows, _MAIN_COLUMNS)]
+    for f in _figures(res, rows, fig_dir):
+        lines += ["", f"![{f}](figures/{f})"]
+    if transfer:
+        lines += ["", f"Transfer, `{model}` (test accuracy gain in points of the `fit-layer` knobs fitted on the row's target):", "",
+                  markdown_table(transfer, [("fitted on", "{fitted_on}"), ("target", "{target}"), ("gain", "{gain:+.2f}")])]
+    if lengths:
+        lines += ["", f"Gain against input length, `{model}` (target test examples pooled, four equal-count buckets by token count):", "",
+                  markdown_table(lengths, [("method", "{method}"), ("tokens", "{tokens_from}-{tokens_to}"), ("examples", "{n}"),
+                                           ("gain", "{gain:+.2f}")])]
+    return lines + ["", _reading(rows, transfer, lengths, model)]
+
+
+def fit_section(classifiers: list[dict[str, Any]], fig_dir: Path, csv_dir: Path | None = None, lm: dict[str, Any] | None = None,
+                translation: dict[str, Any] | None = None) -> str:
+    """The section's markdown from the classifier parts ``classifiers`` (:func:`~nvformer_studies.fitknobs.study.run_fit_study`,
+    one per setting), the LM part ``lm`` (:func:`~nvformer_studies.fitknobs.lm.run_fit_lm`) and the translation part
+    ``translation`` (:func:`~nvformer_studies.fitknobs.translation.run_fit_translation`); any may be missing. Figures go to
+    ``fig_dir``; every table through ``csv_dir``: ``fit_knobs.csv`` holds every model's rows, ``fit_knobs_transfer.csv`` and
+    ``fit_knobs_length.csv`` the classifiers'."""
+    parts = [(res, fit_rows(res), transfer_rows(res), length_rows(res)) for res in classifiers]
     lm_rows = list(lm["rows"]) if lm is not None else []
-    both = [{k: r.get(k) for k in CSV_FIELDS} for r in rows + lm_rows]
+    mt_rows = list(translation["rows"]) if translation is not None else []
+    every = [{k: r.get(k) for k in CSV_FIELDS} for r in [r for p in parts for r in p[1]] + lm_rows + mt_rows]
+    transfer = [r for p in parts for r in p[2]]
+    lengths = [r for p in parts for r in p[3]]
     if csv_dir is not None:
-        both = read_csv(write_csv(Path(csv_dir) / "fit_knobs.csv", both))
-    lines = ["## Fitted knobs: gradient-fitted NV knobs against search, TENT, WiSE-FT and the control", ""]
-    if res is not None:
-        cfg = res["config"]
-        transfer = transfer_rows(res)
-        lengths = length_rows(res)
-        n_val = cfg["n_val"] or 200
-        lines += [f"Command: `.venv/bin/python experiments/fit_knobs.py` (classifier part: {res['info']['seconds'] / 60:.0f} min, "
-                  f"{res['info']['threads']} torch threads). Model `finetuned`: all-MiniLM-L6-v2 fine-tuned on books (the sentiment "
-                  f"study's; {res['n_layers']} NV layers, empirical prior of {cfg['prior_examples']} books training reviews, identity "
-                  f"knobs). Data: the review domains (Blitzer et al. 2007; Ryu & Lee 2020), split seed {cfg['split_seed']}; per target, "
-                  f"the validation split ({n_val} reviews) is all a method sees: fitting methods fit on {1 - cfg['holdout']:.0%} of it "
-                  f"and choose the step on the rest ({cfg['steps']} Adam steps at most, lr {cfg['lr']}, patience {cfg['patience']}; "
-                  f"TENT lr {cfg['tent_lr']}), the search ({cfg['trials']} trials) and the choices of WiSE-FT and the control use all "
-                  f"of it; test: the target's test split (gain in points with a paired bootstrap 95% interval, {cfg['bootstrap']} "
-                  "resamples; `mean`: resampling within each target) and the books test split (in-domain change of the target's "
-                  "choice). Cost: forwards over one example (a training step counts 3 per example) and seconds on this machine. "
-                  "Methods: `nvformer_studies.fitknobs.study`.", "",
-                  markdown_table([r for r in both if r["model"] == "finetuned"], _MAIN_COLUMNS)]
-        for f in _figures(res, rows, fig_dir):
-            lines += ["", f"![{f}](figures/{f})"]
+        every = read_csv(write_csv(Path(csv_dir) / "fit_knobs.csv", every))
         if transfer:
-            lines += ["", "Transfer (test accuracy gain in points of the `fit-layer` knobs fitted on the row's target):", "",
-                      table(transfer, [("fitted on", "{fitted_on}"), ("target", "{target}"), ("gain", "{gain:+.2f}")], csv_dir,
-                            "fit_knobs_transfer")]
+            transfer = read_csv(write_csv(Path(csv_dir) / "fit_knobs_transfer.csv", transfer))
         if lengths:
-            lines += ["", "Gain against input length (target test examples pooled, four equal-count buckets by token count):", "",
-                      table(lengths, [("method", "{method}"), ("tokens", "{tokens_from}-{tokens_to}"), ("examples", "{n}"),
-                                      ("gain", "{gain:+.2f}")], csv_dir, "fit_knobs_length")]
-        lines += ["", _reading(rows, transfer, lengths)]
+            lengths = read_csv(write_csv(Path(csv_dir) / "fit_knobs_length.csv", lengths))
+    lines = ["## Fitted knobs: gradient-fitted NV knobs against search, TENT, WiSE-FT and the control", "",
+             "Command: `.venv/bin/python experiments/fit_knobs.py` (every part; `--models` runs some, the section shows every part saved "
+             "in `runs/fit-knobs/`). Cost columns: forwards over one example (a training step counts 3 per example: forward and "
+             "backward) and seconds on this machine."]
+    for res, rows, _, _ in parts:
+        m = _model(res)
+        lines += _classifier_lines(res, rows, [r for r in every if r["model"] == m], fig_dir, csv_dir,
+                                   [r for r in transfer if r["model"] == m], [r for r in lengths if r["model"] == m])
     if lm is not None:
         c = lm["config"]
         lines += ["", f"Model `smollm2` (`.venv/bin/python experiments/fit_knobs.py --models smollm2`; {lm['info']['seconds'] / 60:.0f} min, "
@@ -264,5 +294,9 @@ def fit_section(res: dict[str, Any] | None, fig_dir: Path, csv_dir: Path | None 
                   f"validation text (no labels exist or are needed), the step chosen on the rest ({c['steps']} steps at most, lr "
                   f"{c['lr']}); `search`: {c['trials']} Optuna trials on the validation perplexity. Change: test perplexity relative to "
                   f"the unregularised model, paired bootstrap over units ({c['bootstrap']} resamples).", "",
-                  markdown_table([r for r in both if r["model"] == "smollm2"], _LM_COLUMNS), "", _lm_reading(lm_rows)]
+                  markdown_table([r for r in every if r["model"] == "smollm2"], _LM_COLUMNS), "", _lm_reading(lm_rows)]
+    if translation is not None:
+        from .translation import translation_lines
+
+        lines += translation_lines(translation, [r for r in every if r["model"] == "marian"])
     return "\n".join(lines) + "\n"

@@ -1,9 +1,13 @@
 """Knobs fitted by gradient against the alternatives a user would try (issue 18; docs/RESULTS.md
 section "fit-knobs"; tables and text: :mod:`nvformer_studies.fitknobs.report`).
 
-Model (``"finetuned"``): all-MiniLM-L6-v2 + classification head fine-tuned on ``books`` (the
-sentiment study's model, :func:`nvformer_studies.sentiment.data.load_or_finetune`), converted at
-the identity with the empirical prior of 256 source training reviews. Targets: the six other
+Models (``FitStudyConfig.setting``): ``"finetuned"``, all-MiniLM-L6-v2 + classification head
+fine-tuned on ``books`` (the sentiment study's model, :func:`nvformer_studies.sentiment.data.load_classifier`);
+``"frozen"``, the pretrained all-MiniLM-L6-v2 encoder as a frozen feature extractor (mean-pooled,
+L2-normalised) with a logistic-regression head fitted on the ``books`` training split (the
+sentiment study's frozen-feature setting, :class:`~nvformer_studies.sentiment.study.MeanPoolClassifier`;
+no WiSE-FT rows: nothing was fine-tuned). Either is converted at the identity with the empirical
+prior of 256 source training reviews. Targets: the six other
 review domains. Per target, the validation split (200 reviews) is what every method may see; it is
 divided (seed ``split_seed``) into a fitting part (150) and a held-out part (50) that chooses the
 step and stops early. Test: the target's test split (400) and the source's (the in-domain cost).
@@ -50,17 +54,18 @@ from nvformer.metrics import classification_metrics
 from nvformer.tasks import TextBatches, classification_batches, labelled_batches
 
 from ..common.protocol import Choice, Protocol, convert_at_identity
-from ..common.subsets import seeded_subset
+from ..common.subsets import holdout_split, seeded_subset
 from ..common.tensorfiles import load_tensors, save_tensors
 from ..common.tent import restore, tent
 from ..sentiment.data import domain_splits
 from ..sentiment.study import TARGETS, prior_only
 
-__all__ = ["FIT_METHODS", "FitStudyConfig", "fit_cost", "load_fit_study", "run_fit_study", "with_labels"]
+__all__ = ["FIT_METHODS", "SETTINGS", "FitStudyConfig", "fit_cost", "load_fit_study", "run_fit_study", "with_labels"]
 
 FIT_METHODS = ("baseline", "search", "fit-site", "fit-layer", "fit-head", "fit-layer-length", "fit-entropy", "fit-im", "tent", "wise",
                "control")
 LABEL_FREE = ("fit-entropy", "fit-im", "tent")
+SETTINGS = ("finetuned", "frozen")
 
 
 @dataclass
@@ -68,6 +73,8 @@ class FitStudyConfig:
     """Settings of the study (the docs/RESULTS.md budget by default; :meth:`smoke` for a check).
 
     Args:
+        setting: ``"finetuned"`` (the classifier of ``model_dir``) or ``"frozen"`` (the pretrained
+            encoder's mean-pooled features and a head fitted on the source training split).
         model_dir: the fine-tuned source classifier (fine-tuned there if missing and it is the
             project's books model; any other folder is loaded as it is).
         pretrained_dir: the pretrained encoder for WiSE-FT (None: the all-MiniLM-L6-v2 package).
@@ -78,6 +85,7 @@ class FitStudyConfig:
         wise: WiSE weights tried besides 1 (empty: no WiSE rows).
     """
 
+    setting: str = "finetuned"
     model_dir: str = "runs/minilm-books"
     pretrained_dir: str | None = None
     source: str = "books"
@@ -99,6 +107,12 @@ class FitStudyConfig:
     wise: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
     seed: int = 0
     bootstrap: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.setting not in SETTINGS:
+            raise ValueError(f"FitStudyConfig: unknown setting {self.setting!r}; settings are {', '.join(SETTINGS)}")
+        if self.setting == "frozen":
+            self.wise = ()  # nothing was fine-tuned: no WiSE-FT end points
 
     @classmethod
     def smoke(cls, **kw) -> FitStudyConfig:
@@ -142,17 +156,36 @@ def _logits(model: nn.Module, data: TextBatches) -> Tensor:
         return data.unsort(torch.cat([model(**b).logits.float() for b in data.batches]))
 
 
+def _source_model(cfg: FitStudyConfig, show_progress: bool) -> tuple[nn.Module, Any, dict | None]:
+    """``(model, tokenizer, head info)``: the fine-tuned classifier (``"finetuned"``, head info None) or
+    the pretrained encoder with a logistic-regression head fitted on the source training split
+    (``"frozen"``; head info: the chosen L2 penalty and source validation accuracy)."""
+    from ..sentiment.study import MeanPoolClassifier, StudyConfig, _load_pretrained_encoder
+
+    if cfg.setting == "finetuned":
+        from ..sentiment.data import load_classifier
+
+        model, tok, _ = load_classifier(cfg.model_dir, cfg.source, cfg.split_seed, show_progress=show_progress)
+        return model, tok, None
+    enc, tok = _load_pretrained_encoder(StudyConfig(pretrained_dir=cfg.pretrained_dir, model_dir=cfg.model_dir))
+    torch.manual_seed(cfg.seed)
+    model = MeanPoolClassifier(enc).eval()
+    train = domain_splits(cfg.source, cfg.split_seed)["train"]
+    info = model.fit_head(_batches(tok, *train, cfg), _batches(tok, *_examples(cfg, cfg.source, "validation", cfg.n_val), cfg))
+    return model, tok, info
+
+
 def run_fit_study(cfg: FitStudyConfig, out: str | Path | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Run every method on every target (module docstring); returns ``{"config", "rows", "transfer",
     "info"}`` and saves it to ``out/results.json`` with the test logits (``out/logits.safetensors``)."""
-    from ..sentiment.data import load_classifier
-
     t0 = time.time()
-    model, tok, _ = load_classifier(cfg.model_dir, cfg.source, cfg.split_seed, show_progress=show_progress)
+    model, tok, head_info = _source_model(cfg, show_progress)
     train_texts = domain_splits(cfg.source, cfg.split_seed)["train"][0][: cfg.prior_examples]
-    convert_at_identity(model, classification_batches(tok, train_texts, batch_size=cfg.batch_size, max_length=cfg.max_length).batches)
-    proto = Protocol(model, seed=cfg.seed)
-    n_layers = len(nv.get_knobs(model))
+    nvm = model.encoder if cfg.setting == "frozen" else model  # what holds the NV attention (the frozen setting's encoder)
+    convert_at_identity(nvm, classification_batches(tok, train_texts, batch_size=cfg.batch_size, max_length=cfg.max_length).batches)
+    proto = Protocol(nvm, seed=cfg.seed)
+    n_layers = len(nv.get_knobs(nvm))
+    forward = None if nvm is model else (lambda _, b: model(**b))  # fit_knobs: the classifier's outputs
     test = {d: _batches(tok, *_examples(cfg, d, "test", cfg.n_test), cfg) for d in (cfg.source, *cfg.targets)}
     logits: dict[str, Tensor] = {}
     rows: list[dict[str, Any]] = []
@@ -178,9 +211,7 @@ def run_fit_study(cfg: FitStudyConfig, out: str | Path | None = None, show_progr
         finetuned = {k: v.detach().clone() for k, v in model.base_model.named_parameters() if k in pre}
     for t in cfg.targets:
         texts, labels = _examples(cfg, t, "validation", cfg.n_val)
-        perm = torch.randperm(len(texts), generator=torch.Generator().manual_seed(cfg.split_seed)).tolist()
-        n_hold = max(1, round(cfg.holdout * len(texts)))
-        held_idx, fit_idx = perm[:n_hold], perm[n_hold:]
+        held_idx, fit_idx = holdout_split(len(texts), cfg.holdout, cfg.split_seed)
         val = _batches(tok, texts, labels, cfg)
         fit_data = _batches(tok, [texts[i] for i in fit_idx], [labels[i] for i in fit_idx], cfg)
         held_data = _batches(tok, [texts[i] for i in held_idx], [labels[i] for i in held_idx], cfg)
@@ -190,7 +221,7 @@ def run_fit_study(cfg: FitStudyConfig, out: str | Path | None = None, show_progr
         # the search of today's study, on the whole validation split
         s0 = time.perf_counter()
         choice = proto.search(Choice("search", t), KnobSpace(alpha_tau=cfg.alpha_tau, stdev_tau=cfg.stdev_tau),
-                              lambda m: float((_logits(m, val).argmax(-1) == val.labels).double().mean()), cfg.trials)
+                              lambda _: float((_logits(model, val).argmax(-1) == val.labels).double().mean()), cfg.trials)
         record("search", t, float(choice.trials * len(texts)), time.perf_counter() - s0, {"knobs": choice.params})
         bar.update(1)
         # knobs fitted by gradient
@@ -198,17 +229,17 @@ def run_fit_study(cfg: FitStudyConfig, out: str | Path | None = None, show_progr
                                                     ("fit-head", "nll", "head", True), ("fit-layer-length", "nll", "layer", True),
                                                     ("fit-entropy", "entropy", "layer", False), ("fit-im", "information_maximisation", "layer", False)):
             proto.reset()
-            _prior_scaling(model, "length" if method.endswith("-length") else "constant")
+            _prior_scaling(nvm, "length" if method.endswith("-length") else "constant")
             train_b, held_b = with_labels(fit_data, labelled), with_labels(held_data, labelled)
-            res = nv.fit_knobs(model, train_b, objective, groups=groups, steps=cfg.steps, lr=cfg.lr, validation=held_b,
-                               patience=cfg.patience, show_progress=False)
+            res = nv.fit_knobs(nvm, train_b, objective, groups=groups, steps=cfg.steps, lr=cfg.lr, validation=held_b,
+                               patience=cfg.patience, show_progress=False, forward=forward)
             cost = fit_cost(res.steps, 1 + len(res.history), _rows(train_b), _rows(held_b))
             knobs_of[(method, t)] = {k: v.as_dict() for k, v in res.knobs.items()}
             record(method, t, cost, res.seconds, {"knobs": knobs_of[(method, t)], "nats": res.nats, "head_knobs": res.head_knobs,
                                                   "best_step": res.best_step, "steps": res.steps})
             bar.update(1)
         proto.reset()
-        _prior_scaling(model, "constant")
+        _prior_scaling(nvm, "constant")
         # TENT, on the same unlabelled text and budget
         train_b, held_b = with_labels(fit_data, False), with_labels(held_data, False)
         info = tent(model, train_b, steps=cfg.steps, lr=cfg.tent_lr, validation=held_b, patience=cfg.patience)
@@ -235,12 +266,12 @@ def run_fit_study(cfg: FitStudyConfig, out: str | Path | None = None, show_progr
         for layers in candidates:
             proto.reset()
             if layers:
-                prior_only(model, layers)
+                prior_only(nvm, layers)
             acc[layers] = float((_logits(model, val).argmax(-1) == val.labels).double().mean())
         best = max(acc, key=lambda k: acc[k])
         proto.reset()
         if best:
-            prior_only(model, best)
+            prior_only(nvm, best)
         record("control", t, float(len(candidates) * len(texts)), time.perf_counter() - s0, {"control": list(best)})
         proto.reset()
         bar.update(1)
@@ -248,13 +279,13 @@ def run_fit_study(cfg: FitStudyConfig, out: str | Path | None = None, show_progr
     # transfer: the fit-layer knobs of each target on the others
     transfer = []
     for src_t in cfg.targets:
-        nv.set_knobs(model, knobs_of[("fit-layer", src_t)])
+        nv.set_knobs(nvm, knobs_of[("fit-layer", src_t)])
         for t in cfg.targets:
             lg = _logits(model, test[t])
             logits[f"transfer|{src_t}|{t}"] = lg
             transfer.append({"fitted_on": src_t, "target": t, "accuracy": classification_metrics(lg, test[t].labels)["accuracy"]})
         proto.reset()
-    res = {"config": asdict(cfg), "rows": rows, "transfer": transfer, "n_layers": n_layers,
+    res = {"config": asdict(cfg), "rows": rows, "transfer": transfer, "n_layers": n_layers, "head": head_info,
            "lengths": {d: test[d].unsort(torch.cat([b["attention_mask"].sum(1) for b in test[d].batches])).tolist() for d in test},
            "info": {"seconds": time.time() - t0, "threads": torch.get_num_threads()}}
     labels_ = {d: test[d].labels for d in test}

@@ -176,10 +176,13 @@ class MeanPoolClassifier(nn.Module):
         m = attention_mask[..., None].to(h.dtype)
         return nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp_min(1.0), dim=-1)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, **kw):
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None, **kw):
+        """``.logits [B, C]``; with ``labels [B]`` also ``.loss``, their mean cross-entropy."""
         from transformers.modeling_outputs import SequenceClassifierOutput
 
-        return SequenceClassifierOutput(logits=self.head(self.features(input_ids, attention_mask, **kw)))
+        logits = self.head(self.features(input_ids, attention_mask, **kw))
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
 
     @torch.no_grad()
     def fit_head(self, train: TextBatches, val: TextBatches, l2_grid=(1e-2, 1e-3, 1e-4)) -> dict[str, float]:

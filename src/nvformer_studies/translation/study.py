@@ -46,7 +46,8 @@ from ..common.subsets import seeded_subset
 from .model import TranslationConfig, corpus_scores, koran_splits, load_or_train, selection_indices, to_device, training_batches
 from .report import study_markdown
 
-__all__ = ["SITES_ORDER", "SMOKE_STUDY", "SMOKE_TRAIN", "TranslationStudyConfig", "run_translation_study", "with_train"]
+__all__ = ["SITES_ORDER", "SMOKE_STUDY", "SMOKE_TRAIN", "TranslationStudyConfig", "Translator", "domain_sets", "prior_batches", "run_translation_study",
+           "site_alpha_ranges", "with_train"]
 
 SITES_ORDER = ("encoder", "cross", "decoder")
 # a tiny model and study: seconds, to check a command end to end
@@ -115,7 +116,7 @@ def _knob_state(model: nn.Module) -> tuple:
     return tuple(sorted(get_knobs(model).items()))
 
 
-class _Translator:
+class Translator:
     """Memoised translations of fixed sentence sets under the model's current knobs."""
 
     def __init__(self, model, tok, cfg: TranslationStudyConfig) -> None:
@@ -135,7 +136,7 @@ class _Translator:
         return hyps
 
 
-def _domain_sets(cfg: TranslationStudyConfig, data_dir) -> dict[str, dict[str, Any]]:
+def domain_sets(cfg: TranslationStudyConfig, data_dir) -> dict[str, dict[str, Any]]:
     sets = {}
     for d in cfg.domains:
         dev, test = read_parallel(d, "dev", data_dir), read_parallel(d, "test", data_dir)
@@ -153,11 +154,26 @@ def _domain_sets(cfg: TranslationStudyConfig, data_dir) -> dict[str, dict[str, A
     return sets
 
 
-def _prior_batches(tok, cfg: TranslationStudyConfig, data_dir) -> list[dict[str, Tensor]]:
+def prior_batches(tok, cfg: TranslationStudyConfig, data_dir) -> list[dict[str, Tensor]]:
     sp = koran_splits(cfg.train, data_dir)
     idx = seeded_subset(len(sp["train_de"]), cfg.n_prior, cfg.prior_seed)
     batches, _ = training_batches(tok, [sp["train_de"][i] for i in idx], [sp["train_en"][i] for i in idx], cfg.train)
     return [{k: v for k, v in b.items() if k != "labels"} for b in batches]  # no loss needed
+
+
+def site_alpha_ranges(model: nn.Module, priors: dict, cfg: TranslationStudyConfig) -> tuple[dict[str, tuple[tuple[float, float], float]], dict[str, float]]:
+    """``({site: (alpha_tau range, scale)}, {site: smallest s_alpha})``: each site's search range of
+    ``alpha_tau``, ``cfg.alpha_range`` divided by the smallest ``s_alpha`` of the site's NV modules
+    (``alpha_scale="s_alpha"``; scale 1 for ``"none"``); ``priors``: :func:`convert_at_identity`'s."""
+    site_by_name = {name: site_of(model, name, m).site for name, m in nv_modules(model)}
+    s_min = {site: min(float(p.log_alpha_std) for name, p in priors.items() if site_by_name.get(name) == site) for site in cfg.sites}
+    ranges = {}
+    for site in cfg.sites:
+        scale = s_min[site] if cfg.alpha_scale == "s_alpha" else 1.0
+        if not scale > 0:
+            raise ValueError(f"translation study: the {site} prior has s_alpha {scale}; use alpha_scale='none'")
+        ranges[site] = ((cfg.alpha_range[0] / scale, cfg.alpha_range[1] / scale), scale)
+    return ranges, s_min
 
 
 def run_translation_study(cfg: TranslationStudyConfig = TranslationStudyConfig(), out_dir: str | Path | None = None, *,
@@ -173,7 +189,7 @@ def run_translation_study(cfg: TranslationStudyConfig = TranslationStudyConfig()
     # names the Optuna studies: a retrained checkpoint or other settings never resume stale trials
     run_key = hashlib.sha1((cfg.key() + json.dumps(train_info["history"], sort_keys=True)).encode()).hexdigest()[:10]
     device = next(model.parameters()).device
-    sets = _domain_sets(cfg, data_dir)
+    sets = domain_sets(cfg, data_dir)
     res: dict[str, Any] = {
         "config": asdict(cfg), "key": run_key, "model_dir": str(model_dir),
         "model": {"parameters": sum(p.numel() for p in model.parameters()), "vocab": len(tok),
@@ -183,7 +199,7 @@ def run_translation_study(cfg: TranslationStudyConfig = TranslationStudyConfig()
         "subset_indices": {d: s["indices"] for d, s in sets.items()},
         "baseline": {}, "identity": {}, "tuned": {},
     }
-    tr = _Translator(model, tok, cfg)
+    tr = Translator(model, tok, cfg)
     # 1. the original model's translations (the unregularised baseline)
     base = {}
     for d, s in sets.items():
@@ -192,11 +208,10 @@ def run_translation_study(cfg: TranslationStudyConfig = TranslationStudyConfig()
         res["baseline"][d] = {split: corpus_scores(base[(d, split)], s[split][1]) for split in ("dev", "test")}
     # 2. empirical prior on koran training pairs, conversion at identity, equivalence check
     protocol = Protocol(model, identity=IDENTITY.replace(alpha_tau=cfg.identity_alpha), seed=cfg.tune_seed)
-    priors = convert_at_identity(model, [to_device(b, device) for b in _prior_batches(tok, cfg, data_dir)], protocol.identity)
+    priors = convert_at_identity(model, [to_device(b, device) for b in prior_batches(tok, cfg, data_dir)], protocol.identity)
     res["prior"] = {"pairs": cfg.n_prior, "seed": cfg.prior_seed,
                     "s_alpha": {name: float(p.log_alpha_std) for name, p in priors.items()}}
-    site_by_name = {name: site_of(model, name, m).site for name, m in nv_modules(model)}
-    s_min = {site: min(float(p.log_alpha_std) for name, p in priors.items() if site_by_name.get(name) == site) for site in cfg.sites}
+    ranges, s_min = site_alpha_ranges(model, priors, cfg)
     res["prior"]["s_alpha_min"] = s_min
     tr.memo.clear()
     for d, s in sets.items():
@@ -216,10 +231,7 @@ def run_translation_study(cfg: TranslationStudyConfig = TranslationStudyConfig()
             def objective(m, d=d, dev_src=dev_src, dev_ref=dev_ref) -> float:
                 return corpus_scores(tr(f"{d}/dev", dev_src), dev_ref)["bleu"]
 
-            scale = s_min[site] if cfg.alpha_scale == "s_alpha" else 1.0
-            if not scale > 0:
-                raise ValueError(f"run_translation_study: the {site} prior has s_alpha {scale}; use alpha_scale='none'")
-            alpha_range = (cfg.alpha_range[0] / scale, cfg.alpha_range[1] / scale)
+            alpha_range, scale = ranges[site]
             space = KnobSpace(sites=(site,), alpha_tau=alpha_range, stdev_tau=tuple(cfg.stdev_range))
             choice = protocol.search(Choice(site, d), space, objective, cfg.trials, study_name=f"{d}-{site}-{run_key}",
                                      out_dir=None if out_dir is None else Path(out_dir) / "tune" / f"{d}-{site}")
