@@ -214,6 +214,25 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
                     cache_obj.is_updated[self.layer_idx] = True
     self.last_latent = lat
 
+    if _cached_fast_path(self, layer_cache, cross, sampled, heads, n_extra, ad):
+        # decoding with a KV cache: the prior column's extended key and value come from a per-module
+        # cache (they depend only on the knobs, the prior and the weights), the cached [k | b] keys are
+        # used as SDPA's extended keys as they are, grouped heads are not repeated (enable_gqa)
+        Nk = k_ext.shape[2]
+        k0e, v0e = _derived(self, f"P0{cd}", _prior_column_deps(self, k_w, k_b, v_w, v_b),
+                            lambda: _prior_column(self, terms, k_w, k_b, v_w, v_b, B, Hkv, d, cd))
+        keys_e = torch.empty(B, Hkv, Nk + 1, d + 1, dtype=cd, device=x.device)
+        keys_e[:, :, :1] = k0e
+        keys_e[:, :, 1:] = k_ext
+        values_e = torch.zeros(B, Hkv, Nk + 1, d + 1, dtype=cd, device=x.device)
+        values_e[:, :, :1] = v0e
+        values_e[:, :, 1:, :d] = v_ext
+        bias = None if tok_bias is None else torch.cat([tok_bias.new_zeros(tok_bias.shape[:-1] + (1,)), tok_bias], dim=-1)
+        q_e = torch.cat([q, q.new_full((B, Hq, Nt, 1), 1.0 / scale)], dim=-1)
+        out = F.scaled_dot_product_attention(q_e, keys_e, values_e, attn_mask=bias, scale=scale, enable_gqa=groups > 1)
+        return _finish(self, ad, x, out, q, w0=out[..., d:], lat=lat, k_w=k_w, v_w=v_w, S_tok=tok_log_s.exp(), sigma2=sigma2,
+                       d=d, groups=groups, cd=cd, interp=interp, rope=None, w=None)
+
     if layer_cache is not None or n_extra or (cross and cached_cross):
         # the prior component: column 0, recomputed at every call, never cached
         if cross and cached_cross:
@@ -287,9 +306,54 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
         out = sdpa_nv(q, keys, bvec, values, scale=scale, attn_mask=None if causal_trick else bias,
                       causal_prior_first=causal_trick, q_extra=q_extra, k_extra=k_extra, dropout_p=dropout_p)
         w0 = out[..., -1:] if not sampled else None
+    if sampled:
+        return _finish(self, ad, x, out, q, w0=None, lat=lat, k_w=k_w, v_w=v_w, S_tok=S_tok, sigma2=sigma2, d=d, groups=groups, cd=cd,
+                       interp=False, rope=None, w=w, position_bias=position_bias)
+    return _finish(self, ad, x, out, q, w0=w0, lat=lat, k_w=k_w, v_w=v_w, S_tok=S_tok, sigma2=sigma2, d=d, groups=groups, cd=cd,
+                   interp=interp, rope=rope, w=w, position_bias=position_bias, heads=heads)
+
+
+def _cached_fast_path(self: nn.Module, layer_cache, cross: bool, sampled: bool, heads: bool, n_extra: int, ad: Adapter) -> bool:
+    """Whether a self-attention call with a KV cache takes the decoding fast path: evaluation form,
+    layer-wide knobs, the ``"paper"`` formula, the constant prior, no position bias, SDPA attention
+    (every other case takes the general path, which computes the same)."""
+    return (layer_cache is not None and not cross and not sampled and not heads and not n_extra and ad.arg_position_bias is None
+            and self._nv.formula == "paper" and self.nvib.prior_scaling == "constant"
+            and getattr(self.config, "_attn_implementation", "sdpa") != "eager")
+
+
+def _prior_column_deps(self: nn.Module, *weights: Tensor | None) -> tuple[Tensor, ...]:
+    """What the prior column depends on besides the NVIB's knobs (:func:`_derived` adds the token and prior variances)."""
+    p = self.nvib.prior
+    return (*(w for w in weights if w is not None), p.mean, p.log_alpha, self.nvib.alpha_bias)
+
+
+def _prior_column(self: nn.Module, terms, k_w, k_b, v_w, v_b, B: int, Hkv: int, d: int, cd: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The prior component's extended key ``[k_0 | b_0]`` and value ``[v_0 | 1]`` (``[1, Hkv, 1, d + 1]``
+    each, in ``cd``), as the general path computes them from the latent's column 0."""
+    nvib = self.nvib
+    lat0 = nvib(torch.zeros(1, 0, nvib.dim, dtype=nvib.mu_proj.weight.dtype, device=k_w.device))
+    _, m0, b = terms(lat0)
+    k0 = F.linear(m0.to(k_w.dtype), k_w, k_b).view(1, 1, Hkv, d).transpose(1, 2).to(cd)
+    v0 = F.linear(m0.to(v_w.dtype), v_w, v_b).view(1, 1, Hkv, d).transpose(1, 2).to(cd)
+    b0 = b[:, :1].to(cd)[:, None, :, None].expand(1, Hkv, 1, 1)
+    return torch.cat([k0, b0], -1), torch.cat([v0, torch.ones_like(v0[..., :1])], -1)
+
+
+def _finish(self: nn.Module, ad: Adapter, x: Tensor, out: Tensor, q: Tensor, *, w0: Tensor | None, lat, k_w: Tensor, v_w: Tensor,
+            S_tok: Tensor, sigma2: float, d: int, groups: int, cd: torch.dtype, interp: bool, rope, w: Tensor | None,
+            position_bias: Tensor | None = None, heads: bool = False):
+    """The evaluation form's value interpolation on the attention output ``out`` (context in ``[..., :d]``,
+    the prior weight ``w0``; none for the sampled form), the output projection, and the original
+    module's return value."""
+    B, Hq, Nt, _ = q.shape
     ctx = out[..., :d]
-    if not sampled:
-        M0 = _derived(self, f"M0{cd}", (k_w, v_w), lambda: head_matrices(k_w.double(), v_w.double(), (S_0 - sigma2) / S_0, d).to(cd).repeat_interleave(groups, 0))
+    if w0 is not None:
+        def m0() -> Tensor:
+            S_0 = lat.logvar[0, 0].double().exp() + sigma2
+            return head_matrices(k_w.double(), v_w.double(), (S_0 - sigma2) / S_0, d).to(cd).repeat_interleave(groups, 0)
+
+        M0 = _derived(self, f"M0{cd}", (k_w, v_w), m0)
         ctx = ctx + w0 * torch.einsum("hij,bhtj->bhti", M0, q)
         if interp:
             Mt = _derived(self, f"Mt{cd}", (k_w, v_w), lambda: head_matrices(k_w.double(), v_w.double(), (S_tok - sigma2) / S_tok, d).to(cd).repeat_interleave(groups, 0),
