@@ -12,6 +12,7 @@ from hf_models import ALL, CAUSAL, V, build, inputs, output
 
 import nvformer as nv
 from nvformer.adapter import load_pretrained, save_pretrained
+from nvformer.api import nv_modules
 from nvformer.hf.convert import attention_modules
 
 IDENTITY = dict(mu_tau=1.0, stdev_tau=0.0, alpha_tau=60.0)  # default prior: s_alpha = 1, prior weight ~ e^-60
@@ -84,7 +85,7 @@ def test_cached_incremental_decoding_equals_full_forward_away_from_identity(fami
     kw, _ = inputs(family, "left")
     ids, am = kw["input_ids"], kw["attention_mask"]
     with torch.no_grad():
-        full = nvm(input_ids=ids, attention_mask=am).logits
+        full = nvm(input_ids=ids, attention_mask=am, use_cache=False).logits  # no cache: the general path
         out = nvm(input_ids=ids[:, :3], attention_mask=am[:, :3], use_cache=True)
         steps, cache = [out.logits], out.past_key_values
         for t in range(3, ids.shape[1]):
@@ -94,6 +95,39 @@ def test_cached_incremental_decoding_equals_full_forward_away_from_identity(fami
     inc = torch.cat(steps, 1)
     valid = am.bool()
     torch.testing.assert_close(inc[valid], full[valid], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ("gpt2", "llama"))
+def test_cached_decoding_follows_knob_and_prior_changes(family):
+    """The decoding fast path caches the prior column per module: after set_knobs (and after a new
+    prior) the next cached decoding equals the full forward at the new settings, not the old ones
+    (stdev_tau 0, so that the rotary model takes the fast path too)."""
+    nvm = nv.convert(build(family), **{**AWAY, "stdev_tau": 0.0})
+    kw, _ = inputs(family, "left")
+    ids, am = kw["input_ids"], kw["attention_mask"]
+
+    def cached_vs_full():
+        with torch.no_grad():
+            full = nvm(input_ids=ids, attention_mask=am, use_cache=False).logits  # no cache: the general path
+            out = nvm(input_ids=ids[:, :3], attention_mask=am[:, :3], use_cache=True)
+            steps, cache = [out.logits], out.past_key_values
+            for t in range(3, ids.shape[1]):
+                out = nvm(input_ids=ids[:, t : t + 1], attention_mask=am[:, : t + 1], past_key_values=cache, use_cache=True)
+                steps.append(out.logits)
+                cache = out.past_key_values
+        valid = am.bool()
+        torch.testing.assert_close(torch.cat(steps, 1)[valid], full[valid], rtol=0, atol=1e-5)
+        return full
+
+    first = cached_vs_full()
+    nv.set_knobs(nvm, alpha_tau=-5.0)
+    second = cached_vs_full()
+    assert float((first - second).abs().max()) > 1e-3  # the knobs changed the model
+    priors = nv.estimate_prior(nv.unconvert(copy.deepcopy(nvm)), [dict(input_ids=ids, attention_mask=am)], show_progress=False)
+    for name, m in nv_modules(nvm):
+        m.nvib.set_prior(priors[name])
+    third = cached_vs_full()
+    assert float((third - second).abs().max()) > 1e-4
 
 
 @pytest.mark.parametrize("family", ("bart", "marian", "t5", "encdec"))
