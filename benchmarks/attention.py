@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import nvformer as nv
-from nvformer_studies.common.bench import interleaved
+from nvformer_studies.common.bench import interleaved, peak_rss_bytes
 from nvformer_studies.common.docs import markdown_table, read_csv, write_csv, write_section
 from nvformer_studies.common.scripts import script_parser
 
@@ -124,24 +123,12 @@ def time_grid(P: int, H: int, N: int, methods: list[str], repeats: int) -> dict[
     return interleaved({m: make(m, s) for m in methods}, repeats)
 
 
-def _maxrss_bytes() -> int:
-    """Peak resident set of this process (VmHWM: per address space, so not inherited from the
-    parent across fork+exec the way getrusage's ru_maxrss is)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def measure_memory_here(method: str, P: int, H: int, N: int) -> int:
     s = setup(P, H, N)
     fn = make(method, s)
-    before = _maxrss_bytes()
+    before = peak_rss_bytes()
     fn()
-    return _maxrss_bytes() - before
+    return peak_rss_bytes() - before
 
 
 def memory(method: str, P: int, H: int, N: int) -> int:

@@ -13,7 +13,21 @@ import torch
 
 from .docs import Columns, table, write_section
 
-__all__ = ["benchmark_section", "interleaved"]
+__all__ = ["benchmark_section", "interleaved", "peak_rss_bytes"]
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set of this process in bytes (VmHWM: per address space, so not inherited from the
+    parent across fork+exec the way getrusage's ru_maxrss is); ru_maxrss where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:

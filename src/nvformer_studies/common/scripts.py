@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-__all__ = ["HelpFormatter", "doc_dirs", "publish", "script_parser", "set_threads"]
+__all__ = ["HelpFormatter", "ScriptParser", "doc_dirs", "publish", "script_parser", "set_threads"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -16,6 +16,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         if action.help is None and action.option_strings and action.default is not argparse.SUPPRESS:
             action.help = "(default: %(default)s)"
         super().add_argument(action)
+
+
+class ScriptParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``prog: error: ...``, exit code 2), without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def script_parser(doc: str | None, root: Path, *, run: str | None = None, doc_file: str = "RESULTS.md", doc_option: str = "--results",
@@ -32,7 +39,7 @@ def script_parser(doc: str | None, root: Path, *, run: str | None = None, doc_fi
             end-to-end run); a string replaces the option's standard help.
         threads: add ``--threads``; repeats: add ``--repeats`` with this default.
     """
-    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+    p = ScriptParser(description=doc, formatter_class=HelpFormatter)
     if run is not None:
         p.add_argument("--out", default=str(root / "runs" / run), help="the run's folder (cached models, results.json)")
     p.add_argument(doc_option, default=str(root / "docs" / doc_file), help="the markdown file whose section this command writes")

@@ -1,0 +1,277 @@
+"""Issue 19's goal table and scaling picture: NV attention against the module a user would otherwise run.
+
+    .venv/bin/python benchmarks/performance.py              # goal table + scaling (N 128..4096); writes the "performance"
+                                                            # section of docs/PERFORMANCE.md, docs/results/performance*.csv,
+                                                            # docs/figures/performance_scaling.png (~15 min on 2 cores)
+    .venv/bin/python benchmarks/performance.py --quick      # small sizes, no models, prints only (seconds)
+    .venv/bin/python benchmarks/performance.py --device cuda --dtype bfloat16   # the same command on a GPU
+
+Every row is measured in this one run, its baseline and NV form interleaved round by round (median of
+``--repeats``); the ratio is NV time over the baseline's time (for generation: NV tokens/s over the
+original's). Baselines are what a user would otherwise run: ``nn.MultiheadAttention`` for the attention
+layers, the original Hugging Face model for the models; bare ``scaled_dot_product_attention`` on ready
+``q, k, v`` is an extra reference column (``sdpa_ms``).
+
+Workloads (``WORKLOADS``):
+
+* ``mha-eval``: ``NVMultiheadAttention`` (identity initialisation, empirical-like prior) evaluation forward
+  vs ``nn.MultiheadAttention``, B=4 N=512 P=768 H=12; also the peak-memory ratio;
+* ``mha-train``: the same, training form (sampled latent, both KL terms) forward + backward;
+* ``dirichlet-sample``: ``DirichletAttention`` with ``prediction="sample"``, evaluation forward, B=4 N=128
+  P=256 H=4, vs ``nn.MultiheadAttention``; ``dirichlet-train``: its training step (forward with the KL,
+  backward) vs ``nn.MultiheadAttention`` forward + backward;
+* ``minilm-identity`` / ``minilm-away``: all-MiniLM-L6-v2 converted (identity knobs / ``alpha_tau=0,
+  stdev_tau=0.1``) vs the original, 32 ``books`` reviews, 128 tokens;
+* ``smollm2-generate``: SmolLM2-135M greedy ``generate`` (KV cache) of 48 tokens for 4 WikiText-2 prompts.
+
+Scaling: latency and peak memory of ``nn.MultiheadAttention`` and ``NVMultiheadAttention`` (evaluation
+forward; training forward + backward) against N, B=1 P=256 H=4. Peak memory on CPU is the growth of a
+fresh subprocess' peak resident set (VmHWM) during one call after its inputs exist; on CUDA,
+``torch.cuda.max_memory_allocated`` around the call.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import nvformer as nv
+from nvformer_studies.common.bench import interleaved, peak_rss_bytes
+from nvformer_studies.common.docs import markdown_table, read_csv, write_csv, write_section
+from nvformer_studies.common.scripts import script_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKLOADS = ("mha-eval", "mha-train", "dirichlet-sample", "dirichlet-train", "minilm-identity", "minilm-away", "smollm2-generate")
+GOALS = {"mha-eval": ("<=", 1.1), "mha-train": ("<=", 1.3), "dirichlet-sample": ("<=", 3.0), "dirichlet-train": ("<=", 4.0),
+         "minilm-identity": ("<=", 1.05), "minilm-away": ("<=", 1.05), "smollm2-generate": (">=", 0.9)}
+LENGTHS = (128, 256, 512, 1024, 2048, 4096)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _prior(P: int, H: int, device) -> nv.Prior:
+    d = P // H
+    return nv.Prior(P, mean=0.0, var=1.0, log_alpha=float(P / (2 * math.sqrt(d))), log_alpha_std=2.0).to(device=device)
+
+
+def attention_pair(kind: str, B: int, N: int, P: int, H: int, device, dtype, seed: int = 0) -> dict:
+    """Zero-argument callables ``{"baseline", "nv", "sdpa"}`` of one layer: ``kind`` is ``mha-eval``,
+    ``mha-train``, ``dirichlet-sample`` or ``dirichlet-train`` (module docstring)."""
+    torch.manual_seed(seed)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(B, N, P, generator=g).to(device=device, dtype=dtype)
+    mha = torch.nn.MultiheadAttention(P, H, batch_first=True, device=device, dtype=dtype)
+    train = kind.endswith("train")
+    if kind.startswith("mha"):
+        nvm = nv.NVMultiheadAttention.from_mha(mha, prior=_prior(P, H, device), alpha_tau=10.0, stdev_tau=0.5 if train else 0.0)
+    else:
+        nvm = nv.DirichletAttention.from_mha(mha, nv.DirichletSpec(prediction="sample"))
+    mha.train(train), nvm.train(train)
+    d = P // H
+    q, k, v = (torch.randn(B, H, N, d, generator=g).to(device=device, dtype=dtype).requires_grad_(train) for _ in range(3))
+    xg = x.clone().requires_grad_(train)
+
+    def step(module, loss_extra=None):
+        def run():
+            if not train:
+                with torch.no_grad():
+                    return module(x, x, x, need_weights=False)[0]
+            out = module(xg, xg, xg, need_weights=False)[0]
+            loss = out.float().sum() + (loss_extra(module) if loss_extra else 0.0)
+            loss.backward()
+            return loss
+        return run
+
+    def nv_kl(module):
+        if kind.startswith("mha"):
+            kl_g, kl_d = module.kl()
+            return (kl_g.sum() + kl_d.sum()).float()
+        return module.last_kl.sum().float()
+
+    def sdpa():
+        if not train:
+            with torch.no_grad():
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        out.float().sum().backward()
+        return out
+
+    return {"baseline": step(mha), "nv": step(nvm, nv_kl if train else None), "sdpa": sdpa}
+
+
+def _minilm(device, dtype) -> dict:
+    from nvformer_studies.common.checkpoints import load_minilm
+    from nvformer_studies.common.data import read_reviews
+
+    model, tok = load_minilm()
+    model = model.to(device=device, dtype=dtype)
+    batch = {k: v.to(device) for k, v in tok(read_reviews("books").texts[:32], padding=True, truncation=True, max_length=128,
+                                             return_tensors="pt").items()}
+    priors = nv.estimate_prior(model, [batch], show_progress=False)
+    ident = nv.convert(copy.deepcopy(model), prior=priors, **nv.IDENTITY.as_dict())
+    away = nv.convert(copy.deepcopy(model), prior=priors, alpha_tau=0.0, stdev_tau=0.1)
+    run = lambda m: torch.no_grad()(lambda: m(**batch))  # noqa: E731
+    return {"minilm-identity": {"baseline": run(model), "nv": run(ident)}, "minilm-away": {"baseline": run(model), "nv": run(away)}}
+
+
+def _smollm2(device, dtype, new: int = 48) -> tuple[dict, int]:
+    from nvformer_studies.common.checkpoints import load_smollm2
+    from nvformer_studies.common.data import read_wikitext
+
+    model, tok = load_smollm2()
+    model = model.to(device=device, dtype=dtype)
+    tok.padding_side = "left"
+    tok.pad_token = tok.pad_token or tok.eos_token
+    enc = lambda texts, n: {k: v.to(device) for k, v in tok(texts, padding=True, truncation=True, max_length=n, return_tensors="pt").items()}  # noqa: E731
+    priors = nv.estimate_prior(model, [enc(read_wikitext("valid")[:16], 64)], show_progress=False)
+    conv = nv.convert(copy.deepcopy(model), prior=priors, **nv.IDENTITY.as_dict())
+    prompts = enc(read_wikitext("test")[:4], 32)
+    gk = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id)
+    run = lambda m: torch.no_grad()(lambda: m.generate(**prompts, **gk))  # noqa: E731
+    same = torch.equal(run(model)(), run(conv)())
+    return {"smollm2-generate": {"baseline": run(model), "nv": run(conv), "identical": same}}, new * prompts["input_ids"].shape[0]
+
+
+def goal_rows(device, dtype, repeats: int, quick: bool, models: bool) -> list[dict]:
+    """One row per workload: baseline, NV and SDPA-reference milliseconds, the ratio, its goal and whether it is met."""
+    size = {"mha": (4, 64 if quick else 512, 768, 12), "dirichlet": (4, 32 if quick else 128, 256, 4)}
+    fns = {w: attention_pair(w, *size[w.split("-")[0]], device, dtype) for w in WORKLOADS[:4]}
+    new_tokens = None
+    if models:
+        fns |= _minilm(device, dtype)
+        more, new_tokens = _smollm2(device, dtype, new=8 if quick else 48)
+        fns |= more
+    rows = []
+    for w, f in fns.items():
+        t = interleaved({k: v for k, v in f.items() if callable(v)}, repeats)
+        op, goal = GOALS[w]
+        gen = w.endswith("generate")
+        ratio = t["baseline"] / t["nv"] if gen else t["nv"] / t["baseline"]
+        rows.append({"workload": w, "baseline": "original model" if w.startswith(("minilm", "smollm2")) else "nn.MultiheadAttention",
+                     "baseline_ms": 1e3 * t["baseline"], "nv_ms": 1e3 * t["nv"], "sdpa_ms": 1e3 * t["sdpa"] if "sdpa" in t else None,
+                     "ratio": ratio, "measure": "tokens/s (NV / original)" if gen else "time (NV / baseline)", "goal": f"{op} {goal:g}x",
+                     "met": ratio <= goal if op == "<=" else ratio >= goal, "identical_tokens": f.get("identical"),
+                     "new_tokens": new_tokens if gen else None})
+    return rows
+
+
+def measure_memory_here(method: str, N: int, P: int, H: int, device: str, dtype: str) -> int:
+    """Bytes the peak memory grows by during one call of ``method`` (``mha-eval|nv-eval|mha-train|nv-train``)."""
+    kind = "mha-" + method.split("-")[1]
+    fns = attention_pair(kind, 1, N, P, H, torch.device(device), DTYPES[dtype])
+    fn = fns["baseline"] if method.startswith("mha") else fns["nv"]
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    before = peak_rss_bytes()
+    fn()
+    return peak_rss_bytes() - before
+
+
+def memory(method: str, N: int, P: int, H: int, device: str, dtype: str) -> int:
+    """:func:`measure_memory_here` in a fresh subprocess (a process' peak resident set never goes down)."""
+    out = subprocess.run([sys.executable, __file__, "--memory", json.dumps([method, N, P, H, device, dtype])], capture_output=True,
+                         text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def scaling_rows(device, dtype_name: str, repeats: int, lengths) -> list[dict]:
+    """Latency and peak memory of MHA and NV (evaluation; training forward + backward) against N (B=1, P=256, H=4)."""
+    rows = []
+    for N in lengths:
+        for form in ("eval", "train"):
+            f = attention_pair(f"mha-{form}", 1, N, 256, 4, device, DTYPES[dtype_name])
+            t = interleaved({"mha": f["baseline"], "nv": f["nv"]}, repeats)
+            for who in ("mha", "nv"):
+                rows.append({"N": N, "form": form, "module": who, "ms": 1e3 * t[who],
+                             "peak_mib": memory(f"{who}-{form}", N, 256, 4, str(device), dtype_name) / 2**20})
+    return rows
+
+
+def _plot(rows: list[dict], path: Path) -> str:
+    from nvformer_studies.common.plots import pyplot, save
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for form, style in (("eval", "-"), ("train", "--")):
+        for who, color in (("mha", "tab:gray"), ("nv", "tab:blue")):
+            rs = [r for r in rows if r["form"] == form and r["module"] == who]
+            label = f"{'nn.MultiheadAttention' if who == 'mha' else 'NVMultiheadAttention'}, {form}"
+            axes[0].plot([r["N"] for r in rs], [r["ms"] for r in rs], style, color=color, marker="o", ms=3, label=label)
+            axes[1].plot([r["N"] for r in rs], [r["peak_mib"] for r in rs], style, color=color, marker="o", ms=3, label=label)
+    for ax, ylabel in zip(axes, ("latency (ms)", "peak memory growth (MiB)")):
+        ax.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel=ylabel)
+        ax.set_xticks([r["N"] for r in rows if r["form"] == "eval" and r["module"] == "mha"])
+        ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+    axes[0].legend(fontsize=6)
+    fig.suptitle("Scaling with N (B=1, P=256, H=4)", fontsize=9)
+    return save(fig, path).name
+
+
+_GOAL_COLUMNS = [("workload", "{workload}"), ("baseline", "{baseline}"), ("baseline ms", "{baseline_ms:.2f}"), ("NV ms", "{nv_ms:.2f}"),
+                 ("SDPA ms", lambda r: "-" if r["sdpa_ms"] is None else f"{r['sdpa_ms']:.2f}"), ("ratio", "{ratio:.2f}x"),
+                 ("measure", "{measure}"), ("goal", "{goal}"), ("met", lambda r: "yes" if str(r["met"]) == "True" else "no")]
+_SCALING_COLUMNS = [("N", "{N}"), ("form", "{form}"), ("module", "{module}"), ("ms", "{ms:.2f}"), ("peak MiB", "{peak_mib:.1f}")]
+
+
+def main(argv: list[str] | None = None) -> None:
+    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--memory":  # the subprocess of `memory`
+        method, N, P, H, device, dtype = json.loads(sys.argv[2])
+        print(measure_memory_here(method, N, P, H, device, dtype))
+        return
+    parser = script_parser(__doc__, ROOT, doc_file="PERFORMANCE.md", doc_option="--out", threads=True, repeats=15)
+    parser.add_argument("--device", default="cpu", help="torch device to measure on")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="the modules' and inputs' dtype")
+    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="comma list of N for the scaling rows")
+    parser.add_argument("--quick", action="store_true", help="small sizes, 3 repeats, N 128 and 256, no models; prints only")
+    parser.add_argument("--no-models", action="store_true", help="leave out the MiniLM and SmolLM2 rows")
+    args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+        torch.empty(1, device=device, dtype=DTYPES[args.dtype])
+    except (RuntimeError, TypeError) as e:
+        parser.error(f"--device {args.device} / --dtype {args.dtype}: {str(e).splitlines()[0]}")
+    try:
+        lengths = [int(n) for n in args.lengths.split(",")]
+    except ValueError:
+        parser.error(f"--lengths: comma list of integers, got {args.lengths!r}")
+    if args.repeats < 1 or any(n < 1 for n in lengths):
+        parser.error("--repeats and every --lengths value must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    repeats = 3 if args.quick else args.repeats
+    rows = goal_rows(device, DTYPES[args.dtype], repeats, args.quick, models=not (args.quick or args.no_models))
+    scaling = scaling_rows(device, args.dtype, repeats, (128, 256) if args.quick else lengths)
+    setting = f"{args.device}, {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), median of {repeats} interleaved rounds"
+    if args.quick:
+        print(markdown_table(rows, _GOAL_COLUMNS))
+        print(markdown_table(scaling, _SCALING_COLUMNS))
+        return
+    csv_dir, fig_dir = ROOT / "docs" / "results", ROOT / "docs" / "figures"
+    rows = read_csv(write_csv(csv_dir / "performance.csv", rows))
+    scaling = read_csv(write_csv(csv_dir / "performance_scaling.csv", scaling))
+    fig = _plot(scaling, fig_dir / "performance_scaling.png")
+    text = "\n".join([
+        "## Goals of issue 19: NV attention against what it replaces", "",
+        f"Command: `.venv/bin/python benchmarks/performance.py` ({setting}; details in its docstring). Ratio: NV time over the "
+        "baseline's (generation: NV tokens/s over the original's); `SDPA ms`: bare `scaled_dot_product_attention` on ready q, k, v "
+        "(reference only). Table: `docs/results/performance.csv`.", "",
+        markdown_table(rows, _GOAL_COLUMNS), "",
+        "Scaling with N (`docs/results/performance_scaling.csv`; peak memory: growth during one call, measured in a fresh process):", "",
+        markdown_table(scaling, _SCALING_COLUMNS), "", f"![scaling](figures/{fig})", ""])
+    print(text)
+    write_section(text, "performance", Path(args.out))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The performance command (benchmarks/performance.py): its workloads run and compute what their
+baselines compute at the identity, the goal rows carry their ratio and verdict, peak memory comes from
+a fresh process, and bad options are one-line errors. Speed itself is never asserted here."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def perf():
+    spec = importlib.util.spec_from_file_location("performance_benchmark", ROOT / "benchmarks" / "performance.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_evaluation_workload_is_the_baseline_at_identity(perf):
+    """The NV layer of mha-eval is identity-initialised: its output equals nn.MultiheadAttention's (the
+    prior's weight ~e^-20 at alpha_tau 10 with s_alpha 2)."""
+    f = perf.attention_pair("mha-eval", 2, 16, 32, 4, torch.device("cpu"), torch.float32)
+    torch.testing.assert_close(f["nv"](), f["baseline"](), rtol=1e-4, atol=1e-5)
+
+
+def test_goal_rows_have_ratio_goal_and_verdict(perf):
+    rows = perf.goal_rows(torch.device("cpu"), torch.float32, repeats=1, quick=True, models=False)
+    assert [r["workload"] for r in rows] == list(perf.WORKLOADS[:4])
+    for r in rows:
+        assert r["baseline_ms"] > 0 and r["nv_ms"] > 0 and r["sdpa_ms"] > 0
+        assert r["ratio"] == pytest.approx(r["nv_ms"] / r["baseline_ms"])
+        op, goal = perf.GOALS[r["workload"]]
+        assert r["goal"] == f"{op} {goal:g}x" and r["met"] == (r["ratio"] <= goal)
+
+
+def test_training_workloads_reach_every_parameter(perf):
+    for kind in ("mha-train", "dirichlet-train"):
+        f = perf.attention_pair(kind, 1, 8, 16, 2, torch.device("cpu"), torch.float32)
+        loss = f["nv"]()
+        assert torch.isfinite(loss)
+
+
+def test_peak_memory_is_measured_in_a_fresh_process(perf):
+    small = perf.memory("mha-eval", 64, 32, 4, "cpu", "float32")
+    large = perf.memory("nv-train", 1024, 256, 4, "cpu", "float32")
+    assert small >= 0 and large > small
+
+
+@pytest.mark.parametrize("argv, needle", [(["--device", "nosuchdevice"], "--device nosuchdevice"),
+                                          (["--lengths", "128,abc"], "--lengths"), (["--repeats", "0"], "--repeats")])
+def test_bad_options_are_one_line_errors(perf, argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        perf.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
