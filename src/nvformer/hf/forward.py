@@ -32,7 +32,7 @@ from ..core.keyform import attend, head_key_terms, head_matrices, key_terms, sca
 from ..core.latent import NVLatent
 from ..core.masks import hf_mask_bias, key_padding_from_bias
 from ..core.rope import apply_rope, inverse_rope_combine, repeat_kv
-from ..nn.sdpa import EXCLUDED, sdpa_nv
+from ..nn.sdpa import EXCLUDED, padded_width, sdpa_nv
 from .adapters import Adapter
 
 
@@ -221,16 +221,19 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
         Nk = k_ext.shape[2]
         k0e, v0e = _derived(self, f"P0{cd}", _prior_column_deps(self, k_w, k_b, v_w, v_b),
                             lambda: _prior_column(self, terms, k_w, k_b, v_w, v_b, B, Hkv, d, cd))
-        keys_e = torch.empty(B, Hkv, Nk + 1, d + 1, dtype=cd, device=x.device)
-        keys_e[:, :, :1] = k0e
-        keys_e[:, :, 1:] = k_ext
-        values_e = torch.zeros(B, Hkv, Nk + 1, d + 1, dtype=cd, device=x.device)
-        values_e[:, :, :1] = v0e
+        W = padded_width(d + 1)  # zero channels change nothing; SDPA is faster on a multiple of 8
+        keys_e = torch.zeros(B, Hkv, Nk + 1, W, dtype=cd, device=x.device)
+        keys_e[:, :, :1, : d + 1] = k0e
+        keys_e[:, :, 1:, : d + 1] = k_ext
+        values_e = torch.zeros(B, Hkv, Nk + 1, W, dtype=cd, device=x.device)
+        values_e[:, :, :1, : d + 1] = v0e
         values_e[:, :, 1:, :d] = v_ext
         bias = None if tok_bias is None else torch.cat([tok_bias.new_zeros(tok_bias.shape[:-1] + (1,)), tok_bias], dim=-1)
-        q_e = torch.cat([q, q.new_full((B, Hq, Nt, 1), 1.0 / scale)], dim=-1)
+        q_e = q.new_zeros(B, Hq, Nt, W)
+        q_e[..., :d] = q
+        q_e[..., d] = 1.0 / scale
         out = F.scaled_dot_product_attention(q_e, keys_e, values_e, attn_mask=bias, scale=scale, enable_gqa=groups > 1)
-        return _finish(self, ad, x, out, q, w0=out[..., d:], lat=lat, k_w=k_w, v_w=v_w, S_tok=tok_log_s.exp(), sigma2=sigma2,
+        return _finish(self, ad, x, out, q, w0=out[..., d : d + 1], lat=lat, k_w=k_w, v_w=v_w, S_tok=tok_log_s.exp(), sigma2=sigma2,
                        d=d, groups=groups, cd=cd, interp=interp, rope=None, w=None)
 
     if layer_cache is not None or n_extra or (cross and cached_cross):

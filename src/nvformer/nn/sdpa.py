@@ -83,23 +83,32 @@ def sdpa_nv(
     """
     B, H, Nt, d = q.shape
     K = keys.shape[2]
-    inv = 1.0 / scale
-    qs = [q, q.new_full((B, H, Nt, 1), inv)]
-    ks = [keys, b.to(keys.dtype).unsqueeze(-1).expand(B, H, K, 1)]
-    if q_extra is not None:
-        qs.append(q_extra * inv)
-        ks.append(k_extra)
-    q_ext, k_ext = torch.cat(qs, -1), torch.cat(ks, -1)
-    # CPU flash attention needs equal query/key and value widths; zero channels change nothing
-    c_v = values.shape[-1]
-    gap = q_ext.shape[-1] - c_v
-    if 0 < gap <= 16:
-        values = F.pad(values, (0, gap))
-    elif -16 <= gap < 0:
-        q_ext, k_ext = F.pad(q_ext, (0, -gap)), F.pad(k_ext, (0, -gap))
     if causal_prior_first and (K != Nt + 1 or attn_mask is not None):
         raise ValueError("sdpa_nv: causal_prior_first needs K = Nt + 1 and no attn_mask")
+    e = 0 if q_extra is None else q_extra.shape[-1]
+    c_v = values.shape[-1]
+    # one width for queries, keys and values (CPU flash attention needs it), a multiple of 8: zero channels
+    # change nothing, and an odd head size (d + 1) runs SDPA's kernels up to twice as slowly
+    W = padded_width(max(d + 1 + e, c_v))
+    q_ext = q.new_zeros(B, H, Nt, W)
+    q_ext[..., :d] = q
+    q_ext[..., d] = 1.0 / scale
+    k_ext = keys.new_zeros(B, H, K, W)
+    k_ext[..., :d] = keys
+    k_ext[..., d] = b.to(keys.dtype).unsqueeze(-1).expand(B, H, K, 1)[..., 0]
+    if e:
+        q_ext[..., d + 1 : d + 1 + e] = q_extra / scale
+        k_ext[..., d + 1 : d + 1 + e] = k_extra
+    if c_v < W:
+        v_ext = values.new_zeros(B, H, K, W)
+        v_ext[..., :c_v] = values
+        values = v_ext
     return _sdpa(q_ext, k_ext, values, scale=scale, mask=attn_mask, causal_trick=causal_prior_first, dropout_p=dropout_p)[..., :c_v]
+
+
+def padded_width(n: int) -> int:
+    """``n`` rounded up to a multiple of 8: the head size SDPA is given for ``n`` channels."""
+    return -(-n // 8) * 8
 
 
 def _heads(t: Tensor, H: int) -> Tensor:
