@@ -13,6 +13,7 @@ from nvformer.tasks import (
     classification_batches,
     generate_texts,
     get_task,
+    holdout_split,
     lm_batches,
     lm_nll,
     predict_logits,
@@ -128,3 +129,15 @@ def test_labelled_batches_carry_labels_in_batch_order():
     lm = labelled_batches(data, "causal-lm")
     assert lm[0]["labels"].tolist() == [[5, 6, -100]] and torch.equal(lm[1]["labels"], b2["input_ids"])
     assert "labels" not in b1 and labelled_batches(data, "seq2seq")[0].keys() == b1.keys()
+
+
+def test_holdout_split_is_seeded_disjoint_and_complete():
+    held, fit = holdout_split(200, 0.25, seed=0)
+    assert len(held) == 50 and len(fit) == 150 and sorted(held + fit) == list(range(200))
+    assert (held, fit) == holdout_split(200, 0.25, seed=0) and held != holdout_split(200, 0.25, seed=1)[0]
+    assert held + fit == torch.randperm(200, generator=torch.Generator().manual_seed(0)).tolist()  # the permutation's order
+    assert [len(x) for x in holdout_split(2, 0.9, seed=3)] == [1, 1]  # always one of each
+    with pytest.raises(ValueError, match="holdout_split"):
+        holdout_split(1, 0.25, seed=0)
+    with pytest.raises(ValueError, match="holdout_split"):
+        holdout_split(10, 1.0, seed=0)

@@ -747,23 +747,20 @@ def fit_batches(task: Task, data) -> list[dict]:
 
 
 def _fit(args, task: Task, metric, model, data, tokenizer, ex, data_path, out, report) -> int:
-    import torch
 
     import nvformer as nv
 
-    from .tasks import batch_on, model_device
+    from .tasks import batch_on, holdout_split, model_device
     from .tuning.report import write_fit_outputs
 
     batches = fit_batches(task, data)
     if len(batches) < 2:
         raise CLIError(f"{data_path}: {len(ex.texts)} rows make {len(batches)} batch of --batch-size {args.batch_size}; fitting holds "
                        "out a share of the batches: use a smaller --batch-size or more rows")
-    g = torch.Generator().manual_seed(args.seed)
-    perm = torch.randperm(len(batches), generator=g).tolist()
-    n_hold = min(len(batches) - 1, max(1, round(args.holdout * len(batches))))
+    held_idx, fit_idx = holdout_split(len(batches), args.holdout, args.seed)
     device = model_device(model)
-    held = [batch_on(batches[i], device) for i in perm[:n_hold]]
-    fit_on = [batch_on(batches[i], device) for i in perm[n_hold:]]
+    held = [batch_on(batches[i], device) for i in held_idx]
+    fit_on = [batch_on(batches[i], device) for i in fit_idx]
     label_free = args.objective != "nll" or task.name == "causal-lm"
     if args.objective != "nll":
         fit_on = [{k: v for k, v in b.items() if k != "labels"} for b in fit_on]

@@ -41,6 +41,7 @@ __all__ = [
     "classification_batches",
     "generate_texts",
     "get_task",
+    "holdout_split",
     "labelled_batches",
     "lm_batches",
     "lm_nll",
@@ -148,6 +149,19 @@ def labelled_batches(data: TextBatches, task: str) -> list[dict[str, Tensor]]:
         out.append(dict(b))
         start += n
     return out
+
+
+def holdout_split(n: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
+    """``(held, fit)``: the first ``max(1, round(holdout * n))`` indices of the seeded permutation
+    ``torch.randperm(n)`` (a ``torch.Generator().manual_seed(seed)``) are held out, the rest are
+    fitted on; both in permutation order. Needs ``n >= 2`` and ``0 < holdout < 1``, and leaves at
+    least one index to fit on. How ``nvformer tune --method fit`` and the fitted-knobs study divide
+    their data into fitting and early-stopping parts."""
+    if n < 2 or not 0.0 < holdout < 1.0:
+        raise ValueError(f"holdout_split: need n >= 2 and 0 < holdout < 1, got n={n}, holdout={holdout}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    k = min(n - 1, max(1, round(holdout * n)))
+    return perm[:k], perm[k:]
 
 
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:

@@ -83,7 +83,12 @@ def test_cached_incremental_decoding_equals_full_forward_away_from_identity(fami
     # ("llama", "exact") is rejected: see test_exact_formula_is_rejected_for_rotary_models
     nvm = nv.convert(build(family), formula=formula, **AWAY)
     kw, _ = inputs(family, "left")
-    ids, am = kw["input_ids"], kw["attention_mask"]
+    _assert_cached_decoding_equals_no_cache(nvm, kw["input_ids"], kw["attention_mask"])
+
+
+def _assert_cached_decoding_equals_no_cache(nvm, ids, am):
+    """Decoding ``ids`` with a KV cache (3 prompt tokens, then one per step) gives the logits of the forward
+    without a cache (the general path) at every non-padded position; returns those logits."""
     with torch.no_grad():
         full = nvm(input_ids=ids, attention_mask=am, use_cache=False).logits  # no cache: the general path
         out = nvm(input_ids=ids[:, :3], attention_mask=am[:, :3], use_cache=True)
@@ -92,9 +97,9 @@ def test_cached_incremental_decoding_equals_full_forward_away_from_identity(fami
             out = nvm(input_ids=ids[:, t : t + 1], attention_mask=am[:, : t + 1], past_key_values=cache, use_cache=True)
             steps.append(out.logits)
             cache = out.past_key_values
-    inc = torch.cat(steps, 1)
     valid = am.bool()
-    torch.testing.assert_close(inc[valid], full[valid], rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.cat(steps, 1)[valid], full[valid], rtol=0, atol=1e-5)
+    return full
 
 
 @pytest.mark.parametrize("family", ("gpt2", "llama"))
@@ -105,28 +110,14 @@ def test_cached_decoding_follows_knob_and_prior_changes(family):
     nvm = nv.convert(build(family), **{**AWAY, "stdev_tau": 0.0})
     kw, _ = inputs(family, "left")
     ids, am = kw["input_ids"], kw["attention_mask"]
-
-    def cached_vs_full():
-        with torch.no_grad():
-            full = nvm(input_ids=ids, attention_mask=am, use_cache=False).logits  # no cache: the general path
-            out = nvm(input_ids=ids[:, :3], attention_mask=am[:, :3], use_cache=True)
-            steps, cache = [out.logits], out.past_key_values
-            for t in range(3, ids.shape[1]):
-                out = nvm(input_ids=ids[:, t : t + 1], attention_mask=am[:, : t + 1], past_key_values=cache, use_cache=True)
-                steps.append(out.logits)
-                cache = out.past_key_values
-        valid = am.bool()
-        torch.testing.assert_close(torch.cat(steps, 1)[valid], full[valid], rtol=0, atol=1e-5)
-        return full
-
-    first = cached_vs_full()
+    first = _assert_cached_decoding_equals_no_cache(nvm, ids, am)
     nv.set_knobs(nvm, alpha_tau=-5.0)
-    second = cached_vs_full()
+    second = _assert_cached_decoding_equals_no_cache(nvm, ids, am)
     assert float((first - second).abs().max()) > 1e-3  # the knobs changed the model
     priors = nv.estimate_prior(nv.unconvert(copy.deepcopy(nvm)), [dict(input_ids=ids, attention_mask=am)], show_progress=False)
     for name, m in nv_modules(nvm):
         m.nvib.set_prior(priors[name])
-    third = cached_vs_full()
+    third = _assert_cached_decoding_equals_no_cache(nvm, ids, am)
     assert float((third - second).abs().max()) > 1e-4
 
 

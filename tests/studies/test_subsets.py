@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from nvformer_studies.common.subsets import holdout_split, seeded_subset, stratified_split
+from nvformer_studies.common.subsets import seeded_subset, stratified_split
 
 
 def test_stratified_split_is_seeded_disjoint_and_stratified():
@@ -59,14 +59,3 @@ def test_stratified_subset_is_the_first_part_of_a_stratified_split():
     with pytest.raises(ValueError, match="stratified"):
         seeded_subset(50, 10, 2, labels=labels, exclude=[1])
 
-
-def test_holdout_split_is_seeded_disjoint_and_complete():
-    held, fit = holdout_split(200, 0.25, seed=0)
-    assert len(held) == 50 and len(fit) == 150 and sorted(held + fit) == list(range(200))
-    assert (held, fit) == holdout_split(200, 0.25, seed=0) and held != holdout_split(200, 0.25, seed=1)[0]
-    assert held + fit == torch.randperm(200, generator=torch.Generator().manual_seed(0)).tolist()  # the permutation's order
-    assert [len(x) for x in holdout_split(2, 0.9, seed=3)] == [1, 1]  # always one of each
-    with pytest.raises(ValueError, match="holdout_split"):
-        holdout_split(1, 0.25, seed=0)
-    with pytest.raises(ValueError, match="holdout_split"):
-        holdout_split(10, 1.0, seed=0)

@@ -130,12 +130,8 @@ def dirichlet_kl(log_cq: Tensor, log_cp: Tensor, pad: Tensor | None = None) -> T
         per_entry = per_entry.masked_fill(large, 0.0)
         lq_l, lp_l = lq[large].double(), lp[large].double()
         (h_q, g_q), (h_p, g_p) = lgamma_terms(lq_l), lgamma_terms(lp_l)
-        rows = large.any(-1).nonzero(as_tuple=False)
-        row_of = torch.zeros(large.shape[:-1], dtype=torch.long, device=lq.device)
-        row_of[tuple(rows.T)] = torch.arange(rows.shape[0], device=lq.device)
-        per_row = torch.zeros(rows.shape[0], dtype=torch.float64, device=lq.device).index_add(
-            0, row_of.unsqueeze(-1).expand(large.shape)[large], h_p - h_q + lp_l.exp() * (lp_l - lq_l + g_p - g_q))
-        kl = kl.index_put(tuple(rows.T), kl[tuple(rows.T)] + per_row)
+        rows = tuple(large.nonzero(as_tuple=False)[:, :-1].T)  # each entry's row; accumulate sums an entry per row
+        kl = kl.index_put(rows, h_p - h_q + lp_l.exp() * (lp_l - lq_l + g_p - g_q), accumulate=True)
     kl = kl + per_entry.masked_fill(pad, 0.0).sum(-1, dtype=torch.float64)
     return kl.masked_fill(empty.squeeze(-1), 0.0)
 

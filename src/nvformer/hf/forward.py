@@ -220,7 +220,7 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
         # used as SDPA's extended keys as they are, grouped heads are not repeated (enable_gqa)
         Nk = k_ext.shape[2]
         k0e, v0e = _derived(self, f"P0{cd}", _prior_column_deps(self, k_w, k_b, v_w, v_b),
-                            lambda: _prior_column(self, terms, k_w, k_b, v_w, v_b, B, Hkv, d, cd))
+                            lambda: _prior_column(self, terms, k_w, k_b, v_w, v_b, Hkv, d, cd))
         W = padded_width(d + 1)  # zero channels change nothing; SDPA is faster on a multiple of 8
         keys_e = torch.zeros(B, Hkv, Nk + 1, W, dtype=cd, device=x.device)
         keys_e[:, :, :1, : d + 1] = k0e
@@ -309,11 +309,9 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
         out = sdpa_nv(q, keys, bvec, values, scale=scale, attn_mask=None if causal_trick else bias,
                       causal_prior_first=causal_trick, q_extra=q_extra, k_extra=k_extra, dropout_p=dropout_p)
         w0 = out[..., -1:] if not sampled else None
-    if sampled:
-        return _finish(self, ad, x, out, q, w0=None, lat=lat, k_w=k_w, v_w=v_w, S_tok=S_tok, sigma2=sigma2, d=d, groups=groups, cd=cd,
-                       interp=False, rope=None, w=w, position_bias=position_bias)
-    return _finish(self, ad, x, out, q, w0=w0, lat=lat, k_w=k_w, v_w=v_w, S_tok=S_tok, sigma2=sigma2, d=d, groups=groups, cd=cd,
-                   interp=interp, rope=rope, w=w, position_bias=position_bias, heads=heads)
+    # the sampled form has no value interpolation (interp and heads are False there too)
+    return _finish(self, ad, x, out, q, w0=None if sampled else w0, lat=lat, k_w=k_w, v_w=v_w, S_tok=S_tok, sigma2=sigma2, d=d,
+                   groups=groups, cd=cd, interp=interp, rope=rope, w=w, position_bias=position_bias, heads=heads)
 
 
 def _cached_fast_path(self: nn.Module, layer_cache, cross: bool, sampled: bool, heads: bool, n_extra: int, ad: Adapter) -> bool:
@@ -331,7 +329,7 @@ def _prior_column_deps(self: nn.Module, *weights: Tensor | None) -> tuple[Tensor
     return (*(w for w in weights if w is not None), p.mean, p.log_alpha, self.nvib.alpha_bias)
 
 
-def _prior_column(self: nn.Module, terms, k_w, k_b, v_w, v_b, B: int, Hkv: int, d: int, cd: torch.dtype) -> tuple[Tensor, Tensor]:
+def _prior_column(self: nn.Module, terms, k_w, k_b, v_w, v_b, Hkv: int, d: int, cd: torch.dtype) -> tuple[Tensor, Tensor]:
     """The prior component's extended key ``[k_0 | b_0]`` and value ``[v_0 | 1]`` (``[1, Hkv, 1, d + 1]``
     each, in ``cd``), as the general path computes them from the latent's column 0."""
     nvib = self.nvib

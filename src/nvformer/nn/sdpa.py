@@ -87,20 +87,23 @@ def sdpa_nv(
         raise ValueError("sdpa_nv: causal_prior_first needs K = Nt + 1 and no attn_mask")
     e = 0 if q_extra is None else q_extra.shape[-1]
     c_v = values.shape[-1]
-    # one width for queries, keys and values (CPU flash attention needs it), a multiple of 8: zero channels
-    # change nothing, and an odd head size (d + 1) runs SDPA's kernels up to twice as slowly
-    W = padded_width(max(d + 1 + e, c_v))
-    q_ext = q.new_zeros(B, H, Nt, W)
+    # widths that are multiples of 8 (an odd head size such as d + 1 runs SDPA's kernels up to twice as slowly),
+    # one width for queries, keys and values when they are close (CPU flash attention needs it); zero channels
+    # change nothing. Far apart widths (per-token variance channels) stay apart: padding q and k would cost more
+    W_qk, W_v = padded_width(d + 1 + e), padded_width(c_v)
+    if abs(W_qk - W_v) <= 16:
+        W_qk = W_v = max(W_qk, W_v)
+    q_ext = q.new_zeros(B, H, Nt, W_qk)
     q_ext[..., :d] = q
     q_ext[..., d] = 1.0 / scale
-    k_ext = keys.new_zeros(B, H, K, W)
+    k_ext = keys.new_zeros(B, H, K, W_qk)
     k_ext[..., :d] = keys
-    k_ext[..., d] = b.to(keys.dtype).unsqueeze(-1).expand(B, H, K, 1)[..., 0]
+    k_ext[..., d] = b.to(keys.dtype).expand(B, H, K)
     if e:
         q_ext[..., d + 1 : d + 1 + e] = q_extra / scale
         k_ext[..., d + 1 : d + 1 + e] = k_extra
-    if c_v < W:
-        v_ext = values.new_zeros(B, H, K, W)
+    if c_v < W_v:
+        v_ext = values.new_zeros(B, H, K, W_v)
         v_ext[..., :c_v] = values
         values = v_ext
     return _sdpa(q_ext, k_ext, values, scale=scale, mask=attn_mask, causal_trick=causal_prior_first, dropout_p=dropout_p)[..., :c_v]

@@ -3,8 +3,6 @@
 * :func:`stratified_split`: a seeded split of indices into parts with given fractions, per label.
 * :func:`seeded_subset`: ``k`` seeded indices of ``range(n)`` (a permutation cut short; stratified
   by labels if given; some indices excluded), sorted or in drawing order.
-* :func:`holdout_split`: a seeded ``(held out, fitted on)`` split of ``range(n)``, as the fitted-knobs
-  study divides a target's validation data.
 
 The draws are those of the recorded runs in docs/RESULTS.md: a ``torch.Generator`` permutation for
 the sentiment, language-model, translation and Bayes studies, Python's ``random`` shuffle for the
@@ -18,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["holdout_split", "seeded_subset", "stratified_split"]
+__all__ = ["seeded_subset", "stratified_split"]
 
 GENERATORS = ("torch", "python")
 
@@ -89,14 +87,3 @@ def seeded_subset(n: int, k: int | None, seed: int, *, exclude: Sequence[int] = 
         pool = pool[:k]
     return sorted(pool) if sort else pool
 
-
-def holdout_split(n: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
-    """``(held, fit)``: the first ``max(1, round(holdout * n))`` indices of the seeded permutation
-    ``torch.randperm(n)`` (a ``torch.Generator().manual_seed(seed)``) are held out, the rest are
-    fitted on; both in permutation order. Needs ``n >= 2`` and ``0 < holdout < 1``, and leaves at
-    least one index to fit on."""
-    if n < 2 or not 0.0 < holdout < 1.0:
-        raise ValueError(f"holdout_split: need n >= 2 and 0 < holdout < 1, got n={n}, holdout={holdout}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    k = min(n - 1, max(1, round(holdout * n)))
-    return perm[:k], perm[k:]

@@ -18,10 +18,10 @@ import torch
 
 import nvformer as nv
 from nvformer import IDENTITY, KnobSpace
-from nvformer.tasks import TextBatches, get_task, labelled_batches, lm_batches, lm_nll
+from nvformer.tasks import TextBatches, get_task, holdout_split, labelled_batches, lm_batches, lm_nll
 
 from ..common.protocol import Choice, Protocol, convert_at_identity
-from ..common.subsets import holdout_split, seeded_subset
+from ..common.subsets import seeded_subset
 from ..lm.study import lm_texts, perplexity, unit_stats
 from .study import fit_cost
 

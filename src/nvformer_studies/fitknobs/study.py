@@ -51,10 +51,10 @@ import nvformer as nv
 from nvformer import KnobSpace
 from nvformer.api import knob_groups
 from nvformer.metrics import classification_metrics
-from nvformer.tasks import TextBatches, classification_batches, labelled_batches
+from nvformer.tasks import TextBatches, classification_batches, holdout_split, labelled_batches
 
 from ..common.protocol import Choice, Protocol, convert_at_identity
-from ..common.subsets import holdout_split, seeded_subset
+from ..common.subsets import seeded_subset
 from ..common.tensorfiles import load_tensors, save_tensors
 from ..common.tent import restore, tent
 from ..sentiment.data import domain_splits

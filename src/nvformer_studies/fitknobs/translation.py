@@ -40,12 +40,11 @@ from torch import Tensor
 
 import nvformer as nv
 from nvformer import IDENTITY, KnobSpace
-from nvformer.tasks import TextBatches, get_task, sentence_stats, seq2seq_batches
+from nvformer.tasks import TextBatches, get_task, holdout_split, sentence_stats, seq2seq_batches
 from nvformer.tuning.objectives import entropy
 
 from ..common.docs import markdown_table
 from ..common.protocol import Choice, Protocol, convert_at_identity
-from ..common.subsets import holdout_split
 from ..common.tent import restore, tent
 from ..translation.model import corpus_scores, load_or_train, to_device
 from ..translation.study import (
