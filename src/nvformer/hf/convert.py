@@ -27,12 +27,12 @@ from ..core.checks import at_least_float32, compute_dtype
 from ..core.prior import Prior, prior_for
 from ..nn.nvib import NVIB
 from .adapters import Adapter, adapter_for, base_class, layer_index, looks_like_attention, supported_classes
-from .forward import nv_attention_forward
+from .forward import last_latent, nv_attention_forward
 
 __all__ = ["attention_modules", "convert_hf", "is_hf_model", "is_nv_hf_module", "unconvert_hf"]
 
 _NV_CLASSES: dict[type, type] = {}
-_ADDED = ("_nv", "last_latent", "_nv_derived")  # instance attributes conversion adds (besides the nvib child)
+_ADDED = ("_nv", "_nv_latent", "_nv_derived")  # instance attributes conversion adds (besides the nvib child)
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -57,7 +57,7 @@ def _nv_apply(self: nn.Module, fn, recurse: bool = True) -> nn.Module:
 def _nv_class(cls: type) -> type:
     if cls not in _NV_CLASSES:
         _NV_CLASSES[cls] = type(f"NV{cls.__name__}", (cls,), {"forward": nv_attention_forward, "_apply": _nv_apply, "_nv_base_class": cls,
-                                                           "__module__": __name__})
+                                                           "last_latent": last_latent, "__module__": __name__})
     return _NV_CLASSES[cls]
 
 

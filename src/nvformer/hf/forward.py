@@ -22,6 +22,7 @@ identity) and values in the model's dtype. Float masks are read in their own dty
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -167,6 +168,10 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
         """Per-key vectors projected as the original module projects (in its weights' dtype), not yet cast to ``cd``."""
         return F.linear(m.to(w.dtype), w, bias).view(B, n, Hkv, d).transpose(1, 2)
 
+    if _fused_applicable(self, cross, sampled, heads, n_extra, ad):
+        return _fused_forward(self, ad, x, q, raw_mask, rope, terms, (k_w, k_b, v_w, v_b), cache_obj, layer_cache, d=d, scale=scale,
+                              cd=cd, Hkv=Hkv, groups=groups, interp=interp, S_tok=tok_log_s.exp())
+
     padding_only = False
     tok_bias = None
     if cross and cached_cross:
@@ -218,22 +223,11 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
         # decoding with a KV cache: the prior column's extended key and value come from a per-module
         # cache (they depend only on the knobs, the prior and the weights), the cached [k | b] keys are
         # used as SDPA's extended keys as they are, grouped heads are not repeated (enable_gqa)
-        Nk = k_ext.shape[2]
         k0e, v0e = _derived(self, f"P0{cd}", _prior_column_deps(self, k_w, k_b, v_w, v_b),
                             lambda: _prior_column(self, terms, k_w, k_b, v_w, v_b, Hkv, d, cd))
-        W = padded_width(d + 1)  # zero channels change nothing; SDPA is faster on a multiple of 8
-        keys_e = torch.zeros(B, Hkv, Nk + 1, W, dtype=cd, device=x.device)
-        keys_e[:, :, :1, : d + 1] = k0e
-        keys_e[:, :, 1:, : d + 1] = k_ext
-        values_e = torch.zeros(B, Hkv, Nk + 1, W, dtype=cd, device=x.device)
-        values_e[:, :, :1, : d + 1] = v0e
-        values_e[:, :, 1:, :d] = v_ext
         bias = None if tok_bias is None else torch.cat([tok_bias.new_zeros(tok_bias.shape[:-1] + (1,)), tok_bias], dim=-1)
-        q_e = q.new_zeros(B, Hq, Nt, W)
-        q_e[..., :d] = q
-        q_e[..., d] = 1.0 / scale
-        out = F.scaled_dot_product_attention(q_e, keys_e, values_e, attn_mask=bias, scale=scale, enable_gqa=groups > 1)
-        return _finish(self, ad, x, out, q, w0=out[..., d : d + 1], lat=lat, k_w=k_w, v_w=v_w, S_tok=tok_log_s.exp(), sigma2=sigma2,
+        out = _extended_sdpa(q, k0e, v0e, k_ext, v_ext, None, bias=bias, causal=False, scale=scale, groups=groups)
+        return _finish(self, ad, x, out, q, w0=out[..., d : d + 1], k_w=k_w, v_w=v_w, S_tok=tok_log_s.exp(), sigma2=sigma2,
                        d=d, groups=groups, cd=cd, interp=interp, rope=None, w=None)
 
     if layer_cache is not None or n_extra or (cross and cached_cross):
@@ -272,7 +266,7 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
         bias = torch.cat([torch.zeros(bias.shape[:-1] + (1,), dtype=cd, device=x.device), bias], dim=-1)
 
     S_tok = (nvib.head_logvar_bias.double().exp() + sigma2) if heads else tok_log_s.exp()  # [Hkv, P] with per-head knobs, else [P]
-    S_0 = lat.logvar[0, 0].double().exp() + sigma2
+    S_0 = _prior_logvar(nvib).double().exp() + sigma2
     prior_logit = None
     if self._nv.formula == "exact" and not sampled:
         G = _derived(self, f"G{cd}", (k_w,), lambda: head_matrices(k_w.double(), None, 1.0 / S_0 - 1.0 / S_tok, d).to(cd).repeat_interleave(groups, 0),
@@ -310,7 +304,7 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
                       causal_prior_first=causal_trick, q_extra=q_extra, k_extra=k_extra, dropout_p=dropout_p)
         w0 = out[..., -1:] if not sampled else None
     # the sampled form has no value interpolation (interp and heads are False there too)
-    return _finish(self, ad, x, out, q, w0=None if sampled else w0, lat=lat, k_w=k_w, v_w=v_w, S_tok=S_tok, sigma2=sigma2, d=d,
+    return _finish(self, ad, x, out, q, w0=None if sampled else w0, k_w=k_w, v_w=v_w, S_tok=S_tok, sigma2=sigma2, d=d,
                    groups=groups, cd=cd, interp=interp, rope=rope, w=w, position_bias=position_bias, heads=heads)
 
 
@@ -341,24 +335,232 @@ def _prior_column(self: nn.Module, terms, k_w, k_b, v_w, v_b, Hkv: int, d: int, 
     return torch.cat([k0, b0], -1), torch.cat([v0, torch.ones_like(v0[..., :1])], -1)
 
 
-def _finish(self: nn.Module, ad: Adapter, x: Tensor, out: Tensor, q: Tensor, *, w0: Tensor | None, lat, k_w: Tensor, v_w: Tensor,
+def _prior_logvar(nvib: nn.Module) -> Tensor:
+    """``[P]`` log variance of the prior component, as the NVIB's latent holds it (its column 0)."""
+    return nvib.prior.var.log().to(nvib.mu_proj.weight.dtype)
+
+
+def _extended_sdpa(q: Tensor, k0e: Tensor, v0e: Tensor, keys: Tensor, values: Tensor, b: Tensor | None, *, bias: Tensor | None,
+                   causal: bool, scale: float, groups: int) -> Tensor:
+    """Denoising attention in one SDPA call over ``[prior | tokens]`` with the per-key terms as a key channel.
+
+    ``q [B, Hq, Nt, d]`` (in the compute dtype); the prior column's ``k0e`` ``[k_0 | b_0]`` and ``v0e``
+    ``[v_0 | 1]`` (``[1, Hkv, 1, d + 1]``); token ``keys`` ``[B, Hkv, N, d]`` with their terms ``b [B, N]``,
+    or ``[B, Hkv, N, d + 1]`` already extended (``b`` None, a KV cache's ``[k | b]``); ``values [B, Hkv, N, d]``.
+    Queries, keys and values are written once into buffers of one width, a multiple of 8 (zero channels
+    change nothing; SDPA is faster on it). ``bias``: additive ``[.., Nt, N + 1]`` or None; ``causal``:
+    query ``t`` sees the prior and tokens ``0..t`` (``Nt = N``, no bias), through SDPA's own causal mask
+    and one dummy query row. Returns ``[B, Hq, Nt, W]``: the context in ``[..., :d]``, the prior's weight in
+    ``[..., d]``.
+    """
+    B, Hq, Nt, d = q.shape
+    Hkv, N = keys.shape[1], keys.shape[2]
+    W = padded_width(d + 1)
+    cd, dev = q.dtype, q.device
+    off = 1 if causal else 0
+    q_e = torch.empty(B, Hq, Nt + off, W, dtype=cd, device=dev)
+    q_e[:, :, off:, :d] = q
+    q_e[:, :, off:, d] = 1.0 / scale
+    q_e[:, :, off:, d + 1 :] = 0.0
+    if off:
+        q_e[:, :, 0] = 0.0
+    keys_e = torch.empty(B, Hkv, N + 1, W, dtype=cd, device=dev)
+    keys_e[:, :, :1, : d + 1] = k0e
+    if b is None:
+        keys_e[:, :, 1:, : d + 1] = keys
+    else:
+        keys_e[:, :, 1:, :d] = keys
+        keys_e[:, :, 1:, d] = b.to(cd)[:, None, :]
+    keys_e[..., d + 1 :] = 0.0
+    values_e = torch.empty(B, Hkv, N + 1, W, dtype=cd, device=dev)
+    values_e[:, :, :1, : d + 1] = v0e
+    values_e[:, :, 1:, :d] = values
+    values_e[:, :, 1:, d:] = 0.0
+    values_e[:, :, :1, d + 1 :] = 0.0
+    out = F.scaled_dot_product_attention(q_e, keys_e, values_e, attn_mask=bias, is_causal=causal, scale=scale, enable_gqa=groups > 1)
+    return out[:, :, 1:] if off else out
+
+
+def _fused_applicable(self: nn.Module, cross: bool, sampled: bool, heads: bool, n_extra: int, ad: Adapter) -> bool:
+    """Whether a self-attention call takes the fused path (:func:`_fused_forward`): the evaluation form
+    with layer-wide knobs, the ``"paper"`` formula, the constant prior, a structured NVIB (mean
+    projection ``c I``, shared token variance: the identity initialisation's form) whose parameters
+    need no gradient, no threshold, the prior component on, no position bias, no rotary value
+    channels, SDPA attention. Every other call takes the general path, which computes the same."""
+    nvib = self.nvib
+    if (cross or sampled or heads or n_extra or ad.arg_position_bias is not None or self._nv.formula != "paper"
+            or nvib.prior_scaling != "constant" or nvib.alpha_threshold is not None or not nvib.prior_component
+            or getattr(self.config, "_attn_implementation", "sdpa") == "eager"):
+        return False
+    if torch.is_grad_enabled() and any(p.requires_grad for p in nvib.parameters()):
+        return False  # nvformer.fit_knobs: the gradient must reach the NVIB's parameters through its latent
+    c, zero = nvib._structure()
+    return c is not None and zero
+
+
+def _fused_terms(self: nn.Module, k_w: Tensor, k_b: Tensor | None, v_w: Tensor, v_b: Tensor | None, cd: torch.dtype) -> tuple:
+    """What the fused path needs from the NVIB and the weights, for token inputs ``x``:
+
+    with ``mu = c x + b_mu`` and the shared token variance ``S = var_tok + sigma2`` (``f = sigma2 / S``),
+    keys ``W_k (f * mu) + b_k = (W_k diag(c f)) x + (W_k (f * b_mu) + b_k)`` (values alike), and the per-key
+    term ``log a - shift - 1/2 sum mu^2 / S = sum_p x_p^2 A_p + sum_p x_p L_p + const`` with
+    ``A = w_quad - c^2 / (2S)``, ``L = w_lin - c b_mu / S``, ``const = -1/2 sum b_mu^2 / S`` (the pseudo-count
+    bias cancels against ``shift``). ``A`` takes ``1/(2S)`` in the compute dtype, as the general path's two
+    sums do, so at the identity it is exactly 0 and the terms are a constant.
+
+    Returns ``(kw, kb, vw, vb, A, L, const)``: the projections (the original weights themselves when
+    ``c f = 1`` and ``b_mu = 0``), ``A`` and ``L`` as ``[P]`` in ``cd`` (None when all zero), ``const`` a float.
+    """
+    nvib = self.nvib
+    c = nvib._structure()[0]
+    sigma2 = 1.0 / float(self.scaling)
+    S = nvib.logvar_proj.bias.double().clamp_min(math.log(nvib.min_var)).exp() + sigma2
+    f, b_mu = sigma2 / S, nvib.mu_proj.bias.double()
+
+    def proj(w: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        if bool((c * f == 1.0).all()) and not bool(b_mu.any()):
+            return w, bias
+        shifted = w.double() @ (f * b_mu) + (0.0 if bias is None else bias.double())
+        return (w.double() * (c * f)).to(w.dtype), shifted.to(w.dtype)
+
+    A = nvib.alpha_quad.double() - c * c * (0.5 / S).to(cd).double()
+    L = nvib.alpha_lin.double() - c * b_mu / S
+    const = float(-(0.5 * b_mu * b_mu / S).sum())
+    return (*proj(k_w, k_b), *proj(v_w, v_b), A.to(cd) if bool(A.any()) else None, L.to(cd) if bool(L.any()) else None, const)
+
+
+def _fused_forward(self: nn.Module, ad: Adapter, x: Tensor, q: Tensor, raw_mask: Tensor | None, rope, terms, weights: tuple, cache_obj,
+                   layer_cache, *, d: int, scale: float, cd: torch.dtype, Hkv: int, groups: int, interp: bool, S_tok: Tensor):
+    """Self-attention in the evaluation form (:func:`_fused_applicable`), with or without a KV cache,
+    computed from the token inputs ``x [B, N, P]`` directly (:func:`_fused_terms`): no latent is
+    formed, keys and values are the original projections of ``x`` at the identity, the per-key terms
+    one weighted sum over ``x`` (a constant at the identity), the prior column comes from a per-module
+    cache. A KV cache receives ``[k | b]`` and ``v`` as in the general path. The latent is built only
+    if ``last_latent`` is read."""
+    nvib = self.nvib
+    B, N, _ = x.shape
+    k_w, k_b, v_w, v_b = weights
+    past = cache_obj.get_seq_length(self.layer_idx) if layer_cache is not None else 0
+    causal = layer_cache is None and self.is_causal and raw_mask is None and N > 1
+    tok_bias, kpm, bias = _mask_terms(raw_mask, B, N, past + N, self.is_causal, cd, x.device, causal, layer_cache is None)
+    deps = (*(w for w in weights if w is not None), nvib.mu_proj.weight, nvib.mu_proj.bias, nvib.alpha_lin, nvib.alpha_quad, nvib.alpha_bias)
+    kw, kb, vw, vb, A, L, const = _derived(self, f"F{cd}", deps, lambda: _fused_terms(self, k_w, k_b, v_w, v_b, cd))
+    k0e, v0e = _derived(self, f"P0{cd}", _prior_column_deps(self, k_w, k_b, v_w, v_b),
+                        lambda: _prior_column(self, terms, k_w, k_b, v_w, v_b, Hkv, d, cd))
+    keys = F.linear(x, kw, kb).view(B, N, Hkv, d).transpose(1, 2)
+    if rope is not None:
+        keys = apply_rope(keys, *rope)
+    values = F.linear(x, vw, vb).view(B, N, Hkv, d).transpose(1, 2)
+    if A is None and L is None:
+        b = torch.full((B, N), const, dtype=torch.float64, device=x.device)
+    else:
+        xf = x.to(cd)
+        t = xf * A if A is not None else None
+        t = L.expand_as(xf) if t is None else (t if L is None else t + L)
+        b = (t * xf).sum(-1, dtype=torch.float64) + const
+    if kpm is not None:
+        b = b.masked_fill(kpm, EXCLUDED)
+    if layer_cache is not None:  # keys in `cd` with their terms as one more channel, values in their own dtype
+        k_ext = torch.cat([keys.to(cd), b.to(cd)[:, None, :, None].expand(B, Hkv, N, 1)], dim=-1)
+        keys, values = layer_cache.update(k_ext, values, self.layer_idx)
+        b = None
+    out = _extended_sdpa(q, k0e, v0e, keys, values, b, bias=bias, causal=causal, scale=scale, groups=groups)
+    self.last_latent = _DeferredLatent(self, x, kpm)
+    return _finish(self, ad, x, out, q, w0=out[..., d : d + 1], k_w=k_w, v_w=v_w, S_tok=S_tok, sigma2=1.0 / scale, d=d,
+                   groups=groups, cd=cd, interp=interp, rope=None, w=None)
+
+
+_MASK_MEMO: list = [None]  # the last mask's terms: every layer of a forward receives the same mask object
+
+
+def _mask_terms(raw_mask: Tensor | None, B: int, Nt: int, Nk: int, is_causal: bool, cd: torch.dtype, device: torch.device,
+                causal: bool, no_cache: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(tok_bias, kpm, bias)`` of a fused call: the mask as an additive bias over the token columns
+    (:func:`~nvformer.core.masks.hf_mask_bias`), the new keys' padding ``[B, Nt]`` (None: none), and
+    SDPA's mask over ``[prior | tokens]`` (None when SDPA's causal mask serves (``causal``) or when
+    the mask only hides padded keys, which their per-key terms already exclude). Computed once per
+    mask object and version (a forward passes one mask to every layer)."""
+    key = (raw_mask._version if raw_mask is not None else None, B, Nt, Nk, is_causal, cd, device, causal, no_cache)
+    memo = _MASK_MEMO[0]
+    if raw_mask is not None and memo is not None and memo[0]() is raw_mask and memo[1] == key:
+        return memo[2]
+    tok_bias = hf_mask_bias(raw_mask, B, Nt, Nk, is_causal, cd, device)
+    kpm = key_padding_from_bias(tok_bias, B, Nt)
+    bias = None
+    if tok_bias is not None and not causal:
+        padding_only = (no_cache and not is_causal and kpm is not None
+                        and bool(((tok_bias <= torch.finfo(cd).min / 2) == kpm[:, None, None, :]).all()))
+        if not padding_only:
+            bias = torch.cat([tok_bias.new_zeros(tok_bias.shape[:-1] + (1,)), tok_bias], dim=-1)
+    result = (tok_bias, kpm, bias)
+    if raw_mask is not None:
+        _MASK_MEMO[0] = (weakref.ref(raw_mask), key, result)
+    return result
+
+
+class _DeferredLatent:
+    """The latent of a fused forward (:func:`_fused_forward`), built from its input when first read
+    (``module.last_latent``), with the NVIB as it was: reading it after the knobs, the prior or the NVIB's
+    weights changed is an error, not another latent."""
+
+    def __init__(self, module: nn.Module, x: Tensor, kpm: Tensor | None) -> None:
+        self.module, self.x, self.kpm = module, x, kpm
+        self.grad = torch.is_grad_enabled()
+        self.state = _nvib_state(module.nvib)
+
+    def build(self):
+        nvib = self.module.nvib
+        if _nvib_state(nvib) != self.state:
+            raise RuntimeError(f"{type(self.module).__name__}.last_latent: the NVIB changed (knobs, prior or weights) since the "
+                               "forward that produced it; run the forward again")
+        with torch.set_grad_enabled(self.grad):
+            return nvib(self.x.to(nvib.mu_proj.weight.dtype), key_padding_mask=self.kpm)
+
+
+def _nvib_state(nvib: nn.Module) -> tuple:
+    return (nvib.version, *((p._version, p.data_ptr()) for p in nvib.parameters()), *((t._version, t.data_ptr()) for t in nvib.prior.buffers()))
+
+
+def _get_last_latent(self: nn.Module):
+    lat = self.__dict__.get("_nv_latent")
+    if isinstance(lat, _DeferredLatent):
+        lat = lat.build()
+        self.__dict__["_nv_latent"] = lat
+    return lat
+
+
+def _set_last_latent(self: nn.Module, value) -> None:
+    self.__dict__["_nv_latent"] = value
+
+
+last_latent = property(_get_last_latent, _set_last_latent, doc="The NVLatent of the last forward (built on first read after a fused forward), or None.")
+
+
+def _finish(self: nn.Module, ad: Adapter, x: Tensor, out: Tensor, q: Tensor, *, w0: Tensor | None, k_w: Tensor, v_w: Tensor,
             S_tok: Tensor, sigma2: float, d: int, groups: int, cd: torch.dtype, interp: bool, rope, w: Tensor | None,
             position_bias: Tensor | None = None, heads: bool = False):
     """The evaluation form's value interpolation on the attention output ``out`` (context in ``[..., :d]``,
     the prior weight ``w0``; none for the sampled form), the output projection, and the original
     module's return value."""
-    B, Hq, Nt, _ = q.shape
     ctx = out[..., :d]
     if w0 is not None:
         def m0() -> Tensor:
-            S_0 = lat.logvar[0, 0].double().exp() + sigma2
+            S_0 = _prior_logvar(self.nvib).double().exp() + sigma2
             return head_matrices(k_w.double(), v_w.double(), (S_0 - sigma2) / S_0, d).to(cd).repeat_interleave(groups, 0)
 
-        M0 = _derived(self, f"M0{cd}", (k_w, v_w), m0)
-        ctx = ctx + w0 * torch.einsum("hij,bhtj->bhti", M0, q)
+        def mt() -> Tensor:
+            return head_matrices(k_w.double(), v_w.double(), (S_tok - sigma2) / S_tok, d).to(cd).repeat_interleave(groups, 0)
+
+        # the prior's weight is exactly 0 in floating point at the identity (alpha_tau = 1e4): its term (and gradient) is 0
+        prior_seen = bool(w0.any())
+        if prior_seen and interp and rope is None:  # both matrices in one batched product: (1 - w0) M_tok q + w0 M_0 q
+            both = _derived(self, f"MM{cd}", (k_w, v_w), lambda: torch.cat([mt(), m0()], dim=1), fresh=heads)
+            r = torch.einsum("hij,bhtj->bhti", both, q)
+            return _output(self, ad, x, ctx + torch.lerp(r[..., :d], r[..., d:], w0), position_bias, w)
+        if prior_seen:
+            ctx = ctx + w0 * torch.einsum("hij,bhtj->bhti", _derived(self, f"M0{cd}", (k_w, v_w), m0), q)
         if interp:
-            Mt = _derived(self, f"Mt{cd}", (k_w, v_w), lambda: head_matrices(k_w.double(), v_w.double(), (S_tok - sigma2) / S_tok, d).to(cd).repeat_interleave(groups, 0),
-                          fresh=heads)
+            Mt = _derived(self, f"Mt{cd}", (k_w, v_w), mt, fresh=heads)
             if rope is not None:
                 half = d // 2
                 c_cos, c_sin = out[..., d : d + half], out[..., d + half : d + 2 * half]
@@ -366,6 +568,12 @@ def _finish(self: nn.Module, ad: Adapter, x: Tensor, out: Tensor, q: Tensor, *, 
             else:
                 qt = (1.0 - w0) * q  # the prior is visible in every row, so token weights sum to 1 - w0
             ctx = ctx + torch.einsum("hij,bhtj->bhti", Mt, qt)
+    return _output(self, ad, x, ctx, position_bias, w)
+
+
+def _output(self: nn.Module, ad: Adapter, x: Tensor, ctx: Tensor, position_bias: Tensor | None, w: Tensor | None):
+    """The output projection of the context ``ctx [B, H, Nt, d]`` and the original module's return value."""
+    B, Hq, Nt, d = ctx.shape
     ctx = ctx.transpose(1, 2).reshape(B, Nt, Hq * d).to(x.dtype)
     result = ad.out(self, ctx)
     if ad.returns_position_bias:

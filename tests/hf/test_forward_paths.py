@@ -1,0 +1,206 @@
+"""The fused self-attention path of converted models (nvformer.hf.forward._fused_forward) against the
+general path, which builds the latent and its per-key terms (docs/MATH.md section 3), and the latent
+it builds only when it is read."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hf_models import SEQ2SEQ, build, inputs, output
+
+import nvformer as nv
+import nvformer.hf.forward as fwd
+from nvformer.api import nv_modules
+
+AWAY = dict(mu_tau=0.8, stdev_tau=0.4, alpha_tau=0.5)
+ROPE = ("llama", "qwen2")  # with token variances, rotary models take the general path (their value channels): stdev_tau = 0
+
+
+def _away(family):
+    return dict(AWAY, stdev_tau=0.0) if family in ROPE else AWAY
+
+
+def _trained_like(nvm, family, seed=3):
+    """Perturb the NVIBs as training would, keeping the structure the fused path reads (mean projection
+    c I, shared token variance): pseudo-count weights, mean bias, variance bias (not for rotary models)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in nv_modules(nvm):
+            n = m.nvib
+            for p in (n.alpha_lin, n.alpha_quad, n.mu_proj.bias) + (() if family in ROPE else (n.logvar_proj.bias,)):
+                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return nvm
+
+
+def _compare(a, b, valid, atol):
+    if valid is not None and a.dim() == 3:
+        a, b = a[valid], b[valid]
+    torch.testing.assert_close(a, b, rtol=0, atol=atol)
+
+
+def _general_only(monkeypatch):
+    monkeypatch.setattr(fwd, "_fused_applicable", lambda *a, **k: False)
+
+
+def _fused_calls(monkeypatch) -> list[int]:
+    calls, real = [], fwd._fused_forward
+    monkeypatch.setattr(fwd, "_fused_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2", "bart"])
+@pytest.mark.parametrize("padding", [None, "left", "right"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_path_equals_general_path(family, padding, dtype, monkeypatch):
+    """Away from the identity, with an estimated prior (non-zero mean bias) and NVIB weights moved as by
+    training: the fused path (keys from x, per-key terms as one weighted sum) equals the general path."""
+    model = build(family).to(dtype)
+    kw, valid = inputs(family, padding)
+    priors = nv.estimate_prior(model, [kw], show_progress=False)
+    nvm = _trained_like(nv.convert(copy.deepcopy(model), prior=priors, **_away(family)), family)
+    calls = _fused_calls(monkeypatch)
+    with torch.no_grad():
+        fused = output(nvm, kw | {"use_cache": False} if family in ("llama", "gpt2") else kw)
+    assert calls, "the fused path was not taken"
+    _general_only(monkeypatch)
+    with torch.no_grad():
+        general = output(nvm, kw | {"use_cache": False} if family in ("llama", "gpt2") else kw)
+    _compare(fused, general, valid, 1e-12 if dtype == torch.float64 else 2e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
+def test_fused_path_with_a_kv_cache_equals_the_general_path(family, monkeypatch):
+    """Prompt and one-token steps with a KV cache through the fused path (keys and terms from x) give the
+    general path's logits (latent, per-key terms, then the cache), and generate() the same tokens."""
+    model = build(family)
+    kw, valid = inputs(family, "left")
+    nvm = _trained_like(nv.convert(copy.deepcopy(model), prior=nv.estimate_prior(model, [kw], show_progress=False), **_away(family)), family)
+    ids, am = kw["input_ids"], kw["attention_mask"]
+    gk = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+
+    def run():
+        with torch.no_grad():
+            out = nvm(input_ids=ids[:, :3], attention_mask=am[:, :3], use_cache=True)
+            steps = [out.logits]
+            for t in range(3, ids.shape[1]):
+                out = nvm(input_ids=ids[:, t : t + 1], attention_mask=am[:, : t + 1], past_key_values=out.past_key_values, use_cache=True)
+                steps.append(out.logits)
+            return torch.cat(steps, 1), nvm.generate(**kw, **gk)
+
+    calls = _fused_calls(monkeypatch)
+    fused, fused_tokens = run()
+    assert calls
+    _general_only(monkeypatch)
+    general, general_tokens = run()
+    _compare(fused, general, valid, 2e-5)
+    assert torch.equal(fused_tokens, general_tokens)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_fused_path_at_the_identity_equals_the_original(family, monkeypatch):
+    model = build(family)
+    kw, valid = inputs(family, "left")
+    nvm = nv.convert(copy.deepcopy(model), prior=nv.estimate_prior(model, [kw], show_progress=False), **nv.IDENTITY.as_dict())
+    calls = _fused_calls(monkeypatch)
+    with torch.no_grad():
+        a, b = output(nvm, kw), output(model, kw)
+    assert calls
+    _compare(a, b, valid, 1e-5)
+
+
+def test_fused_path_is_left_when_the_nvib_needs_gradients(monkeypatch):
+    """Fitting the knobs differentiates the NVIB's parameters: the general path (through the latent) serves it."""
+    model = build("bert")
+    nvm = nv.convert(copy.deepcopy(model), **AWAY)
+    kw, _ = inputs("bert", "right")
+    calls = _fused_calls(monkeypatch)
+    output(nvm, kw).sum().backward()  # NVIB parameters require grad by default
+    assert not calls
+    assert all(m.nvib.alpha_bias.grad is not None for _, m in nv_modules(nvm))
+    for p in nvm.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        output(nvm, kw)
+    assert calls
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_deferred_latent_equals_the_general_paths_latent_and_feeds_the_kl(family, monkeypatch):
+    model = build(family)
+    kw, _ = inputs(family, "right")
+    nvm = _trained_like(nv.convert(copy.deepcopy(model), prior=nv.estimate_prior(model, [kw], show_progress=False), **_away(family)), family)
+    with torch.no_grad():
+        output(nvm, kw)
+        fused = [m.last_latent for _, m in nv_modules(nvm)]
+        kl_fused = nv.kl_terms(nvm)
+    _general_only(monkeypatch)
+    with torch.no_grad():
+        output(nvm, kw)
+        general = [m.last_latent for _, m in nv_modules(nvm)]
+        kl_general = nv.kl_terms(nvm)
+    for i, (a, b) in enumerate(zip(fused, general)):  # the first layer's input is the same; later ones differ by rounding
+        for name in ("mu", "logvar", "log_alpha", "log_pi"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0 if i == 0 else 1e-5)
+    torch.testing.assert_close(kl_fused.gaussian, kl_general.gaussian)
+    torch.testing.assert_close(kl_fused.dirichlet, kl_general.dirichlet)
+
+
+def test_deferred_latent_read_after_the_nvib_changed_is_an_error():
+    model = build("bert")
+    nvm = nv.convert(copy.deepcopy(model), **AWAY)
+    kw, _ = inputs("bert", None)
+    with torch.no_grad():
+        output(nvm, kw)
+    first = nv_modules(nvm)[0][1]
+    first.nvib.set_knobs(alpha_tau=2.0)
+    with pytest.raises(RuntimeError, match="NVIB changed"):
+        first.last_latent
+    with torch.no_grad():
+        output(nvm, kw)
+    assert first.last_latent.mu.shape[1] == kw["input_ids"].shape[1] + 1
+
+
+def test_unconvert_removes_the_latent_property():
+    model = build("bert")
+    nvm = nv.convert(copy.deepcopy(model), **AWAY)
+    kw, _ = inputs("bert", None)
+    with torch.no_grad():
+        output(nvm, kw)
+    nv.unconvert(nvm)
+    assert not any(hasattr(m, "last_latent") or "_nv_latent" in m.__dict__ for m in nvm.modules())
+
+
+@pytest.mark.parametrize("family", SEQ2SEQ[:2])
+def test_seq2seq_encoders_take_the_fused_path_and_match(family, monkeypatch):
+    model = build(family)
+    kw, _ = inputs(family, "right")
+    nvm = _trained_like(nv.convert(copy.deepcopy(model), **AWAY), family)
+    calls = _fused_calls(monkeypatch)
+    with torch.no_grad():
+        fused = output(nvm, kw)
+    assert calls
+    _general_only(monkeypatch)
+    with torch.no_grad():
+        general = output(nvm, kw)
+    torch.testing.assert_close(fused, general, rtol=0, atol=2e-5)
+
+
+def test_mask_terms_follow_a_mask_changed_in_place(monkeypatch):
+    """The mask's terms are computed once per mask object and version: a mask edited in place between
+    forwards (same object) is read again."""
+    model = build("bert")
+    nvm = nv.convert(copy.deepcopy(model), **AWAY)
+    kw, _ = inputs("bert", None)
+    am = torch.ones_like(kw["input_ids"])
+    mask = am[:, None, None, :].expand(-1, 1, am.shape[1], -1).bool().clone()
+    enc, emb = nvm.bert.encoder, nvm.bert.embeddings(input_ids=kw["input_ids"])
+    with torch.no_grad():
+        first = enc(emb, attention_mask=mask).last_hidden_state
+        mask[1, :, :, -3:] = False  # the same object, now hiding three keys of row 1
+        second = enc(emb, attention_mask=mask).last_hidden_state
+        _general_only(monkeypatch)
+        expected = enc(emb, attention_mask=mask.clone()).last_hidden_state
+    assert not torch.allclose(first[1], second[1])
+    torch.testing.assert_close(second, expected, rtol=0, atol=2e-5)
