@@ -22,7 +22,9 @@ Workloads (``WORKLOADS``):
   backward) vs ``nn.MultiheadAttention`` forward + backward;
 * ``minilm-identity`` / ``minilm-away``: all-MiniLM-L6-v2 converted (identity knobs / ``alpha_tau=0,
   stdev_tau=0.1``) vs the original, 32 ``books`` reviews, 128 tokens;
-* ``smollm2-generate``: SmolLM2-135M greedy ``generate`` (KV cache) of 48 tokens for 4 WikiText-2 prompts.
+* ``smollm2-generate``: SmolLM2-135M greedy ``generate`` (KV cache) of 48 tokens for 4 WikiText-2 prompts;
+  ``smollm2-generate-compiled``: the same with :func:`nvformer.compile_attention` (``torch.compile``'d
+  attention core; compiled in the untimed warm-up), measured separately. With ``--no-compile`` it is left out.
 
 Scaling: latency and peak memory of ``nn.MultiheadAttention`` and ``NVMultiheadAttention`` (evaluation
 forward; training forward + backward) against N, B=1 P=256 H=4. Peak memory on CPU is the growth of a
@@ -47,9 +49,11 @@ from nvformer_studies.common.docs import markdown_table, read_csv, write_csv, wr
 from nvformer_studies.common.scripts import script_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKLOADS = ("mha-eval", "mha-train", "dirichlet-sample", "dirichlet-train", "minilm-identity", "minilm-away", "smollm2-generate")
+WORKLOADS = ("mha-eval", "mha-train", "dirichlet-sample", "dirichlet-train", "minilm-identity", "minilm-away", "smollm2-generate",
+             "smollm2-generate-compiled")
 GOALS = {"mha-eval": ("<=", 1.1), "mha-train": ("<=", 1.3), "dirichlet-sample": ("<=", 3.0), "dirichlet-train": ("<=", 4.0),
-         "minilm-identity": ("<=", 1.05), "minilm-away": ("<=", 1.05), "smollm2-generate": (">=", 0.9)}
+         "minilm-identity": ("<=", 1.05), "minilm-away": ("<=", 1.05), "smollm2-generate": (">=", 0.9),
+         "smollm2-generate-compiled": (">=", 0.9)}
 LENGTHS = (128, 256, 512, 1024, 2048, 4096)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -119,7 +123,7 @@ def _minilm(device, dtype) -> dict:
     return {"minilm-identity": {"baseline": run(model), "nv": run(ident)}, "minilm-away": {"baseline": run(model), "nv": run(away)}}
 
 
-def _smollm2(device, dtype, new: int = 48) -> tuple[dict, int]:
+def _smollm2(device, dtype, new: int = 48, compiled: bool = True) -> tuple[dict, int]:
     from nvformer_studies.common.checkpoints import load_smollm2
     from nvformer_studies.common.data import read_wikitext
 
@@ -133,18 +137,22 @@ def _smollm2(device, dtype, new: int = 48) -> tuple[dict, int]:
     prompts = enc(read_wikitext("test")[:4], 32)
     gk = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id)
     run = lambda m: torch.no_grad()(lambda: m.generate(**prompts, **gk))  # noqa: E731
-    same = torch.equal(run(model)(), run(conv)())
-    return {"smollm2-generate": {"baseline": run(model), "nv": run(conv), "identical": same}}, new * prompts["input_ids"].shape[0]
+    reference = run(model)()
+    rows = {"smollm2-generate": {"baseline": run(model), "nv": run(conv), "identical": torch.equal(reference, run(conv)())}}
+    if compiled:
+        comp = nv.compile_attention(copy.deepcopy(conv))
+        rows["smollm2-generate-compiled"] = {"baseline": run(model), "nv": run(comp), "identical": torch.equal(reference, run(comp)())}
+    return rows, new * prompts["input_ids"].shape[0]
 
 
-def goal_rows(device, dtype, repeats: int, quick: bool, models: bool) -> list[dict]:
+def goal_rows(device, dtype, repeats: int, quick: bool, models: bool, compiled: bool = True) -> list[dict]:
     """One row per workload: baseline, NV and SDPA-reference milliseconds, the ratio, its goal and whether it is met."""
     size = {"mha": (4, 64 if quick else 512, 768, 12), "dirichlet": (4, 32 if quick else 128, 256, 4)}
     fns = {w: attention_pair(w, *size[w.split("-")[0]], device, dtype) for w in WORKLOADS[:4]}
     new_tokens = None
     if models:
         fns |= _minilm(device, dtype)
-        more, new_tokens = _smollm2(device, dtype, new=8 if quick else 48)
+        more, new_tokens = _smollm2(device, dtype, new=8 if quick else 48, compiled=compiled)
         fns |= more
     rows = []
     for w, f in fns.items():
@@ -234,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="comma list of N for the scaling rows")
     parser.add_argument("--quick", action="store_true", help="small sizes, 3 repeats, N 128 and 256, no models; prints only")
     parser.add_argument("--no-models", action="store_true", help="leave out the MiniLM and SmolLM2 rows")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the smollm2-generate-compiled row (torch.compile)")
     args = parser.parse_args(argv)
     try:
         device = torch.device(args.device)
@@ -249,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = 3 if args.quick else args.repeats
-    rows = goal_rows(device, DTYPES[args.dtype], repeats, args.quick, models=not (args.quick or args.no_models))
+    rows = goal_rows(device, DTYPES[args.dtype], repeats, args.quick, models=not (args.quick or args.no_models), compiled=not args.no_compile)
     scaling = scaling_rows(device, args.dtype, repeats, (128, 256) if args.quick else lengths)
     setting = f"{args.device}, {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), median of {repeats} interleaved rounds"
     if args.quick:

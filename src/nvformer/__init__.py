@@ -10,6 +10,7 @@ The verbs (README.md, docs/DESIGN.md):
 * :func:`tune`, :class:`KnobSpace` -- choose the knobs on held-out data (Optuna);
 * :func:`save_adapter`, :func:`load_adapter` -- save what NV adds, put it on a model you loaded;
 * :func:`set_prediction` -- mean or sampled predictions (NV latents, Dirichlet attention);
+* :func:`compile_attention` -- ``torch.compile`` the attention core of a converted Hugging Face model;
 * :class:`NVIB`, :class:`NVMultiheadAttention`, :func:`denoising_attention`, :func:`kl_terms`,
   :class:`Prior`, :class:`PriorEstimator`, :func:`kl_gaussian`, :func:`kl_dirichlet` -- the layers
   and the maths (docs/MATH.md);
@@ -24,6 +25,7 @@ datasets and matplotlib are imported when a feature first needs them.
 from ._version import __version__
 from .adapter import load_adapter, save_adapter
 from .api import (
+    compile_attention,
     convert,
     estimate_prior,
     get_config,
@@ -65,6 +67,7 @@ __all__ = [
     "Prior",
     "PriorEstimator",
     "TuneResult",
+    "compile_attention",
     "convert",
     "convert_dirichlet",
     "denoising_attention",

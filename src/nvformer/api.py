@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import KNOBS, SITES, Knobs, NVConfig, NVSite, group_key
@@ -19,6 +20,7 @@ from .core.prior import Prior
 from .dirichlet.module import DirichletState
 from .hf.convert import convert_hf, is_hf_model, is_nv_hf_module, unconvert_hf
 from .hf.dirichlet import is_dirichlet_model, unconvert_dirichlet
+from .hf.forward import extended_sdpa
 from .hf.prior import estimate_hf_prior
 from .nn.empirical import estimate_mha_prior
 from .nn.mha import NVMultiheadAttention, convert_mha, layer_index, torch_site, unconvert_mha
@@ -109,6 +111,38 @@ def unconvert(model: nn.Module) -> nn.Module:
     if not nv_modules(model):
         raise ValueError(f"{who}: {type(model).__name__} has no NV attention module (it was not converted)")
     return unconvert_hf(model) if kind == "hf" else unconvert_mha(model)
+
+
+def compile_attention(model: nn.Module, enable: bool = True, **compile_kwargs) -> nn.Module:
+    """Run the attention core of a converted Hugging Face model through ``torch.compile``, in place;
+    returns ``model``.
+
+    The core is what the fast paths do per call once keys and values are projected: writing queries,
+    keys (with their per-key terms) and values into the extended buffers and the one SDPA call
+    (:func:`nvformer.hf.forward.extended_sdpa`), compiled once with ``dynamic=True`` (sequence lengths
+    grow while decoding) and shared by every module. The first calls compile (tens of seconds on a
+    CPU); results equal the eager ones (tests). Whether it is faster depends on the device and
+    backend: ``benchmarks/performance.py`` measures it as its own row (``smollm2-generate-compiled``).
+    ``enable=False`` goes back to the eager core.
+
+    Args:
+        model: a Hugging Face model converted by :func:`convert`.
+        enable: compile (True) or restore the eager core (False).
+        compile_kwargs: passed to ``torch.compile`` (``mode=``, ``backend=``, ...).
+    """
+    who = "nvformer.compile_attention"
+    if not isinstance(enable, bool):
+        raise ValueError(f"{who}: `enable` must be True or False, got {enable!r}")
+    mods = [m for _, m in nv_modules(model) if is_nv_hf_module(m)] if model_kind(model, who) == "hf" else []
+    if not mods:
+        raise ValueError(f"{who}: {type(model).__name__} is not a Hugging Face model converted by nvformer.convert")
+    fn = torch.compile(extended_sdpa, **({"dynamic": True} | compile_kwargs)) if enable else None
+    for m in mods:
+        if fn is None:
+            m.__dict__.pop("_nv_compiled", None)
+        else:
+            m._nv_compiled = fn
+    return model
 
 
 # ---------------------------------------------------------------------------------------------- the NV modules

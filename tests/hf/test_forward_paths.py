@@ -204,3 +204,30 @@ def test_mask_terms_follow_a_mask_changed_in_place(monkeypatch):
         expected = enc(emb, attention_mask=mask.clone()).last_hidden_state
     assert not torch.allclose(first[1], second[1])
     torch.testing.assert_close(second, expected, rtol=0, atol=2e-5)
+
+
+def test_compiled_attention_core_equals_the_eager_core():
+    """nvformer.compile_attention: cached decoding and generate() through the torch.compile'd core give the
+    eager core's logits and tokens; enable=False and unconvert remove it; an unconverted model is refused."""
+    model = build("llama")
+    kw, valid = inputs("llama", "left")
+    nvm = _trained_like(nv.convert(copy.deepcopy(model), **_away("llama")), "llama")
+    gk = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        eager_logits = nvm(**kw).logits
+        eager_tokens = nvm.generate(**kw, **gk)
+        nv.compile_attention(nvm)
+        assert all("_nv_compiled" in m.__dict__ for _, m in nv_modules(nvm))
+        compiled_logits = nvm(**kw).logits
+        compiled_tokens = nvm.generate(**kw, **gk)
+    _compare(compiled_logits, eager_logits, valid, 1e-5)
+    assert torch.equal(compiled_tokens, eager_tokens)
+    nv.compile_attention(nvm, enable=False)
+    assert not any("_nv_compiled" in m.__dict__ for _, m in nv_modules(nvm))
+    nv.compile_attention(nvm)
+    nv.unconvert(nvm)
+    assert not any("_nv_compiled" in m.__dict__ for m in nvm.modules())
+    with pytest.raises(ValueError, match="not a Hugging Face model converted"):
+        nv.compile_attention(model)
+    with pytest.raises(ValueError, match="`enable` must be True or False"):
+        nv.compile_attention(nvm, enable="yes")

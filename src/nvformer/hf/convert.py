@@ -32,7 +32,7 @@ from .forward import last_latent, nv_attention_forward
 __all__ = ["attention_modules", "convert_hf", "is_hf_model", "is_nv_hf_module", "unconvert_hf"]
 
 _NV_CLASSES: dict[type, type] = {}
-_ADDED = ("_nv", "_nv_latent", "_nv_derived")  # instance attributes conversion adds (besides the nvib child)
+_ADDED = ("_nv", "_nv_latent", "_nv_derived", "_nv_compiled")  # instance attributes conversion adds (besides the nvib child)
 
 
 def is_hf_model(model: nn.Module) -> bool:

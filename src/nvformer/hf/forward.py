@@ -226,7 +226,7 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
         k0e, v0e = _derived(self, f"P0{cd}", _prior_column_deps(self, k_w, k_b, v_w, v_b),
                             lambda: _prior_column(self, terms, k_w, k_b, v_w, v_b, Hkv, d, cd))
         bias = None if tok_bias is None else torch.cat([tok_bias.new_zeros(tok_bias.shape[:-1] + (1,)), tok_bias], dim=-1)
-        out = _extended_sdpa(q, k0e, v0e, k_ext, v_ext, None, bias=bias, causal=False, scale=scale, groups=groups)
+        out = self.__dict__.get("_nv_compiled", extended_sdpa)(q, k0e, v0e, k_ext, v_ext, None, bias=bias, causal=False, scale=scale, groups=groups)
         return _finish(self, ad, x, out, q, w0=out[..., d : d + 1], k_w=k_w, v_w=v_w, S_tok=tok_log_s.exp(), sigma2=sigma2,
                        d=d, groups=groups, cd=cd, interp=interp, rope=None, w=None)
 
@@ -340,7 +340,7 @@ def _prior_logvar(nvib: nn.Module) -> Tensor:
     return nvib.prior.var.log().to(nvib.mu_proj.weight.dtype)
 
 
-def _extended_sdpa(q: Tensor, k0e: Tensor, v0e: Tensor, keys: Tensor, values: Tensor, b: Tensor | None, *, bias: Tensor | None,
+def extended_sdpa(q: Tensor, k0e: Tensor, v0e: Tensor, keys: Tensor, values: Tensor, b: Tensor | None, *, bias: Tensor | None,
                    causal: bool, scale: float, groups: int) -> Tensor:
     """Denoising attention in one SDPA call over ``[prior | tokens]`` with the per-key terms as a key channel.
 
@@ -464,7 +464,7 @@ def _fused_forward(self: nn.Module, ad: Adapter, x: Tensor, q: Tensor, raw_mask:
         k_ext = torch.cat([keys.to(cd), b.to(cd)[:, None, :, None].expand(B, Hkv, N, 1)], dim=-1)
         keys, values = layer_cache.update(k_ext, values, self.layer_idx)
         b = None
-    out = _extended_sdpa(q, k0e, v0e, keys, values, b, bias=bias, causal=causal, scale=scale, groups=groups)
+    out = self.__dict__.get("_nv_compiled", extended_sdpa)(q, k0e, v0e, keys, values, b, bias=bias, causal=causal, scale=scale, groups=groups)
     self.last_latent = _DeferredLatent(self, x, kpm)
     return _finish(self, ad, x, out, q, w0=out[..., d : d + 1], k_w=k_w, v_w=v_w, S_tok=S_tok, sigma2=1.0 / scale, d=d,
                    groups=groups, cd=cd, interp=interp, rope=None, w=None)
