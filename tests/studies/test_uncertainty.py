@@ -278,3 +278,20 @@ def test_the_sweep_chooses_on_validation_among_learnt_points_and_the_study_reads
         study.read_choice(tmp_path, study.settings(True))
     with pytest.raises(ValueError, match="not in the grid"):
         sweep.run_tau_sweep(tmp_path, variational_lrs=[0.5])
+
+
+def test_sweep_mechanism_is_read_off_the_sweep_points():
+    """The sentence on why tau moves or not carries the sweep's own numbers: the largest move of tau at
+    prior_tau = its initial value, and the first-epoch losses and accuracies of the other prior."""
+    from nvformer_studies.uncertainty.report import _sweep_mechanism
+
+    def pt(lr, prior, tau, loss, acc):
+        return {"variational_lr": lr, "prior_tau": prior, "tau": tau, "train_loss": [loss, 0.1], "accuracy_mean": acc}
+
+    points = [pt(0.01, 10.0, [10.0, 10.003], 0.66, 0.84), pt(0.1, 10.0, [9.998, 10.0], 0.70, 0.78),
+              pt(0.01, 3.0, [5.0, 7.0], 88.5, 0.5), pt(0.1, 3.0, [3.0, 3.0], 34.7, 0.525)]
+    text = _sweep_mechanism(points, 10.0)
+    assert "by at most 0.003, even at learning rate 0.1" in text
+    assert "With prior_tau 3 the KL is large" in text and "34.7 to 88.5 against 0.66 to 0.7" in text
+    assert "0.500 to 0.525 against 0.780 to 0.840" in text
+    assert _sweep_mechanism(points[2:], 10.0) == ""

@@ -358,6 +358,7 @@ def _learnt_reading(res: dict) -> str:
             text += " (" + ", ".join(f"lr {p['variational_lr']:g} / prior_tau {p['prior_tau']:g}" for p in better) + ")"
     text += (f"; chosen: lr {chosen['variational_lr']:g}, prior_tau {chosen['prior_tau']:g} (tau {min(chosen['tau']):.3g} to "
              f"{max(chosen['tau']):.3g}). ")
+    text += _sweep_mechanism(learnt_pts, res.get("tau_init", D.tau))
     comps = []
     checks = [("OOD NLL", "dirichlet-sample", _domain_mean("nll", TARGETS), False), ("OOD ECE", "dirichlet-sample", _domain_mean("ece", TARGETS), False),
               ("books accuracy (posterior mean)", "dirichlet-mean", _domain_mean("accuracy", [SOURCE]), True),
@@ -376,4 +377,26 @@ def _learnt_reading(res: dict) -> str:
     pair = [_stat_of(res, m + LEARNT, _domain_mean("nll", TARGETS)) for m in ("dirichlet-mean", "dirichlet-sample")]
     if all(pair):
         text += f"Sampling the learnt posterior vs its mean: OOD NLL {pair[1][0]:.3f} vs {pair[0][0]:.3f}. "
+    return text
+
+
+def _sweep_mechanism(points: list[dict], tau_init: float) -> str:
+    """Why tau moves or not in the sweep, from its own numbers: with ``prior_tau`` equal to tau's initial
+    value the centred prior makes the KL 0 for any attention and minimal in tau at the start (no KL
+    gradient in tau); with another ``prior_tau`` the KL is large from the first step."""
+    text = ""
+    same = [p for p in points if p["prior_tau"] == tau_init]
+    other = [p for p in points if p["prior_tau"] != tau_init]
+    if same:
+        moved = max(abs(x - tau_init) for p in same for x in p["tau"])
+        text += (f"With prior_tau equal to tau's initial {tau_init:g}, the prior (centred on the deterministic attention) makes the KL 0 "
+                 f"for any attention and minimal in tau at the start, so tau gets no gradient from it there and only the likelihood "
+                 f"(through the sampled attention) moves it: by at most {moved:.2g}, even at learning rate {max(p['variational_lr'] for p in same):g}. ")
+    if same and other:
+        priors = ", ".join(sorted({format(p["prior_tau"], "g") for p in other}))
+        loss = {k: [p["train_loss"][0] for p in ps] for k, ps in (("other", other), ("same", same))}
+        acc = {k: [p["accuracy_mean"] for p in ps] for k, ps in (("other", other), ("same", same))}
+        text += (f"With prior_tau {priors} the KL is large from the first step: first-epoch training loss {min(loss['other']):.3g} to "
+                 f"{max(loss['other']):.3g} against {min(loss['same']):.3g} to {max(loss['same']):.3g}, and books validation accuracy "
+                 f"{min(acc['other']):.3f} to {max(acc['other']):.3f} against {min(acc['same']):.3f} to {max(acc['same']):.3f} (chance: 0.5). ")
     return text
