@@ -231,3 +231,22 @@ def test_compiled_attention_core_equals_the_eager_core():
         nv.compile_attention(model)
     with pytest.raises(ValueError, match="`enable` must be True or False"):
         nv.compile_attention(nvm, enable="yes")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_prior_component_switched_off_with_and_without_a_cache(family):
+    """prior_component=False: the prior column is excluded on every path (the general one, the fused one, the
+    cached prior column of decoding), so at mu_tau 1 and stdev_tau 0 the model is the original whatever
+    alpha_tau, and cached decoding equals the forward without a cache."""
+    model = build(family)
+    kw, valid = inputs(family, "left")
+    nvm = nv.convert(copy.deepcopy(model), prior_component=False, mu_tau=1.0, stdev_tau=0.0, alpha_tau=0.0)
+    ids, am = kw["input_ids"], kw["attention_mask"]
+    with torch.no_grad():
+        _compare(output(nvm, kw | {"use_cache": False}), output(model, kw | {"use_cache": False}), valid, 1e-5)
+        out = nvm(input_ids=ids[:, :3], attention_mask=am[:, :3], use_cache=True)
+        steps = [out.logits]
+        for t in range(3, ids.shape[1]):
+            out = nvm(input_ids=ids[:, t : t + 1], attention_mask=am[:, : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits)
+        _compare(torch.cat(steps, 1), output(model, kw | {"use_cache": False}), valid, 1e-5)

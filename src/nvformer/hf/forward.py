@@ -331,6 +331,7 @@ def _prior_column(self: nn.Module, terms, k_w, k_b, v_w, v_b, Hkv: int, d: int, 
     _, m0, b = terms(lat0)
     k0 = F.linear(m0.to(k_w.dtype), k_w, k_b).view(1, 1, Hkv, d).transpose(1, 2).to(cd)
     v0 = F.linear(m0.to(v_w.dtype), v_w, v_b).view(1, 1, Hkv, d).transpose(1, 2).to(cd)
+    b = b.masked_fill(~torch.isfinite(b), EXCLUDED)  # the prior component switched off: excluded, as the general path does
     b0 = b[:, :1].to(cd)[:, None, :, None].expand(1, Hkv, 1, 1)
     return torch.cat([k0, b0], -1), torch.cat([v0, torch.ones_like(v0[..., :1])], -1)
 
