@@ -250,3 +250,65 @@ def test_prior_component_switched_off_with_and_without_a_cache(family):
             out = nvm(input_ids=ids[:, t : t + 1], attention_mask=am[:, : t + 1], past_key_values=out.past_key_values, use_cache=True)
             steps.append(out.logits)
         _compare(torch.cat(steps, 1), output(model, kw | {"use_cache": False}), valid, 1e-5)
+
+
+def _underflow_calls(monkeypatch, force: bool | None = None) -> list[bool]:
+    seen, real = [], fwd._prior_weight_underflows
+    monkeypatch.setattr(fwd, "_prior_weight_underflows", lambda *a: seen.append(real(*a) if force is None else force) or seen[-1])
+    return seen
+
+
+@pytest.mark.parametrize("family, padding", [("bert", "right"), ("bert", None), ("llama", None), ("llama", "right"), ("gpt2", "right")])
+def test_identity_shortcut_equals_the_extended_attention(family, padding, monkeypatch):
+    """At the identity (alpha_tau = 1e4, empirical prior) the prior's weight underflows to exactly 0: the fused
+    path then runs the original attention over the tokens; it equals the attention with the prior column
+    (float64, 1e-12) and the original model."""
+    model = build(family).double()
+    kw, valid = inputs(family, padding)
+    kw = kw | ({"use_cache": False} if family in ("llama", "gpt2") else {})
+    nvm = nv.convert(copy.deepcopy(model), prior=nv.estimate_prior(model, [kw], show_progress=False), **nv.IDENTITY.as_dict())
+    seen = _underflow_calls(monkeypatch)
+    with torch.no_grad():
+        short = output(nvm, kw)
+    assert seen and all(seen), "the shortcut was not taken"
+    _underflow_calls(monkeypatch, force=False)
+    with torch.no_grad():
+        full = output(nvm, kw)
+        original = output(model, kw)
+    _compare(short, full, valid, 1e-12)
+    _compare(short, original, valid, 1e-12)
+
+
+def test_identity_shortcut_is_not_taken_when_the_prior_can_be_seen(monkeypatch):
+    """alpha_tau = 60 with the default prior: the prior's logit is only ~60 below the tokens', its weight is
+    ~e^-60, not 0: the attention keeps the prior column. Left padding with a causal mask leaves query rows that see
+    no token (they attend to the prior alone): no shortcut either."""
+    seen = _underflow_calls(monkeypatch)
+    model = build("bert")
+    kw, _ = inputs("bert", "right")
+    with torch.no_grad():
+        output(nv.convert(copy.deepcopy(model), mu_tau=1.0, stdev_tau=0.0, alpha_tau=60.0), kw)
+    assert seen and not any(seen)
+    seen.clear()
+    model = build("llama")
+    kw, _ = inputs("llama", "left")
+    with torch.no_grad():
+        output(nv.convert(copy.deepcopy(model), **nv.IDENTITY.as_dict()), kw | {"use_cache": False})
+    assert not seen  # rows without a visible token: decided before the bound
+
+
+def test_prior_weight_underflow_bound_against_the_softmax():
+    """The bound says 0 only where the prior's softmax weight is exactly 0, on random queries and keys over a
+    range of prior offsets (float32 and float64)."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        q, keys = torch.randn(2, 3, 5, 8, generator=g, dtype=dtype), torch.randn(2, 3, 6, 8, generator=g, dtype=dtype)
+        k0 = torch.randn(1, 3, 1, 8, generator=g, dtype=dtype)
+        for offset in (-20.0, -100.0, -150.0, -700.0, -800.0, -1e4):
+            k0e = torch.cat([k0, torch.full((1, 3, 1, 1), offset, dtype=dtype)], -1)
+            logits = torch.cat([0.3 * q @ k0.transpose(-1, -2) + offset, 0.3 * q @ keys.transpose(-1, -2)], -1)
+            w0 = torch.softmax(logits, -1)[..., 0]
+            if fwd._prior_weight_underflows(q, keys, k0e, 0.0, 0.3):
+                assert bool((w0 == 0).all())
+        assert fwd._prior_weight_underflows(q, keys, torch.cat([k0, torch.full((1, 3, 1, 1), -1e4, dtype=dtype)], -1), 0.0, 0.3)
+        assert not fwd._prior_weight_underflows(q, keys, torch.cat([k0, torch.full((1, 3, 1, 1), -20.0, dtype=dtype)], -1), 0.0, 0.3)

@@ -443,7 +443,7 @@ def _fused_forward(self: nn.Module, ad: Adapter, x: Tensor, q: Tensor, raw_mask:
     k_w, k_b, v_w, v_b = weights
     past = cache_obj.get_seq_length(self.layer_idx) if layer_cache is not None else 0
     causal = layer_cache is None and self.is_causal and raw_mask is None and N > 1
-    tok_bias, kpm, bias = _mask_terms(raw_mask, B, N, past + N, self.is_causal, cd, x.device, causal, layer_cache is None)
+    tok_bias, kpm, bias, rows_see_tokens = _mask_terms(raw_mask, B, N, past + N, self.is_causal, cd, x.device, causal, layer_cache is None)
     deps = (*(w for w in weights if w is not None), nvib.mu_proj.weight, nvib.mu_proj.bias, nvib.alpha_lin, nvib.alpha_quad, nvib.alpha_bias)
     kw, kb, vw, vb, A, L, const = _derived(self, f"F{cd}", deps, lambda: _fused_terms(self, k_w, k_b, v_w, v_b, cd))
     k0e, v0e = _derived(self, f"P0{cd}", _prior_column_deps(self, k_w, k_b, v_w, v_b),
@@ -452,13 +452,21 @@ def _fused_forward(self: nn.Module, ad: Adapter, x: Tensor, q: Tensor, raw_mask:
     if rope is not None:
         keys = apply_rope(keys, *rope)
     values = F.linear(x, vw, vb).view(B, N, Hkv, d).transpose(1, 2)
+    if (layer_cache is None and A is None and L is None and not interp and rows_see_tokens
+            and _prior_weight_underflows(q, keys, k0e, const, scale)):
+        # equal per-key terms and a prior weight of exactly 0 for every query: the attention over the tokens alone,
+        # as the original module computes it (no extended channels, the original mask)
+        out = F.scaled_dot_product_attention(q, keys.to(cd), values.to(cd), attn_mask=None if causal else tok_bias, is_causal=causal,
+                                             scale=scale, enable_gqa=groups > 1)
+        self.last_latent = _DeferredLatent(self, x, kpm)
+        return _output(self, ad, x, out, None, None)
     if A is None and L is None:
         b = torch.full((B, N), const, dtype=torch.float64, device=x.device)
     else:
+        # one weighted sum with nothing to cancel (A and L are differences taken on [P] vectors): summed in `cd`
         xf = x.to(cd)
-        t = xf * A if A is not None else None
-        t = L.expand_as(xf) if t is None else (t if L is None else t + L)
-        b = (t * xf).sum(-1, dtype=torch.float64) + const
+        t = L.expand_as(xf) if A is None else (xf * A if L is None else torch.addcmul(L, xf, A))
+        b = torch.linalg.vecdot(t, xf).double() + const
     if kpm is not None:
         b = b.masked_fill(kpm, EXCLUDED)
     if layer_cache is not None:  # keys in `cd` with their terms as one more channel, values in their own dtype
@@ -471,16 +479,32 @@ def _fused_forward(self: nn.Module, ad: Adapter, x: Tensor, q: Tensor, raw_mask:
                    groups=groups, cd=cd, interp=interp, rope=None, w=None)
 
 
+def _prior_weight_underflows(q: Tensor, keys: Tensor, k0e: Tensor, const: float, scale: float) -> bool:
+    """Whether the prior column's attention weight is exactly 0 in ``q``'s dtype for every query, when every
+    token's per-key term is ``const`` and every query sees a token: its logit is below each visible token's,
+    ``scale q.(k_0 - k_i) + b_0 - const <= scale |q| (|k_0| + |k_i|) + b_0 - const`` (Cauchy-Schwarz), by more
+    than the logarithm of the dtype's smallest positive number, so its ``exp`` is 0 in the softmax whatever
+    the row's maximum (at the identity: ``b_0 - const`` is about ``-alpha_tau s_alpha``)."""
+    fi = torch.finfo(q.dtype)
+    floor = math.log(fi.smallest_normal * fi.eps) - 5.0  # below the smallest subnormal's logarithm
+    b0 = float(k0e[..., -1].max())
+    if b0 - const >= floor:
+        return False
+    reach = scale * float(q.norm(dim=-1).amax()) * (float(k0e[..., :-1].norm(dim=-1).amax()) + float(keys.to(q.dtype).norm(dim=-1).amax()))
+    return b0 - const + reach < floor
+
+
 _MASK_MEMO: list = [None]  # the last mask's terms: every layer of a forward receives the same mask object
 
 
 def _mask_terms(raw_mask: Tensor | None, B: int, Nt: int, Nk: int, is_causal: bool, cd: torch.dtype, device: torch.device,
-                causal: bool, no_cache: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """``(tok_bias, kpm, bias)`` of a fused call: the mask as an additive bias over the token columns
-    (:func:`~nvformer.core.masks.hf_mask_bias`), the new keys' padding ``[B, Nt]`` (None: none), and
-    SDPA's mask over ``[prior | tokens]`` (None when SDPA's causal mask serves (``causal``) or when
-    the mask only hides padded keys, which their per-key terms already exclude). Computed once per
-    mask object and version (a forward passes one mask to every layer)."""
+                causal: bool, no_cache: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None, bool]:
+    """``(tok_bias, kpm, bias, rows_see_tokens)`` of a fused call: the mask as an additive bias over the
+    token columns (:func:`~nvformer.core.masks.hf_mask_bias`), the new keys' padding ``[B, Nt]`` (None:
+    none), SDPA's mask over ``[prior | tokens]`` (None when SDPA's causal mask serves (``causal``) or
+    when the mask only hides padded keys, which their per-key terms already exclude), and whether every
+    query sees at least one token. Computed once per mask object and version (a forward passes one
+    mask to every layer)."""
     key = (raw_mask._version if raw_mask is not None else None, B, Nt, Nk, is_causal, cd, device, causal, no_cache)
     memo = _MASK_MEMO[0]
     if raw_mask is not None and memo is not None and memo[0]() is raw_mask and memo[1] == key:
@@ -493,7 +517,8 @@ def _mask_terms(raw_mask: Tensor | None, B: int, Nt: int, Nk: int, is_causal: bo
                         and bool(((tok_bias <= torch.finfo(cd).min / 2) == kpm[:, None, None, :]).all()))
         if not padding_only:
             bias = torch.cat([tok_bias.new_zeros(tok_bias.shape[:-1] + (1,)), tok_bias], dim=-1)
-    result = (tok_bias, kpm, bias)
+    rows_see_tokens = tok_bias is None or bool((tok_bias > torch.finfo(tok_bias.dtype).min / 2).any(-1).all())
+    result = (tok_bias, kpm, bias, rows_see_tokens)
     if raw_mask is not None:
         _MASK_MEMO[0] = (weakref.ref(raw_mask), key, result)
     return result
