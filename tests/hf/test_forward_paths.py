@@ -308,7 +308,46 @@ def test_prior_weight_underflow_bound_against_the_softmax():
             k0e = torch.cat([k0, torch.full((1, 3, 1, 1), offset, dtype=dtype)], -1)
             logits = torch.cat([0.3 * q @ k0.transpose(-1, -2) + offset, 0.3 * q @ keys.transpose(-1, -2)], -1)
             w0 = torch.softmax(logits, -1)[..., 0]
-            if fwd._prior_weight_underflows(q, keys, k0e, 0.0, 0.3):
+            if fwd._prior_weight_underflows(q, keys, fwd._prior_reach(k0e), 0.0, 0.3):
                 assert bool((w0 == 0).all())
-        assert fwd._prior_weight_underflows(q, keys, torch.cat([k0, torch.full((1, 3, 1, 1), -1e4, dtype=dtype)], -1), 0.0, 0.3)
-        assert not fwd._prior_weight_underflows(q, keys, torch.cat([k0, torch.full((1, 3, 1, 1), -20.0, dtype=dtype)], -1), 0.0, 0.3)
+        assert fwd._prior_weight_underflows(q, keys, fwd._prior_reach(torch.cat([k0, torch.full((1, 3, 1, 1), -1e4, dtype=dtype)], -1)), 0.0, 0.3)
+        assert not fwd._prior_weight_underflows(q, keys, fwd._prior_reach(torch.cat([k0, torch.full((1, 3, 1, 1), -20.0, dtype=dtype)], -1)), 0.0, 0.3)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("padding", [None, "left"])
+def test_identity_shortcut_with_a_kv_cache_equals_the_extended_attention(family, padding, monkeypatch):
+    """Decoding steps at the identity: the cached keys' terms are all one constant (or padding the mask hides),
+    so the steps attend over the tokens alone; logits equal the extended attention's (float64) and generate()
+    gives the same tokens. After a knob change the cached terms differ and the shortcut is left."""
+    model = build(family).double()
+    kw, valid = inputs(family, padding)
+    nvm = nv.convert(copy.deepcopy(model), prior=nv.estimate_prior(model, [kw], show_progress=False), **nv.IDENTITY.as_dict())
+    ids, am = kw["input_ids"], kw["attention_mask"]
+    gk = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+
+    def run(change_knobs=False):
+        with torch.no_grad():
+            out = nvm(input_ids=ids[:, :3], attention_mask=am[:, :3], use_cache=True)
+            steps = [out.logits]
+            for t in range(3, ids.shape[1]):
+                if change_knobs and t == 4:
+                    nv.set_knobs(nvm, alpha_tau=5.0)
+                out = nvm(input_ids=ids[:, t : t + 1], attention_mask=am[:, : t + 1], past_key_values=out.past_key_values, use_cache=True)
+                steps.append(out.logits)
+            return torch.cat(steps, 1), nvm.generate(**kw, **gk)
+
+    seen = _underflow_calls(monkeypatch)
+    short, short_tokens = run()
+    assert seen and all(seen)
+    _underflow_calls(monkeypatch, force=False)
+    full, full_tokens = run()
+    _compare(short, full, valid, 1e-12)
+    assert torch.equal(short_tokens, full_tokens)
+    nv.set_knobs(nvm, **nv.IDENTITY.as_dict())
+    seen = _underflow_calls(monkeypatch)
+    changed, _ = run(change_knobs=True)
+    _underflow_calls(monkeypatch, force=False)
+    nv.set_knobs(nvm, **nv.IDENTITY.as_dict())
+    reference, _ = run(change_knobs=True)
+    _compare(changed, reference, valid, 1e-12)

@@ -46,6 +46,14 @@ def _shared_variance(nvib: nn.Module) -> None:
         )
 
 
+def _token_terms(nvib: nn.Module, sigma2: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(shift, tok_logvar, tok_log_s)``: the pseudo-count bias subtracted from every column (float64), and the
+    tokens' shared ``[P]`` log variance (floored like the NVIB's) and ``log S_tok = log(var + sigma2)``, float64,
+    differentiable (for :func:`nvformer.fit_knobs`, ``stdev_tau``)."""
+    tok_logvar = nvib.logvar_proj.bias.double().clamp_min(math.log(nvib.min_var))
+    return nvib.alpha_bias.detach().double(), tok_logvar, (tok_logvar.exp() + sigma2).log()
+
+
 def _derived(self: nn.Module, name: str, weights: tuple[Tensor, ...], make, fresh: bool = False):
     """A per-module cache of matrices derived from weights and knobs (per-head d x d matrices):
     recomputed only when the NVIB's knobs/prior or the weights change (version counters); ``fresh``:
@@ -134,17 +142,14 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
     q = q.to(cd)
     past = cache_obj.get_seq_length(self.layer_idx) if (cache_obj is not None and not cross) else 0
 
-    shift = nvib.alpha_bias.detach().double()
     sigma2 = 1.0 / scale
-    # [P], floored like the NVIB's; differentiable, for nvformer.fit_knobs (stdev_tau)
-    tok_logvar = nvib.logvar_proj.bias.double().clamp_min(math.log(nvib.min_var))
-    tok_log_s = (tok_logvar.exp() + sigma2).log()
     n_extra = d if (interp and rope is not None) else 0
 
     groups = Hq // Hkv
 
     def terms(lat):
         """(m for token columns, m for the prior column, b [B, C], or [B, Hkv, C] with per-head knobs) of a latent."""
+        shift, tok_logvar, _ = _token_terms(nvib, sigma2)
         if sampled:
             m, b = key_terms(lat.mu, lat.logvar, lat.log_w, lat.z, scale, shift)
             return m, m[:, :1], b
@@ -170,7 +175,8 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
 
     if _fused_applicable(self, cross, sampled, heads, n_extra, ad):
         return _fused_forward(self, ad, x, q, raw_mask, rope, terms, (k_w, k_b, v_w, v_b), cache_obj, layer_cache, d=d, scale=scale,
-                              cd=cd, Hkv=Hkv, groups=groups, interp=interp, S_tok=tok_log_s.exp())
+                              cd=cd, Hkv=Hkv, groups=groups, interp=interp)
+    shift, tok_logvar, tok_log_s = _token_terms(nvib, sigma2)
 
     padding_only = False
     tok_bias = None
@@ -431,7 +437,7 @@ def _fused_terms(self: nn.Module, k_w: Tensor, k_b: Tensor | None, v_w: Tensor, 
 
 
 def _fused_forward(self: nn.Module, ad: Adapter, x: Tensor, q: Tensor, raw_mask: Tensor | None, rope, terms, weights: tuple, cache_obj,
-                   layer_cache, *, d: int, scale: float, cd: torch.dtype, Hkv: int, groups: int, interp: bool, S_tok: Tensor):
+                   layer_cache, *, d: int, scale: float, cd: torch.dtype, Hkv: int, groups: int, interp: bool):
     """Self-attention in the evaluation form (:func:`_fused_applicable`), with or without a KV cache,
     computed from the token inputs ``x [B, N, P]`` directly (:func:`_fused_terms`): no latent is
     formed, keys and values are the original projections of ``x`` at the identity, the per-key terms
@@ -446,14 +452,15 @@ def _fused_forward(self: nn.Module, ad: Adapter, x: Tensor, q: Tensor, raw_mask:
     tok_bias, kpm, bias, rows_see_tokens = _mask_terms(raw_mask, B, N, past + N, self.is_causal, cd, x.device, causal, layer_cache is None)
     deps = (*(w for w in weights if w is not None), nvib.mu_proj.weight, nvib.mu_proj.bias, nvib.alpha_lin, nvib.alpha_quad, nvib.alpha_bias)
     kw, kb, vw, vb, A, L, const = _derived(self, f"F{cd}", deps, lambda: _fused_terms(self, k_w, k_b, v_w, v_b, cd))
-    k0e, v0e = _derived(self, f"P0{cd}", _prior_column_deps(self, k_w, k_b, v_w, v_b),
-                        lambda: _prior_column(self, terms, k_w, k_b, v_w, v_b, Hkv, d, cd))
+    p0_deps = _prior_column_deps(self, k_w, k_b, v_w, v_b)
+    k0e, v0e = _derived(self, f"P0{cd}", p0_deps, lambda: _prior_column(self, terms, k_w, k_b, v_w, v_b, Hkv, d, cd))
     keys = F.linear(x, kw, kb).view(B, N, Hkv, d).transpose(1, 2)
     if rope is not None:
         keys = apply_rope(keys, *rope)
     values = F.linear(x, vw, vb).view(B, N, Hkv, d).transpose(1, 2)
-    if (layer_cache is None and A is None and L is None and not interp and rows_see_tokens
-            and _prior_weight_underflows(q, keys, k0e, const, scale)):
+    shortcut = A is None and L is None and not interp and rows_see_tokens  # every token's term is `const`: maybe the tokens alone
+    reach = (lambda: _derived(self, f"R0{cd}", p0_deps, lambda: _prior_reach(k0e))) if shortcut else None
+    if shortcut and layer_cache is None and _prior_weight_underflows(q, keys, reach(), const, scale):
         # equal per-key terms and a prior weight of exactly 0 for every query: the attention over the tokens alone,
         # as the original module computes it (no extended channels, the original mask)
         out = F.scaled_dot_product_attention(q, keys.to(cd), values.to(cd), attn_mask=None if causal else tok_bias, is_causal=causal,
@@ -473,13 +480,19 @@ def _fused_forward(self: nn.Module, ad: Adapter, x: Tensor, q: Tensor, raw_mask:
         k_ext = torch.cat([keys.to(cd), b.to(cd)[:, None, :, None].expand(B, Hkv, N, 1)], dim=-1)
         keys, values = layer_cache.update(k_ext, values, self.layer_idx)
         b = None
+        if shortcut and _cached_terms_equal(keys[..., d], const, tok_bias) and _prior_weight_underflows(q, keys[..., :d], reach(), const, scale):
+            # the same with a cache, when every cached key's term is `const` too (no knob change since it was cached)
+            out = F.scaled_dot_product_attention(q, keys[..., :d], values.to(cd), attn_mask=tok_bias, scale=scale, enable_gqa=groups > 1)
+            self.last_latent = _DeferredLatent(self, x, kpm)
+            return _output(self, ad, x, out, None, None)
     out = self.__dict__.get("_nv_compiled", extended_sdpa)(q, k0e, v0e, keys, values, b, bias=bias, causal=causal, scale=scale, groups=groups)
     self.last_latent = _DeferredLatent(self, x, kpm)
+    S_tok = _token_terms(nvib, 1.0 / scale)[2].exp() if interp else None
     return _finish(self, ad, x, out, q, w0=out[..., d : d + 1], k_w=k_w, v_w=v_w, S_tok=S_tok, sigma2=1.0 / scale, d=d,
                    groups=groups, cd=cd, interp=interp, rope=None, w=None)
 
 
-def _prior_weight_underflows(q: Tensor, keys: Tensor, k0e: Tensor, const: float, scale: float) -> bool:
+def _prior_weight_underflows(q: Tensor, keys: Tensor, prior: tuple[float, float], const: float, scale: float) -> bool:
     """Whether the prior column's attention weight is exactly 0 in ``q``'s dtype for every query, when every
     token's per-key term is ``const`` and every query sees a token: its logit is below each visible token's,
     ``scale q.(k_0 - k_i) + b_0 - const <= scale |q| (|k_0| + |k_i|) + b_0 - const`` (Cauchy-Schwarz), by more
@@ -487,11 +500,32 @@ def _prior_weight_underflows(q: Tensor, keys: Tensor, k0e: Tensor, const: float,
     the row's maximum (at the identity: ``b_0 - const`` is about ``-alpha_tau s_alpha``)."""
     fi = torch.finfo(q.dtype)
     floor = math.log(fi.smallest_normal * fi.eps) - 5.0  # below the smallest subnormal's logarithm
-    b0 = float(k0e[..., -1].max())
+    b0, k0_norm = prior
     if b0 - const >= floor:
         return False
-    reach = scale * float(q.norm(dim=-1).amax()) * (float(k0e[..., :-1].norm(dim=-1).amax()) + float(keys.to(q.dtype).norm(dim=-1).amax()))
+    reach = scale * float(q.norm(dim=-1).amax()) * (k0_norm + float(keys.to(q.dtype).norm(dim=-1).amax()))
     return b0 - const + reach < floor
+
+
+def _prior_reach(k0e: Tensor) -> tuple[float, float]:
+    """``(b_0, |k_0|)`` of the prior column's extended key ``[k_0 | b_0]`` (the largest over heads), for :func:`_prior_weight_underflows`."""
+    return float(k0e[..., -1].max()), float(k0e[..., :-1].norm(dim=-1).amax())
+
+
+def _cached_terms_equal(b: Tensor, const: float, tok_bias: Tensor | None) -> bool:
+    """Whether every cached key's term ``b [B, H, N]`` (the cache's extra channel) is ``const``, or excluded
+    (padding) and hidden from every query by the mask ``tok_bias`` too: the mask alone then says what the
+    terms say."""
+    same = b == torch.tensor(const, dtype=b.dtype).item()  # `const` as the cache holds it (in b's dtype)
+    if bool(same.all()):
+        return True
+    excluded = b == EXCLUDED
+    if not bool((excluded | same).all()):
+        return False
+    if tok_bias is None:
+        return False
+    hidden = (tok_bias <= torch.finfo(tok_bias.dtype).min / 2).all(dim=-2)  # [B|1, 1|H, N]: keys no query sees
+    return bool((~excluded | hidden).all())
 
 
 _MASK_MEMO: list = [None]  # the last mask's terms: every layer of a forward receives the same mask object
