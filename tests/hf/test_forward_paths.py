@@ -351,3 +351,26 @@ def test_identity_shortcut_with_a_kv_cache_equals_the_extended_attention(family,
     nv.set_knobs(nvm, **nv.IDENTITY.as_dict())
     reference, _ = run(change_knobs=True)
     _compare(changed, reference, valid, 1e-12)
+
+
+def test_fused_caches_follow_knob_prior_and_weight_changes():
+    """What the fused path keeps per module (projections, per-key coefficients, the prior column and its reach)
+    is recomputed after set_knobs, a new prior, or an in-place change of the attention weights: the model then
+    equals a model converted anew with the same knobs, prior and weights."""
+    model = build("bert")
+    kw, valid = inputs("bert", "right")
+    priors = nv.estimate_prior(model, [kw], show_progress=False)
+    nvm = nv.convert(copy.deepcopy(model), prior=priors, **nv.IDENTITY.as_dict())
+    with torch.no_grad():
+        output(nvm, kw)  # fills the caches at the identity
+        nv.set_knobs(nvm, **AWAY)
+        _compare(output(nvm, kw), output(nv.convert(copy.deepcopy(model), prior=priors, **AWAY), kw), valid, 1e-6)
+        other = {name: nv.Prior(p.mean.numel(), mean=0.1, var=2.0) for name, p in priors.items()}
+        for name, m in nv_modules(nvm):
+            m.nvib.set_prior(other[name])
+        _compare(output(nvm, kw), output(nv.convert(copy.deepcopy(model), prior=other, **AWAY), kw), valid, 1e-6)
+        for mods in (nv_modules(nvm), [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("SelfAttention")]):
+            for _, m in mods:
+                m.key.weight.add_(0.01)
+                m.value.bias.add_(0.02)
+        _compare(output(nvm, kw), output(nv.convert(copy.deepcopy(model), prior=other, **AWAY), kw), valid, 1e-6)
