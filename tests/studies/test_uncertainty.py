@@ -295,3 +295,46 @@ def test_sweep_mechanism_is_read_off_the_sweep_points():
     assert "With prior_tau 3 the KL is large" in text and "34.7 to 88.5 against 0.66 to 0.7" in text
     assert "0.500 to 0.525 against 0.780 to 0.840" in text
     assert _sweep_mechanism(points[2:], 10.0) == ""
+
+
+def test_an_interrupted_seed_run_resumes_with_the_same_logits(tmp_path, monkeypatch):
+    """Every (row, split) is kept as soon as it is computed: a run stopped halfway resumes without recomputing
+    what it kept, and ends with the logits of an uninterrupted run; the partial file is then removed."""
+    from types import SimpleNamespace
+
+    from nvformer_studies.uncertainty import study
+
+    calls = []
+
+    def fake_logits(method, models, data, samples, seed):
+        calls.append((method, data.name))
+        if len(calls) == stop_at[0]:
+            raise KeyboardInterrupt
+        g = torch.Generator().manual_seed(hash((method, data.name, tuple(models))) % 2**31)
+        return torch.randn(samples, 4, 2, generator=g, dtype=torch.float64)
+
+    info = {"train_loss": [0.5], "val_accuracy": [0.8], "best_epoch": 0}
+    monkeypatch.setattr(study, "predictive_logits", fake_logits)
+    monkeypatch.setattr(study, "fit", lambda out, st, seed, dirichlet=None, quiet=False: (f"model-{seed}-{dirichlet}", None, info))
+    monkeypatch.setattr(study, "sampled_nv", lambda model, batches, s: f"nv-{s}")
+    val = SimpleNamespace(name="validation", labels=torch.tensor([0, 1, 1, 0]))
+    data = ({"books": SimpleNamespace(name="books"), "dvd": SimpleNamespace(name="dvd")}, val, None)
+    st = study.settings(True, {"variational_lr": 0.01, "prior_tau": 10.0})
+
+    stop_at = [0]
+    reference = study.seed_run(0, st, tmp_path / "a", data)
+    total = len(calls)
+    calls.clear()
+    stop_at[0] = total // 2
+    with pytest.raises(KeyboardInterrupt):
+        study.seed_run(0, st, tmp_path / "b", data)
+    assert (tmp_path / "b" / "partial-s0.safetensors").exists()
+    kept = len(calls) - 1
+    calls.clear()
+    stop_at[0] = 0
+    resumed = study.seed_run(0, st, tmp_path / "b", data)
+    assert len(calls) == total - kept
+    assert not (tmp_path / "b" / "partial-s0.safetensors").exists()
+    assert reference["nv_choice"] == resumed["nv_choice"] and list(reference["logits"]) == list(resumed["logits"])
+    for row, splits in reference["logits"].items():
+        assert all(torch.equal(splits[d], resumed["logits"][row][d]) for d in splits)

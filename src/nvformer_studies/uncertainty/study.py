@@ -37,7 +37,7 @@ from ..common.data import REVIEW_DOMAINS
 from ..common.finetune import FinetuneConfig
 from ..common.tensorfiles import load_tensors, save_tensors
 from .data import FAR_OOD, SOURCE, TARGETS, evaluation_data
-from .harness import METHODS, apply_temperature, finetune_variant, predictive_logits, predictive_probs, sampled_nv
+from .harness import METHODS, apply_temperature, finetune_variant, predictive_logits, sampled_nv
 
 __all__ = ["BROAD", "BROAD_FIT", "BROAD_SPEC", "FIXED", "LEARNT", "POSTERIORS", "SCORES", "SOURCE", "TARGETS", "D",
            "detection", "dirichlet_name", "ensemble_seeds", "fit", "learnt_tau", "read_choice", "read_seed_cache",
@@ -115,10 +115,25 @@ def seed_run(seed: int, st: dict, out: Path, data, *, quiet: bool = False, train
         return saved
     sets, val, prior_batches = data
     t0 = time.time()
+    # every (row, split) is kept in a partial cache as soon as it is computed: an interrupted run resumes where it
+    # stopped, with the same numbers (each predictive call is seeded on its own)
+    partial_path = out / f"partial-s{seed}.safetensors"
+    partial = {"key": key, "logits": {}} if train_only else (read_seed_cache(partial_path, key) or {"key": key, "logits": {}})
+    before = partial.get("seconds", 0.0)  # the seconds of earlier, interrupted runs of this seed (up to their last kept result)
 
-    def evaluate_all(method: str, models) -> dict[str, Tensor]:
-        return {"validation": predictive_logits(method, models, val, st["samples"], seed)} | {
-            d: predictive_logits(method, models, x, st["samples"], seed) for d, x in sets.items()}
+    def remember(row: str, split: str, compute) -> Tensor:
+        got = partial["logits"].get(row, {}).get(split)
+        if got is None:
+            got = compute()
+            partial["logits"].setdefault(row, {})[split] = got
+            partial["seconds"] = before + time.time() - t0
+            out.mkdir(parents=True, exist_ok=True)
+            write_seed_cache(partial_path, partial)
+        return got
+
+    def evaluate_all(method: str, models, row: str | None = None) -> dict[str, Tensor]:
+        return {d: remember(row or method, d, lambda x=x: predictive_logits(method, models, x, st["samples"], seed))
+                for d, x in [("validation", val), *sets.items()]}
 
     (map_model, _, map_info), (dir_model, _, dir_info) = fit(out, st, seed, quiet=quiet), fit(out, st, seed, FIXED, quiet=quiet)
     members = [map_model] + [fit(out, st, x, quiet=quiet)[0] for x in ensemble_seeds(seed, st["ensemble_size"])[1:]]
@@ -133,23 +148,25 @@ def seed_run(seed: int, st: dict, out: Path, data, *, quiet: bool = False, train
     logits["dirichlet-mean"] = evaluate_all("dirichlet-mean", [dir_model])
     logits["dirichlet-sample"] = evaluate_all("dirichlet-sample", [dir_model])
     if broad is not None:
-        logits[BROAD] = evaluate_all("dirichlet-mean", [broad[0]])
+        logits[BROAD] = evaluate_all("dirichlet-mean", [broad[0]], BROAD)
     if learnt is not None:
         for method in ("dirichlet-mean", "dirichlet-sample"):
-            logits[method + LEARNT] = evaluate_all(method, [learnt[0]])
+            logits[method + LEARNT] = evaluate_all(method, [learnt[0]], method + LEARNT)
     del members, dir_model, broad, learnt
     # NV sampling on the MAP model: stdev_tau by source validation NLL
     best = None
     for s in st["nv_grid"]:
         m = sampled_nv(fit(out, st, seed, quiet=quiet)[0], prior_batches, s)
-        nll = metrics.uncertainty_metrics(predictive_probs("nv-sample", [m], val, st["samples"], seed), val.labels)["nll"]
+        probs = remember(f"nv-grid-{s:g}", "validation", lambda m=m: predictive_logits("nv-sample", [m], val, st["samples"], seed)).softmax(-1)
+        nll = metrics.uncertainty_metrics(probs, val.labels)["nll"]
         if best is None or nll < best[1]:
             best = (s, nll, m)
     logits["nv-sample"] = evaluate_all("nv-sample", [best[2]])
-    saved = {"key": key, "logits": logits, "seconds": time.time() - t0, "nv_choice": {"stdev_tau": best[0], "val_nll": best[1]},
+    saved = {"key": key, "logits": logits, "seconds": before + time.time() - t0, "nv_choice": {"stdev_tau": best[0], "val_nll": best[1]},
              "train": {f"{k}-s{seed}": {f: i[f] for f in ("train_loss", "val_accuracy", "best_epoch")} for k, i in trained.items()}}
     out.mkdir(parents=True, exist_ok=True)
     write_seed_cache(cache, saved)
+    partial_path.unlink(missing_ok=True)
     return saved
 
 
