@@ -23,6 +23,8 @@ Everything here is pure tensor maths, tested against :func:`nvformer.denoising_a
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -37,6 +39,8 @@ __all__ = [
     "head_key_terms",
     "head_matrices",
     "scale_heads",
+    "input_key_terms",
+    "prior_weight_underflows",
     "attend",
 ]
 
@@ -168,6 +172,50 @@ def head_matrices(w_k: Tensor, w_v: Tensor | None, diag: Tensor, head_dim: int) 
     left = wk if w_v is None else w_v.reshape(H, head_dim, -1)
     r = diag.to(left.dtype)
     return (left * (r[:, None, :] if r.dim() == 2 else r)) @ wk.transpose(1, 2)
+
+
+def input_key_terms(
+    c: float, mu_bias: Tensor, logvar_bias: Tensor, alpha_lin: Tensor, alpha_quad: Tensor, sigma2: float, min_var: float, cd: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
+    """The evaluation-form key terms of an NVIB in the identity initialisation's structure, as functions of
+    its input ``x`` (no latent formed).
+
+    With means ``mu = c x + b_mu``, one shared token variance ``S = exp(logvar_bias) + sigma2`` (floored like
+    the NVIB's) and ``f = sigma2 / S``: ``m = f mu = (c f) x + f b_mu``, so keys are ``(W diag(c f)) x +
+    (W (f b_mu) + b)``; and ``log a - shift - 1/2 sum mu^2 / S = sum_p x_p^2 A_p + sum_p x_p L_p + const`` with
+    ``A = w_quad - c^2 / (2S)``, ``L = w_lin - c b_mu / S``, ``const = -1/2 sum b_mu^2 / S`` (``shift`` is the
+    pseudo-count bias, which cancels). ``A`` takes ``1/(2S)`` rounded to ``cd``, as the two sums of
+    :func:`shared_key_terms` do, so at the identity it is exactly 0.
+
+    Returns ``(c f, f b_mu, A, L, const)``: float64 ``[P]`` vectors and a float.
+    """
+    S = logvar_bias.double().clamp_min(torch.log(torch.tensor(min_var, dtype=torch.float64)).item()).exp() + sigma2
+    f, b_mu = sigma2 / S, mu_bias.double()
+    A = alpha_quad.double() - c * c * (0.5 / S).to(cd).double()
+    L = alpha_lin.double() - c * b_mu / S
+    return c * f, f * b_mu, A, L, float(-(0.5 * b_mu * b_mu / S).sum())
+
+
+def prior_weight_underflows(q: Tensor, keys: Tensor, prior: tuple[float, float], const: float, scale: float) -> bool:
+    """Whether the prior column's attention weight is exactly 0 in ``q``'s dtype for every query, when every
+    token's per-key term is ``const`` and every query sees a token.
+
+    Its logit is below each visible token's by at least ``-(scale q.(k_0 - k_i) + b_0 - const) >=
+    -(scale |q| (|k_0| + |k_i|) + b_0 - const)`` (Cauchy-Schwarz); when that exceeds minus the logarithm of the
+    dtype's smallest positive number, its ``exp`` is 0 in the softmax whatever the row's maximum (at the
+    identity ``b_0 - const`` is about ``-alpha_tau s_alpha``).
+
+    Args:
+        q: ``[B, H, Nt, d]``; keys: ``[B, H, N, d]``; prior: ``(b_0, |k_0|)``, the largest over heads;
+        const: the tokens' per-key term; scale: the logit scale.
+    """
+    fi = torch.finfo(q.dtype)
+    floor = math.log(fi.smallest_normal * fi.eps) - 5.0  # below the smallest subnormal's logarithm
+    b0, k0_norm = prior
+    if b0 - const >= floor:
+        return False
+    reach = scale * float(q.norm(dim=-1).amax()) * (k0_norm + float(keys.to(q.dtype).norm(dim=-1).amax()))
+    return b0 - const + reach < floor
 
 
 def attend(

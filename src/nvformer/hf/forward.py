@@ -29,7 +29,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.checks import compute_dtype
-from ..core.keyform import attend, head_key_terms, head_matrices, key_terms, scale_heads, shared_key_terms
+from ..core.keyform import (
+    attend,
+    head_key_terms,
+    head_matrices,
+    input_key_terms,
+    key_terms,
+    prior_weight_underflows,
+    scale_heads,
+    shared_key_terms,
+)
 from ..core.latent import NVLatent
 from ..core.masks import hf_mask_bias, key_padding_from_bias
 from ..core.rope import apply_rope, inverse_rope_combine, repeat_kv
@@ -406,33 +415,20 @@ def _fused_applicable(self: nn.Module, cross: bool, sampled: bool, heads: bool, 
 
 
 def _fused_terms(self: nn.Module, k_w: Tensor, k_b: Tensor | None, v_w: Tensor, v_b: Tensor | None, cd: torch.dtype) -> tuple:
-    """What the fused path needs from the NVIB and the weights, for token inputs ``x``:
-
-    with ``mu = c x + b_mu`` and the shared token variance ``S = var_tok + sigma2`` (``f = sigma2 / S``),
-    keys ``W_k (f * mu) + b_k = (W_k diag(c f)) x + (W_k (f * b_mu) + b_k)`` (values alike), and the per-key
-    term ``log a - shift - 1/2 sum mu^2 / S = sum_p x_p^2 A_p + sum_p x_p L_p + const`` with
-    ``A = w_quad - c^2 / (2S)``, ``L = w_lin - c b_mu / S``, ``const = -1/2 sum b_mu^2 / S`` (the pseudo-count
-    bias cancels against ``shift``). ``A`` takes ``1/(2S)`` in the compute dtype, as the general path's two
-    sums do, so at the identity it is exactly 0 and the terms are a constant.
-
-    Returns ``(kw, kb, vw, vb, A, L, const)``: the projections (the original weights themselves when
-    ``c f = 1`` and ``b_mu = 0``), ``A`` and ``L`` as ``[P]`` in ``cd`` (None when all zero), ``const`` a float.
-    """
+    """The fused path's projections and per-key coefficients (:func:`~nvformer.core.keyform.input_key_terms`):
+    ``(kw, kb, vw, vb, A, L, const)``, the projections being the original weights themselves when the input
+    scaling is 1 and the mean bias 0 (the identity), ``A`` and ``L`` None when all zero."""
     nvib = self.nvib
-    c = nvib._structure()[0]
-    sigma2 = 1.0 / float(self.scaling)
-    S = nvib.logvar_proj.bias.double().clamp_min(math.log(nvib.min_var)).exp() + sigma2
-    f, b_mu = sigma2 / S, nvib.mu_proj.bias.double()
+    scaling, mean_shift, A, L, const = input_key_terms(nvib._structure()[0], nvib.mu_proj.bias, nvib.logvar_proj.bias, nvib.alpha_lin,
+                                                       nvib.alpha_quad, 1.0 / float(self.scaling), nvib.min_var, cd)
+    identity = bool((scaling == 1.0).all()) and not bool(mean_shift.any())
 
     def proj(w: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        if bool((c * f == 1.0).all()) and not bool(b_mu.any()):
+        if identity:
             return w, bias
-        shifted = w.double() @ (f * b_mu) + (0.0 if bias is None else bias.double())
-        return (w.double() * (c * f)).to(w.dtype), shifted.to(w.dtype)
+        shifted = w.double() @ mean_shift + (0.0 if bias is None else bias.double())
+        return (w.double() * scaling).to(w.dtype), shifted.to(w.dtype)
 
-    A = nvib.alpha_quad.double() - c * c * (0.5 / S).to(cd).double()
-    L = nvib.alpha_lin.double() - c * b_mu / S
-    const = float(-(0.5 * b_mu * b_mu / S).sum())
     return (*proj(k_w, k_b), *proj(v_w, v_b), A.to(cd) if bool(A.any()) else None, L.to(cd) if bool(L.any()) else None, const)
 
 
@@ -460,7 +456,7 @@ def _fused_forward(self: nn.Module, ad: Adapter, x: Tensor, q: Tensor, raw_mask:
     values = F.linear(x, vw, vb).view(B, N, Hkv, d).transpose(1, 2)
     shortcut = A is None and L is None and not interp and rows_see_tokens  # every token's term is `const`: maybe the tokens alone
     reach = (lambda: _derived(self, f"R0{cd}", p0_deps, lambda: _prior_reach(k0e))) if shortcut else None
-    if shortcut and layer_cache is None and _prior_weight_underflows(q, keys, reach(), const, scale):
+    if shortcut and layer_cache is None and prior_weight_underflows(q, keys, reach(), const, scale):
         # equal per-key terms and a prior weight of exactly 0 for every query: the attention over the tokens alone,
         # as the original module computes it (no extended channels, the original mask)
         out = F.scaled_dot_product_attention(q, keys.to(cd), values.to(cd), attn_mask=None if causal else tok_bias, is_causal=causal,
@@ -480,7 +476,7 @@ def _fused_forward(self: nn.Module, ad: Adapter, x: Tensor, q: Tensor, raw_mask:
         k_ext = torch.cat([keys.to(cd), b.to(cd)[:, None, :, None].expand(B, Hkv, N, 1)], dim=-1)
         keys, values = layer_cache.update(k_ext, values, self.layer_idx)
         b = None
-        if shortcut and _cached_terms_equal(keys[..., d], const, tok_bias) and _prior_weight_underflows(q, keys[..., :d], reach(), const, scale):
+        if shortcut and _cached_terms_equal(keys[..., d], const, tok_bias) and prior_weight_underflows(q, keys[..., :d], reach(), const, scale):
             # the same with a cache, when every cached key's term is `const` too (no knob change since it was cached)
             out = F.scaled_dot_product_attention(q, keys[..., :d], values.to(cd), attn_mask=tok_bias, scale=scale, enable_gqa=groups > 1)
             self.last_latent = _DeferredLatent(self, x, kpm)
@@ -490,21 +486,6 @@ def _fused_forward(self: nn.Module, ad: Adapter, x: Tensor, q: Tensor, raw_mask:
     S_tok = _token_terms(nvib, 1.0 / scale)[2].exp() if interp else None
     return _finish(self, ad, x, out, q, w0=out[..., d : d + 1], k_w=k_w, v_w=v_w, S_tok=S_tok, sigma2=1.0 / scale, d=d,
                    groups=groups, cd=cd, interp=interp, rope=None, w=None)
-
-
-def _prior_weight_underflows(q: Tensor, keys: Tensor, prior: tuple[float, float], const: float, scale: float) -> bool:
-    """Whether the prior column's attention weight is exactly 0 in ``q``'s dtype for every query, when every
-    token's per-key term is ``const`` and every query sees a token: its logit is below each visible token's,
-    ``scale q.(k_0 - k_i) + b_0 - const <= scale |q| (|k_0| + |k_i|) + b_0 - const`` (Cauchy-Schwarz), by more
-    than the logarithm of the dtype's smallest positive number, so its ``exp`` is 0 in the softmax whatever
-    the row's maximum (at the identity: ``b_0 - const`` is about ``-alpha_tau s_alpha``)."""
-    fi = torch.finfo(q.dtype)
-    floor = math.log(fi.smallest_normal * fi.eps) - 5.0  # below the smallest subnormal's logarithm
-    b0, k0_norm = prior
-    if b0 - const >= floor:
-        return False
-    reach = scale * float(q.norm(dim=-1).amax()) * (k0_norm + float(keys.to(q.dtype).norm(dim=-1).amax()))
-    return b0 - const + reach < floor
 
 
 def _prior_reach(k0e: Tensor) -> tuple[float, float]:
