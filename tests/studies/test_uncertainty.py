@@ -72,7 +72,9 @@ def test_predictive_probs_methods_and_temperature():
     assert not models[0].bert.embeddings.dropout.training  # dropout switched back off
     ens = predictive_probs("ensemble", models, data)
     assert ens.shape == (2, 3, 2)
-    torch.testing.assert_close(ens[0], p_map[0])
+    assert torch.equal(ens[0], p_map[0])  # bit-identical: the study reuses the "map" row as the ensemble's first member
+    assert torch.equal(predictive_logits("ensemble", models, data), torch.cat([predictive_logits("map", models[:1], data),
+                                                                              predictive_logits("ensemble", models[1:], data)]))
     convert_dirichlet(models[1])
     ds = predictive_probs("dirichlet-sample", models[1:], data, samples=3)
     assert ds.shape == (3, 3, 2) and not torch.equal(ds[0], ds[1])

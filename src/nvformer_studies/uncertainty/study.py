@@ -143,8 +143,11 @@ def seed_run(seed: int, st: dict, out: Path, data, *, quiet: bool = False, train
         {dirichlet_name(**st["posterior"]): learnt[2]} if learnt else {})  # run-folder stem -> training summary
     if train_only:
         return None
-    logits = {"map": evaluate_all("map", [map_model]), "mc-dropout": evaluate_all("mc-dropout", [map_model]),
-              "ensemble": evaluate_all("ensemble", members)}
+    logits = {"map": evaluate_all("map", [map_model]), "mc-dropout": evaluate_all("mc-dropout", [map_model])}
+    # the ensemble's first member is the MAP model (deterministic, no draws): its logits are the "map" row's
+    rest = members[1:]
+    logits["ensemble"] = {d: remember("ensemble", d, lambda d=d, x=x, rest=rest: torch.cat([logits["map"][d], predictive_logits("ensemble", rest, x, st["samples"], seed)]))
+                          for d, x in [("validation", val), *sets.items()]}
     logits["dirichlet-mean"] = evaluate_all("dirichlet-mean", [dir_model])
     logits["dirichlet-sample"] = evaluate_all("dirichlet-sample", [dir_model])
     if broad is not None:
@@ -152,7 +155,7 @@ def seed_run(seed: int, st: dict, out: Path, data, *, quiet: bool = False, train
     if learnt is not None:
         for method in ("dirichlet-mean", "dirichlet-sample"):
             logits[method + LEARNT] = evaluate_all(method, [learnt[0]], method + LEARNT)
-    del members, dir_model, broad, learnt
+    del members, rest, dir_model, broad, learnt
     # NV sampling on the MAP model: stdev_tau by source validation NLL
     best = None
     for s in st["nv_grid"]:
