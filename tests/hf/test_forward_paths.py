@@ -357,3 +357,16 @@ def test_fused_caches_follow_knob_prior_and_weight_changes():
                 m.key.weight.add_(0.01)
                 m.value.bias.add_(0.02)
         _compare(output(nvm, kw), output(nv.convert(copy.deepcopy(model), prior=other, **AWAY), kw), valid, 1e-6)
+
+
+def test_mask_memo_is_dropped_with_its_mask():
+    """The mask's terms are kept only while the mask object lives."""
+    import gc
+
+    model = build("bert")
+    nvm = nv.convert(copy.deepcopy(model), **AWAY)
+    kw, _ = inputs("bert", "right")
+    with torch.no_grad():
+        output(nvm, kw)
+    gc.collect()
+    assert fwd._MASK_MEMO[0] is None

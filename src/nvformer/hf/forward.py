@@ -535,8 +535,15 @@ def _mask_terms(raw_mask: Tensor | None, B: int, Nt: int, Nk: int, is_causal: bo
     rows_see_tokens = tok_bias is None or bool((tok_bias > torch.finfo(tok_bias.dtype).min / 2).any(-1).all())
     result = (tok_bias, kpm, bias, rows_see_tokens)
     if raw_mask is not None:
-        _MASK_MEMO[0] = (weakref.ref(raw_mask), key, result)
+        _MASK_MEMO[0] = (weakref.ref(raw_mask, _forget_mask), key, result)
     return result
+
+
+def _forget_mask(ref: weakref.ref) -> None:
+    """Drop the memo's tensors with the mask they came from (called when the mask is freed)."""
+    memo = _MASK_MEMO[0]
+    if memo is not None and memo[0] is ref:
+        _MASK_MEMO[0] = None
 
 
 class _DeferredLatent:
