@@ -147,12 +147,17 @@ def test_deferred_latent_equals_the_general_paths_latent_and_feeds_the_kl(family
     torch.testing.assert_close(kl_fused.dirichlet, kl_general.dirichlet)
 
 
-def test_deferred_latent_read_after_the_nvib_changed_is_an_error():
-    model = build("bert")
-    nvm = nv.convert(copy.deepcopy(model), **AWAY)
+def _bert_after_a_forward():
+    """A tiny converted BERT (knobs AWAY) after one forward, and its inputs."""
+    nvm = nv.convert(build("bert"), **AWAY)
     kw, _ = inputs("bert", None)
     with torch.no_grad():
         output(nvm, kw)
+    return nvm, kw
+
+
+def test_deferred_latent_read_after_the_nvib_changed_is_an_error():
+    nvm, kw = _bert_after_a_forward()
     first = nv_modules(nvm)[0][1]
     first.nvib.set_knobs(alpha_tau=2.0)
     with pytest.raises(RuntimeError, match="NVIB changed"):
@@ -163,11 +168,7 @@ def test_deferred_latent_read_after_the_nvib_changed_is_an_error():
 
 
 def test_unconvert_removes_the_latent_property():
-    model = build("bert")
-    nvm = nv.convert(copy.deepcopy(model), **AWAY)
-    kw, _ = inputs("bert", None)
-    with torch.no_grad():
-        output(nvm, kw)
+    nvm, _ = _bert_after_a_forward()
     nv.unconvert(nvm)
     assert not any(hasattr(m, "last_latent") or "_nv_latent" in m.__dict__ for m in nvm.modules())
 

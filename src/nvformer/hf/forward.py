@@ -454,6 +454,7 @@ def _fused_forward(self: nn.Module, ad: Adapter, x: Tensor, q: Tensor, raw_mask:
     if rope is not None:
         keys = apply_rope(keys, *rope)
     values = F.linear(x, vw, vb).view(B, N, Hkv, d).transpose(1, 2)
+    self.last_latent = _DeferredLatent(self, x, kpm)
     shortcut = A is None and L is None and not interp and rows_see_tokens  # every token's term is `const`: maybe the tokens alone
     reach = (lambda: _derived(self, f"R0{cd}", p0_deps, lambda: _prior_reach(k0e))) if shortcut else None
     if shortcut and layer_cache is None and prior_weight_underflows(q, keys, reach(), const, scale):
@@ -461,7 +462,6 @@ def _fused_forward(self: nn.Module, ad: Adapter, x: Tensor, q: Tensor, raw_mask:
         # as the original module computes it (no extended channels, the original mask)
         out = F.scaled_dot_product_attention(q, keys.to(cd), values.to(cd), attn_mask=None if causal else tok_bias, is_causal=causal,
                                              scale=scale, enable_gqa=groups > 1)
-        self.last_latent = _DeferredLatent(self, x, kpm)
         return _output(self, ad, x, out, None, None)
     if A is None and L is None:
         b = torch.full((B, N), const, dtype=torch.float64, device=x.device)
@@ -479,17 +479,15 @@ def _fused_forward(self: nn.Module, ad: Adapter, x: Tensor, q: Tensor, raw_mask:
         if shortcut and _cached_terms_equal(keys[..., d], const, tok_bias) and prior_weight_underflows(q, keys[..., :d], reach(), const, scale):
             # the same with a cache, when every cached key's term is `const` too (no knob change since it was cached)
             out = F.scaled_dot_product_attention(q, keys[..., :d], values.to(cd), attn_mask=tok_bias, scale=scale, enable_gqa=groups > 1)
-            self.last_latent = _DeferredLatent(self, x, kpm)
             return _output(self, ad, x, out, None, None)
     out = self.__dict__.get("_nv_compiled", extended_sdpa)(q, k0e, v0e, keys, values, b, bias=bias, causal=causal, scale=scale, groups=groups)
-    self.last_latent = _DeferredLatent(self, x, kpm)
     S_tok = _token_terms(nvib, 1.0 / scale)[2].exp() if interp else None
     return _finish(self, ad, x, out, q, w0=out[..., d : d + 1], k_w=k_w, v_w=v_w, S_tok=S_tok, sigma2=1.0 / scale, d=d,
                    groups=groups, cd=cd, interp=interp, rope=None, w=None)
 
 
 def _prior_reach(k0e: Tensor) -> tuple[float, float]:
-    """``(b_0, |k_0|)`` of the prior column's extended key ``[k_0 | b_0]`` (the largest over heads), for :func:`_prior_weight_underflows`."""
+    """``(b_0, |k_0|)`` of the prior column's extended key ``[k_0 | b_0]`` (the largest over heads), for :func:`~nvformer.core.keyform.prior_weight_underflows`."""
     return float(k0e[..., -1].max()), float(k0e[..., :-1].norm(dim=-1).amax())
 
 
