@@ -103,3 +103,31 @@ def test_dirichlet_masked_components_get_zero_weight():
     lp = nv.sample_log_dirichlet(la, pad)
     assert torch.isneginf(lp[pad]).all() and torch.isfinite(lp[~pad]).all()
     torch.testing.assert_close(lp.exp().sum(-1), torch.ones(4))
+
+
+def test_unmasked_shortcuts_give_the_general_paths_numbers():
+    """Without any excluded entry the masked passes are skipped: same numbers as with an all-False
+    mask given explicitly (whose general path runs), bit for bit; meta tensors take the general path."""
+    from nvformer.core.masks import nothing_set
+
+    x = torch.randn(3, 5, dtype=torch.float64)
+    general = (x - torch.logsumexp(x, -1, keepdim=True)).masked_fill(torch.zeros(3, 5, dtype=torch.bool), -math.inf)
+    assert torch.equal(masked_log_softmax(x, None), general)
+    torch.testing.assert_close(masked_log_softmax(x, None), torch.log_softmax(x, -1), rtol=0, atol=1e-14)
+    assert nothing_set(torch.zeros(4, dtype=torch.bool)) and not nothing_set(torch.tensor([False, True]))
+    assert not nothing_set(torch.zeros(4, dtype=torch.bool, device="meta"))
+    assert masked_log_softmax(torch.empty(2, 3, device="meta"), None).shape == (2, 3)
+
+
+def test_log_gamma_mixes_its_regimes_per_entry():
+    """Entries above the log-normal limit and masked entries in one call: each follows its own
+    regime (log-normal draws only where log a > 20, -inf where masked, boosted Gamma elsewhere)."""
+    torch.manual_seed(0)
+    n = 20_000
+    lc = torch.tensor([0.0, 30.0, -math.inf], dtype=torch.float64).expand(n, 3)
+    draws = nv.sample_log_gamma(lc)
+    assert torch.isneginf(draws[:, 2]).all()
+    g0 = draws[:, 0].exp()  # Gamma(1): mean 1, variance 1
+    assert abs(g0.mean().item() - 1.0) < 5 / math.sqrt(n)
+    z = (draws[:, 1] - 30.0) * math.exp(15.0)  # log g ~ N(log a, 1/a): standardised
+    assert abs(z.mean().item()) < 5 / math.sqrt(n) and abs(z.std().item() - 1.0) < 0.05

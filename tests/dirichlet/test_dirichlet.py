@@ -407,3 +407,15 @@ def test_float32_training_forward_works_in_float32_with_a_float64_kl():
     (out.sum() + layer.last_kl.sum()).backward()
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
     assert layer.dirichlet.log_tau.grad is not None and float(layer.dirichlet.log_tau.grad.abs()) > 0
+
+
+def test_log_concentrations_without_the_prior_give_the_same_posterior():
+    """A sample without its KL skips the prior: ``log c`` unchanged, ``log c0`` None; padded keys
+    stay -inf either way."""
+    logits = torch.randn(2, 3, 4, 6)
+    logits[0, ..., 4:] = float("-inf")
+    for spec in (DirichletSpec(), DirichletSpec(concentration="exp", prior="symmetric")):
+        lc, lc0, pad = log_concentrations(logits, spec, 10.0)
+        lc_only, none, pad2 = log_concentrations(logits, spec, 10.0, prior=False)
+        assert none is None and torch.equal(lc, lc_only) and torch.equal(pad, pad2)
+        assert torch.isneginf(lc[0, ..., 4:]).all() and torch.isneginf(lc0[0, ..., 4:]).all() and torch.isfinite(lc[1]).all()

@@ -21,6 +21,7 @@ __all__ = [
     "key_padding_from_bias",
     "latent_columns_mask",
     "masked_log_softmax",
+    "nothing_set",
     "mha_masks",
     "safe_softmax",
 ]
@@ -28,6 +29,12 @@ __all__ = [
 
 def _fill_value(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min / 2
+
+
+def nothing_set(mask: Tensor) -> bool:
+    """True when the bool ``mask`` has no True entry (a shortcut's condition); False on the meta
+    device, whose tensors have no values (the general path then runs)."""
+    return mask.device.type != "meta" and not bool(mask.any())
 
 
 def masked_log_softmax(x: Tensor, pad_mask: Tensor | None, dim: int = -1) -> Tensor:
@@ -42,6 +49,8 @@ def masked_log_softmax(x: Tensor, pad_mask: Tensor | None, dim: int = -1) -> Ten
     """
     neg_inf = torch.isneginf(x)
     excluded = neg_inf if pad_mask is None else (pad_mask | neg_inf)
+    if nothing_set(excluded):  # the same numbers without the two masked passes
+        return x - torch.logsumexp(x, dim=dim, keepdim=True)
     safe = x.masked_fill(excluded, _fill_value(x.dtype))
     out = safe - torch.logsumexp(safe, dim=dim, keepdim=True)
     return out.masked_fill(excluded, float("-inf"))

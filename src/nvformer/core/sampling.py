@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .masks import masked_log_softmax
+from .masks import masked_log_softmax, nothing_set
 
 __all__ = ["sample_log_gamma", "sample_log_dirichlet"]
 
@@ -45,22 +45,26 @@ def sample_log_gamma(log_concentration: Tensor, dtype: torch.dtype = torch.float
         raise ValueError(f"sample_log_gamma: `dtype` must be torch.float32 or torch.float64, got {dtype}")
     out_dtype = torch.promote_types(log_concentration.dtype, torch.float32)
     lc = log_concentration.to(dtype)
-    if bool((torch.isnan(lc) | torch.isposinf(lc)).any()):
+    if lc.numel() and lc.device.type != "meta" and not bool(lc.max() < float("inf")):  # one pass: NaN and +inf both fail the comparison
         raise ValueError("sample_log_gamma: `log_concentration` must not be NaN or +inf (-inf marks a masked entry)")
     masked = torch.isneginf(lc)
-    lc = lc.masked_fill(masked, 0.0).clamp_min(_LOG_A_MIN[dtype])
-    big = lc > _LOG_A_NORMAL_LIMIT
+    any_masked = not nothing_set(masked)
+    if any_masked:
+        lc = lc.masked_fill(masked, 0.0)
+    lc = lc.clamp_min(_LOG_A_MIN[dtype])
 
     tiny = torch.finfo(dtype).tiny
     a_small = lc.clamp(max=_LOG_A_NORMAL_LIMIT).exp()
-    x = torch.distributions.Gamma(a_small + 1.0, torch.ones_like(a_small)).rsample()
+    x = torch.distributions.Gamma(a_small + 1.0, 1.0).rsample()
     u = torch.rand_like(a_small).clamp_min(tiny)
-    log_g_small = x.clamp_min(tiny).log() + u.log() / a_small
+    log_g = x.clamp_min(tiny).log() + u.log() / a_small
 
-    lc_big = lc.clamp(min=_LOG_A_NORMAL_LIMIT)
-    log_g_big = lc_big + torch.randn_like(lc_big) * torch.exp(-0.5 * lc_big)
-
-    log_g = torch.where(big, log_g_big, log_g_small).masked_fill(masked, float("-inf"))
+    big = lc > _LOG_A_NORMAL_LIMIT
+    if not nothing_set(big):  # the log-normal limit, drawn only where it applies
+        lc_big = lc.clamp(min=_LOG_A_NORMAL_LIMIT)
+        log_g = torch.where(big, lc_big + torch.randn_like(lc_big) * torch.exp(-0.5 * lc_big), log_g)
+    if any_masked:
+        log_g = log_g.masked_fill(masked, float("-inf"))
     return log_g.to(out_dtype)
 
 

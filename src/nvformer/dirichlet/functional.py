@@ -46,7 +46,7 @@ from torch import Tensor
 
 from ..core.checks import check_choice, check_real
 from ..core.kl import lgamma_terms
-from ..core.masks import masked_log_softmax, safe_softmax
+from ..core.masks import masked_log_softmax, nothing_set, safe_softmax
 from ..core.sampling import sample_log_dirichlet
 
 __all__ = ["CONCENTRATIONS", "PREDICTIONS", "PRIORS", "DirichletSpec", "dirichlet_attention", "dirichlet_kl", "log_concentrations",
@@ -136,29 +136,39 @@ def dirichlet_kl(log_cq: Tensor, log_cp: Tensor, pad: Tensor | None = None) -> T
     return kl.masked_fill(empty.squeeze(-1), 0.0)
 
 
-def log_concentrations(logits: Tensor, spec: DirichletSpec, tau: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+def log_concentrations(logits: Tensor, spec: DirichletSpec, tau: Tensor | float, *, prior: bool = True) -> tuple[Tensor, Tensor | None, Tensor]:
     """``(log c [..., N], log c0 [..., N], pad [..., N])`` from masked attention logits, in their
     dtype (at least float32; pass float64 logits for the exact sampling / KL path).
 
-    ``logits`` are ``scale q.k`` plus the additive mask (``-inf`` = not visible).
+    ``logits`` are ``scale q.k`` plus the additive mask (``-inf`` = not visible). ``log c0`` (the
+    prior's) is None when ``prior`` is False (a sample without its KL needs only ``log c``).
     """
     lg = logits.to(torch.promote_types(logits.dtype, torch.float32))
     pad = torch.isneginf(lg)
-    n = (~pad).sum(-1, keepdim=True).clamp_min(1).to(lg.dtype)  # exact in float32 up to 2^24 keys
+    padded = not nothing_set(pad)
+    n = (~pad).sum(-1, keepdim=True).clamp_min(1).to(lg.dtype) if padded else torch.tensor(float(lg.shape[-1]), dtype=lg.dtype, device=lg.device)
     log_p = masked_log_softmax(lg, pad)
     log_tau = torch.log(torch.as_tensor(tau, device=lg.device)).to(lg.dtype)
     log_eps = math.log(spec.eps)
     if spec.concentration == "softmax":
         core = log_tau + n.log() + log_p
     else:
-        core = log_tau + lg.masked_fill(pad, 0.0)
-    log_c = torch.logaddexp(core, torch.full_like(core, log_eps)).masked_fill(pad, float("-inf"))
-    if spec.prior == "centred":
-        prior_core = math.log(spec.prior_tau) + n.log() + log_p.detach()
-        log_c0 = torch.logaddexp(prior_core, torch.full_like(prior_core, log_eps))
-    else:
+        core = log_tau + (lg.masked_fill(pad, 0.0) if padded else lg)
+    log_c = _log_plus_eps(core, log_eps)
+    log_c0 = None
+    if prior and spec.prior == "centred":
+        log_c0 = _log_plus_eps(math.log(spec.prior_tau) + n.log() + log_p.detach(), log_eps)
+    elif prior:
         log_c0 = torch.full_like(lg, math.log(spec.prior_alpha))
-    return log_c, log_c0.masked_fill(pad, float("-inf")), pad
+    if padded:
+        log_c = log_c.masked_fill(pad, float("-inf"))
+        log_c0 = None if log_c0 is None else log_c0.masked_fill(pad, float("-inf"))
+    return log_c, log_c0, pad
+
+
+def _log_plus_eps(core: Tensor, log_eps: float) -> Tensor:
+    """``log(exp(core) + eps)`` elementwise, as ``logaddexp`` without materialising ``eps``."""
+    return torch.logaddexp(core, torch.tensor(log_eps, dtype=core.dtype, device=core.device))
 
 
 def dirichlet_attention(query: Tensor, key: Tensor, value: Tensor, bias: Tensor | None, spec: DirichletSpec, tau: Tensor | float, *,
@@ -188,9 +198,9 @@ def dirichlet_attention(query: Tensor, key: Tensor, value: Tensor, bias: Tensor 
         weights = mean_weights(logits, spec, tau).to(query.dtype)
         log_c = log_c0 = pad = None
     else:
-        log_c, log_c0, pad = log_concentrations(logits, spec, tau)
-        log_a = sample_log_dirichlet(log_c, pad, dtype=cd) if sample else masked_log_softmax(log_c, pad)
-        weights = log_a.exp().masked_fill(pad, 0.0).to(query.dtype)
+        log_c, log_c0, pad = log_concentrations(logits, spec, tau, prior=kl)
+        log_a = sample_log_dirichlet(log_c, dtype=cd) if sample else masked_log_softmax(log_c, None)
+        weights = log_a.exp().to(query.dtype)  # masked entries: log a = -inf, weight 0
     w = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
     return w @ value, weights, (dirichlet_kl(log_c, log_c0, pad) if kl else None)
 

@@ -121,11 +121,10 @@ class DirichletAttention(nn.Module):
         sample, need_kl = st.modes(self.training)
         cd = working_dtype(query.dtype, sample=sample, kl=need_kl)
         kpm, extra = mha_masks(B, H, Nq, Nk, key_padding_mask, attn_mask, is_causal, cd, query.device, where)
-        bias = torch.zeros(B, 1, Nq, Nk, dtype=cd, device=query.device)
+        bias = extra
         if kpm is not None:
-            bias = bias.masked_fill(kpm[:, None, None, :], float("-inf"))
-        if extra is not None:
-            bias = bias + extra
+            hide = torch.zeros(B, 1, 1, Nk, dtype=cd, device=query.device).masked_fill(kpm[:, None, None, :], float("-inf"))
+            bias = hide if bias is None else bias + hide
         out, w, kl = dirichlet_attention(q, k, v, bias, st.spec, st.tau, sample=sample, kl=need_kl,
                                          dropout_p=self.dropout if self.training else 0.0)
         if kl is not None and kpm is not None and Nq == Nk:
