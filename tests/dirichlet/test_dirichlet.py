@@ -419,3 +419,20 @@ def test_log_concentrations_without_the_prior_give_the_same_posterior():
         lc_only, none, pad2 = log_concentrations(logits, spec, 10.0, prior=False)
         assert none is None and torch.equal(lc, lc_only) and torch.equal(pad, pad2)
         assert torch.isneginf(lc[0, ..., 4:]).all() and torch.isneginf(lc0[0, ..., 4:]).all() and torch.isfinite(lc[1]).all()
+
+
+def test_dirichlet_kl_padding_shortcut_and_padded_rows_agree():
+    """No pad, an all-False pad and a padded copy of the same rows give one KL (float64, against
+    ``torch.distributions``); a fully padded row gives 0."""
+    g = torch.Generator().manual_seed(3)
+    lq, lp = torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randn(4, 5, generator=g, dtype=torch.float64)
+    ref = torch.distributions.kl_divergence(torch.distributions.Dirichlet(lq.exp()), torch.distributions.Dirichlet(lp.exp()))
+    torch.testing.assert_close(dirichlet_kl(lq, lp), ref, rtol=1e-10, atol=1e-12)
+    assert torch.equal(dirichlet_kl(lq, lp), dirichlet_kl(lq, lp, torch.zeros(4, 5, dtype=torch.bool)))
+    pad = torch.zeros(5, 7, dtype=torch.bool)
+    pad[:4, 5:] = True
+    pad[4] = True
+    wide = lambda x: torch.cat([torch.cat([x, torch.full((4, 2), -math.inf, dtype=x.dtype)], 1), torch.zeros(1, 7, dtype=x.dtype)])  # noqa: E731
+    kl = dirichlet_kl(wide(lq), wide(lp), pad)
+    torch.testing.assert_close(kl[:4], ref, rtol=1e-10, atol=1e-12)
+    assert kl[4] == 0

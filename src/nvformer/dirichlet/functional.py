@@ -112,13 +112,16 @@ def dirichlet_kl(log_cq: Tensor, log_cp: Tensor, pad: Tensor | None = None) -> T
     """
     entry_dtype = torch.promote_types(torch.promote_types(log_cq.dtype, log_cp.dtype), torch.float32)
     lq, lp = torch.broadcast_tensors(log_cq.to(entry_dtype), log_cp.to(entry_dtype))
-    pad = torch.zeros_like(lq, dtype=torch.bool) if pad is None else pad.expand(lq.shape)
-    empty = pad.all(-1, keepdim=True)  # such a row is computed on dummy entries (log c = 0) and zeroed at the end
+    padded = pad is not None and not nothing_set(pad)  # without padding the masked passes below are skipped
+    pad = pad.expand(lq.shape) if padded else None
+    empty = pad.all(-1, keepdim=True) if padded else None  # such a row is computed on dummy entries (log c = 0) and zeroed at the end
 
     def log_total(lc: Tensor) -> Tensor:  # [..., 1] log of the sum over the visible entries, float64
-        return torch.logsumexp(lc.masked_fill(pad, float("-inf")).masked_fill(empty, 0.0), -1, keepdim=True).double()
+        visible = lc.masked_fill(pad, float("-inf")).masked_fill(empty, 0.0) if padded else lc
+        return torch.logsumexp(visible, -1, keepdim=True).double()
 
-    lq, lp = lq.masked_fill(pad, 0.0), lp.masked_fill(pad, 0.0)
+    if padded:
+        lq, lp = lq.masked_fill(pad, 0.0), lp.masked_fill(pad, 0.0)
     log_Cq, log_Cp = log_total(lq), log_total(lp)
     (h_Cq, g_Cq), (h_Cp, g_Cp) = lgamma_terms(log_Cq), lgamma_terms(log_Cp)
     C_p = log_Cp.exp()
@@ -132,6 +135,8 @@ def dirichlet_kl(log_cq: Tensor, log_cp: Tensor, pad: Tensor | None = None) -> T
         (h_q, g_q), (h_p, g_p) = lgamma_terms(lq_l), lgamma_terms(lp_l)
         rows = tuple(large.nonzero(as_tuple=False)[:, :-1].T)  # each entry's row; accumulate sums an entry per row
         kl = kl.index_put(rows, h_p - h_q + lp_l.exp() * (lp_l - lq_l + g_p - g_q), accumulate=True)
+    if not padded:
+        return kl + per_entry.sum(-1, dtype=torch.float64)
     kl = kl + per_entry.masked_fill(pad, 0.0).sum(-1, dtype=torch.float64)
     return kl.masked_fill(empty.squeeze(-1), 0.0)
 
