@@ -299,6 +299,21 @@ def test_sweep_mechanism_is_read_off_the_sweep_points():
     assert _sweep_mechanism(points[2:], 10.0) == ""
 
 
+def test_learnt_rows_are_called_run_to_run_variation_when_tau_did_not_move():
+    """If the chosen model's tau stayed at its initial value (prior_tau equal to it), the reading says its
+    rows differ by the optimisation, not by a learnt posterior; a tau that moved, or another prior, gets no such sentence."""
+    from nvformer_studies.uncertainty.report import _optimiser_effect
+
+    post = {"variational_lr": 0.01, "prior_tau": 10.0}
+    still = {"tau_init": 10.0, "tau": {"dirichlet-vlr0.01-prior10-s0": [10.0, 10.004], "dirichlet-vlr0.01-prior10-s1": [9.999, 10.0],
+                                       "dirichlet-s0": [12.0, 12.0]}}
+    text = _optimiser_effect(still, post)
+    assert "within 0.004 of its initial 10" in text and "not the effect of a learnt posterior" in text
+    moved = {"tau_init": 10.0, "tau": {"dirichlet-vlr0.01-prior10-s0": [10.0, 10.5]}}
+    assert _optimiser_effect(moved, post) == ""
+    assert _optimiser_effect({"tau_init": 10.0, "tau": {"dirichlet-vlr0.01-prior3-s0": [10.0, 10.0]}}, post | {"prior_tau": 3.0}) == ""
+
+
 def test_an_interrupted_seed_run_resumes_with_the_same_logits(tmp_path, monkeypatch):
     """Every (row, split) is kept as soon as it is computed: a run stopped halfway resumes without recomputing
     what it kept, and ends with the logits of an uninterrupted run; the partial file is then removed."""
