@@ -157,15 +157,20 @@ def goal_rows(device, dtype, repeats: int, quick: bool, models: bool, compiled: 
     rows = []
     for w, f in fns.items():
         t = interleaved({k: v for k, v in f.items() if callable(v)}, repeats)
-        op, goal = GOALS[w]
-        gen = w.endswith("generate")
-        ratio = t["baseline"] / t["nv"] if gen else t["nv"] / t["baseline"]
-        rows.append({"workload": w, "baseline": "original model" if w.startswith(("minilm", "smollm2")) else "nn.MultiheadAttention",
-                     "baseline_ms": 1e3 * t["baseline"], "nv_ms": 1e3 * t["nv"], "sdpa_ms": 1e3 * t["sdpa"] if "sdpa" in t else None,
-                     "ratio": ratio, "measure": "tokens/s (NV / original)" if gen else "time (NV / baseline)", "goal": f"{op} {goal:g}x",
-                     "met": ratio <= goal if op == "<=" else ratio >= goal, "identical_tokens": f.get("identical"),
-                     "new_tokens": new_tokens if gen else None})
+        rows.append(goal_row(w, t, f.get("identical"), new_tokens))
     return rows
+
+
+def goal_row(workload: str, seconds: dict, identical: bool | None = None, new_tokens: int | None = None) -> dict:
+    """The goal table's row of ``workload`` from its median ``seconds`` (``{"baseline", "nv"[, "sdpa"]}``):
+    generation workloads (plain and compiled) compare tokens/s (baseline time over NV time), the others time."""
+    op, goal = GOALS[workload]
+    gen = "generate" in workload
+    ratio = seconds["baseline"] / seconds["nv"] if gen else seconds["nv"] / seconds["baseline"]
+    return {"workload": workload, "baseline": "original model" if workload.startswith(("minilm", "smollm2")) else "nn.MultiheadAttention",
+            "baseline_ms": 1e3 * seconds["baseline"], "nv_ms": 1e3 * seconds["nv"], "sdpa_ms": 1e3 * seconds["sdpa"] if "sdpa" in seconds else None,
+            "ratio": ratio, "measure": "tokens/s (NV / original)" if gen else "time (NV / baseline)", "goal": f"{op} {goal:g}x",
+            "met": ratio <= goal if op == "<=" else ratio >= goal, "identical_tokens": identical, "new_tokens": new_tokens if gen else None}
 
 
 def measure_memory_here(method: str, N: int, P: int, H: int, device: str, dtype: str) -> int:

@@ -38,6 +38,17 @@ def test_goal_rows_have_ratio_goal_and_verdict(perf):
         assert r["goal"] == f"{op} {goal:g}x" and r["met"] == (r["ratio"] <= goal)
 
 
+def test_generation_rows_compare_tokens_per_second_compiled_or_not(perf):
+    """Both generation rows (plain and compiled) report NV tokens/s over the original's against their
+    ">= 0.9x" goal: 10% slower generation is 0.909x, met; 20% slower is 0.833x, not met."""
+    for w in ("smollm2-generate", "smollm2-generate-compiled"):
+        r = perf.goal_row(w, {"baseline": 1.0, "nv": 1.1}, identical=True, new_tokens=48)
+        assert r["measure"] == "tokens/s (NV / original)" and r["ratio"] == pytest.approx(1 / 1.1) and r["met"] and r["new_tokens"] == 48
+        assert not perf.goal_row(w, {"baseline": 1.0, "nv": 1.2})["met"]
+    r = perf.goal_row("minilm-away", {"baseline": 1.0, "nv": 1.1})
+    assert r["measure"] == "time (NV / baseline)" and r["ratio"] == pytest.approx(1.1) and not r["met"] and r["new_tokens"] is None
+
+
 def test_training_workloads_reach_every_parameter(perf):
     for kind in ("mha-train", "dirichlet-train"):
         f = perf.attention_pair(kind, 1, 8, 16, 2, torch.device("cpu"), torch.float32)
