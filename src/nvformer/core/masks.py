@@ -21,8 +21,8 @@ __all__ = [
     "key_padding_from_bias",
     "latent_columns_mask",
     "masked_log_softmax",
-    "nothing_set",
     "mha_masks",
+    "nothing_set",
     "safe_softmax",
 ]
 

@@ -135,10 +135,10 @@ def dirichlet_kl(log_cq: Tensor, log_cp: Tensor, pad: Tensor | None = None) -> T
         (h_q, g_q), (h_p, g_p) = lgamma_terms(lq_l), lgamma_terms(lp_l)
         rows = tuple(large.nonzero(as_tuple=False)[:, :-1].T)  # each entry's row; accumulate sums an entry per row
         kl = kl.index_put(rows, h_p - h_q + lp_l.exp() * (lp_l - lq_l + g_p - g_q), accumulate=True)
-    if not padded:
-        return kl + per_entry.sum(-1, dtype=torch.float64)
-    kl = kl + per_entry.masked_fill(pad, 0.0).sum(-1, dtype=torch.float64)
-    return kl.masked_fill(empty.squeeze(-1), 0.0)
+    if padded:
+        per_entry = per_entry.masked_fill(pad, 0.0)
+    kl = kl + per_entry.sum(-1, dtype=torch.float64)
+    return kl.masked_fill(empty.squeeze(-1), 0.0) if padded else kl
 
 
 def log_concentrations(logits: Tensor, spec: DirichletSpec, tau: Tensor | float, *, prior: bool = True) -> tuple[Tensor, Tensor | None, Tensor]:

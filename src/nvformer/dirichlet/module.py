@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.checks import at_least_float32, check_dropout, check_float, check_heads, check_tensor
-from ..core.masks import mha_masks
+from ..core.masks import additive_mask, mha_masks
 from .functional import DirichletSpec, dirichlet_attention, working_dtype
 
 __all__ = ["DirichletAttention", "DirichletState", "dirichlet_kl_total", "set_eval_kl", "variational_parameters"]
@@ -123,7 +123,7 @@ class DirichletAttention(nn.Module):
         kpm, extra = mha_masks(B, H, Nq, Nk, key_padding_mask, attn_mask, is_causal, cd, query.device, where)
         bias = extra
         if kpm is not None:
-            hide = torch.zeros(B, 1, 1, Nk, dtype=cd, device=query.device).masked_fill(kpm[:, None, None, :], float("-inf"))
+            hide = additive_mask(kpm, cd)[:, None, None, :]
             bias = hide if bias is None else bias + hide
         out, w, kl = dirichlet_attention(q, k, v, bias, st.spec, st.tau, sample=sample, kl=need_kl,
                                          dropout_p=self.dropout if self.training else 0.0)
