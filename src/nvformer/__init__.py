@@ -40,7 +40,7 @@ from .config import IDENTITY, Knobs, NVConfig
 from .core.kl import kl_dirichlet, kl_gaussian, kl_symmetric_dirichlet
 from .core.latent import NVLatent
 from .core.prior import Prior, PriorEstimator
-from .core.sampling import sample_log_dirichlet, sample_log_gamma
+from .core.sampling import sample_log_dirichlet, sample_log_gamma, standard_gamma
 from .dirichlet.functional import DirichletSpec, dirichlet_kl
 from .dirichlet.module import DirichletAttention
 from .hf.dirichlet import convert_dirichlet
@@ -88,6 +88,7 @@ __all__ = [
     "set_head_knobs",
     "set_knobs",
     "set_prediction",
+    "standard_gamma",
     "tune",
     "unconvert",
 ]

@@ -214,7 +214,7 @@ def prior_weight_underflows(q: Tensor, keys: Tensor, prior: tuple[float, float],
     b0, k0_norm = prior
     if b0 - const >= floor:
         return False
-    reach = scale * float(q.norm(dim=-1).amax()) * (k0_norm + float(keys.to(q.dtype).norm(dim=-1).amax()))
+    reach = scale * float(q.detach().norm(dim=-1).amax()) * (k0_norm + float(keys.detach().to(q.dtype).norm(dim=-1).amax()))
     return b0 - const + reach < floor
 
 
