@@ -11,7 +11,7 @@ import transformers as tf
 
 from nvformer_studies.common.checkpoints import load_minilm
 from nvformer_studies.fitknobs.report import fit_section
-from nvformer_studies.fitknobs.study import FIT_METHODS, FitStudyConfig, run_fit_study
+from nvformer_studies.fitknobs.study import FIT_METHODS, FitStudyConfig, run_fit_study, time_fits
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +134,30 @@ def test_translation_part_end_to_end(tmp_path):
     expected = (h[0, 0] + h[0, 1] + h[1, 0]) / 3
     out = type("Out", (), {"logits": logits})()
     assert decoder_entropy(out, {"labels": labels}).item() == pytest.approx(expected.item(), abs=1e-12)
+
+
+def test_time_fits_rows(tiny_classifier):
+    """The cost benchmark's fits (benchmarks/fit_cost.py): one row per target and knob group, with the
+    study's budget and cost accounting."""
+    cfg = FitStudyConfig.smoke(model_dir=str(tiny_classifier), wise=(), max_length=32, targets=("dvd",))
+    rows = time_fits(cfg, ("site", "head"), show_progress=False)
+    assert [(r["target"], r["groups"]) for r in rows] == [("dvd", "site"), ("dvd", "head")]
+    for r in rows:
+        assert 1 <= r["steps"] <= cfg.steps and r["seconds"] > 0 and r["examples"] == cfg.n_val
+        assert r["forward_equivalents"] >= 3 * r["steps"]  # every step trains on at least one example
+
+
+def test_fit_cost_command_rejects_bad_options(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "fit_cost.py"
+    spec = importlib.util.spec_from_file_location("fit_cost_benchmark", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for argv in (["--targets", "books"], ["--groups", "layer,row"], ["--threads", "0"]):
+        with pytest.raises(SystemExit) as e:
+            mod.main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "error:" in err[-1] and "Traceback" not in "".join(err)

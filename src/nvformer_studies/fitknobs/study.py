@@ -60,7 +60,7 @@ from ..common.tent import restore, tent
 from ..sentiment.data import domain_splits
 from ..sentiment.study import TARGETS, prior_only
 
-__all__ = ["FIT_METHODS", "SETTINGS", "FitStudyConfig", "fit_cost", "load_fit_study", "run_fit_study", "with_labels"]
+__all__ = ["FIT_METHODS", "SETTINGS", "FitStudyConfig", "fit_cost", "load_fit_study", "run_fit_study", "time_fits", "with_labels"]
 
 FIT_METHODS = ("baseline", "search", "fit-site", "fit-layer", "fit-head", "fit-layer-length", "fit-entropy", "fit-im", "tent", "wise",
                "control")
@@ -296,6 +296,39 @@ def run_fit_study(cfg: FitStudyConfig, out: str | Path | None = None, show_progr
         save_tensors(out / "logits.safetensors", {"logits": logits, "labels": labels_})
     res["logits"], res["labels"] = logits, labels_
     return res
+
+
+def time_fits(cfg: FitStudyConfig, groups: tuple[str, ...] = ("site", "layer", "head"), show_progress: bool = True) -> list[dict[str, Any]]:
+    """The cost of labelled :func:`nvformer.fit_knobs` alone, as the study fits it (same model, prior,
+    validation subsets, held-out split and budget) but with nothing else running in the process: one
+    row per (target, groups) with the examples seen, the steps taken, forward equivalents and seconds
+    (``FitResult.seconds``, the whole call including the held-out measurements)."""
+    model, tok, _ = _source_model(cfg, show_progress)
+    train_texts = domain_splits(cfg.source, cfg.split_seed)["train"][0][: cfg.prior_examples]
+    nvm = model.encoder if cfg.setting == "frozen" else model
+    convert_at_identity(nvm, classification_batches(tok, train_texts, batch_size=cfg.batch_size, max_length=cfg.max_length).batches)
+    proto = Protocol(nvm, seed=cfg.seed)
+    forward = None if nvm is model else (lambda _, b: model(**b))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(cfg.targets) * len(groups), desc="timed fits", disable=not show_progress)
+    rows = []
+    for t in cfg.targets:
+        texts, labels = _examples(cfg, t, "validation", cfg.n_val)
+        held_idx, fit_idx = holdout_split(len(texts), cfg.holdout, cfg.split_seed)
+        train_b = with_labels(_batches(tok, [texts[i] for i in fit_idx], [labels[i] for i in fit_idx], cfg))
+        held_b = with_labels(_batches(tok, [texts[i] for i in held_idx], [labels[i] for i in held_idx], cfg))
+        for g in groups:
+            proto.reset()
+            res = nv.fit_knobs(nvm, train_b, "nll", groups=g, steps=cfg.steps, lr=cfg.lr, validation=held_b, patience=cfg.patience,
+                               show_progress=False, forward=forward)
+            rows.append({"model": cfg.setting, "target": t, "groups": g, "examples": len(texts), "steps": res.steps,
+                         "best_step": res.best_step, "forward_equivalents": fit_cost(res.steps, 1 + len(res.history), _rows(train_b), _rows(held_b)),
+                         "seconds": res.seconds, "threads": torch.get_num_threads()})
+            bar.update(1)
+    bar.close()
+    proto.reset()
+    return rows
 
 
 def load_fit_study(out: str | Path) -> dict[str, Any]:
