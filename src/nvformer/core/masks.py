@@ -18,6 +18,7 @@ from .checks import check_mask
 __all__ = [
     "additive_mask",
     "hf_mask_bias",
+    "hidden",
     "key_padding_from_bias",
     "latent_columns_mask",
     "masked_log_softmax",
@@ -29,6 +30,12 @@ __all__ = [
 
 def _fill_value(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min / 2
+
+
+def hidden(bias: Tensor) -> Tensor:
+    """True where the additive mask ``bias`` hides a key: at or below half its dtype's most negative
+    number (Hugging Face masks write that number itself)."""
+    return bias <= _fill_value(bias.dtype)
 
 
 def nothing_set(mask: Tensor) -> bool:
@@ -127,7 +134,7 @@ def _hf_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     if mask.dtype == torch.bool:
         return additive_mask(~mask, dtype)
     if mask.dtype != dtype:
-        return mask.to(dtype).masked_fill(mask <= torch.finfo(mask.dtype).min / 2, float("-inf"))
+        return mask.to(dtype).masked_fill(hidden(mask), float("-inf"))
     return mask
 
 
@@ -157,6 +164,6 @@ def key_padding_from_bias(bias: Tensor | None, B: int, n_new: int) -> Tensor | N
     """``[B, n_new]`` True where a new key is masked for every query (padding), from an additive bias."""
     if bias is None:
         return None
-    blocked = bias[..., -n_new:] <= torch.finfo(bias.dtype).min / 2
+    blocked = hidden(bias[..., -n_new:])
     kpm = blocked.all(dim=-2).all(dim=1)
     return kpm.expand(B, n_new) if kpm.shape[0] == 1 else kpm

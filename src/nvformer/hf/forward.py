@@ -40,7 +40,7 @@ from ..core.keyform import (
     shared_key_terms,
 )
 from ..core.latent import NVLatent
-from ..core.masks import hf_mask_bias, key_padding_from_bias
+from ..core.masks import hf_mask_bias, hidden, key_padding_from_bias
 from ..core.rope import apply_rope, inverse_rope_combine, repeat_kv
 from ..nn.sdpa import EXCLUDED, padded_width, sdpa_nv
 from .adapters import Adapter
@@ -213,8 +213,8 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
             bvec = per_key(b, slice(None))
             Nk = n_new
             # a mask that only hides padded keys is already in b: SDPA then needs no mask at all
-            padding_only = tok_bias is not None and not (self.is_causal and not cross) and ad.arg_position_bias is None and bool(
-                ((tok_bias <= torch.finfo(cd).min / 2) == kpm[:, None, None, :]).all())
+            padding_only = (tok_bias is not None and not (self.is_causal and not cross) and ad.arg_position_bias is None
+                            and _hides_only_padding(tok_bias, kpm))
         else:
             k_tok = project(m[:, 1:], kw_tok, k_b, n_new)
             v_tok = project(m[:, 1:], vw_tok, v_b, n_new)
@@ -294,7 +294,7 @@ def nv_attention_forward(self: nn.Module, *args, **kwargs):
         if token_mask is None:
             seen = torch.full((B, Hq, Nt), float(Nk), dtype=cd, device=x.device)
         else:
-            seen = (token_mask > torch.finfo(token_mask.dtype).min / 2).sum(-1).to(cd).expand(B, Hq, Nt)
+            seen = (~hidden(token_mask)).sum(-1).to(cd).expand(B, Hq, Nt)
         prior_logit = seen.clamp_min(1.0).log() if prior_logit is None else prior_logit + seen.clamp_min(1.0).log()
 
     dropout_p = ad.dropout_p(self) if training else 0.0
@@ -503,8 +503,8 @@ def _cached_terms_equal(b: Tensor, const: float, tok_bias: Tensor | None) -> boo
         return False
     if tok_bias is None:
         return False
-    hidden = (tok_bias <= torch.finfo(tok_bias.dtype).min / 2).all(dim=-2)  # [B|1, 1|H, N]: keys no query sees
-    return bool((~excluded | hidden).all())
+    unseen = hidden(tok_bias).all(dim=-2)  # [B|1, 1|H, N]: keys no query sees
+    return bool((~excluded | unseen).all())
 
 
 _MASK_MEMO: list = [None]  # the last mask's terms: every layer of a forward receives the same mask object
@@ -526,15 +526,19 @@ def _mask_terms(raw_mask: Tensor | None, B: int, Nt: int, Nk: int, is_causal: bo
     kpm = key_padding_from_bias(tok_bias, B, Nt)
     bias = None
     if tok_bias is not None and not causal:
-        padding_only = (no_cache and not is_causal and kpm is not None
-                        and bool(((tok_bias <= torch.finfo(cd).min / 2) == kpm[:, None, None, :]).all()))
-        if not padding_only:
+        if not (no_cache and not is_causal and _hides_only_padding(tok_bias, kpm)):
             bias = torch.cat([tok_bias.new_zeros(tok_bias.shape[:-1] + (1,)), tok_bias], dim=-1)
-    rows_see_tokens = tok_bias is None or bool((tok_bias > torch.finfo(tok_bias.dtype).min / 2).any(-1).all())
+    rows_see_tokens = tok_bias is None or bool((~hidden(tok_bias)).any(-1).all())
     result = (tok_bias, kpm, bias, rows_see_tokens)
     if raw_mask is not None:
         _MASK_MEMO[0] = (weakref.ref(raw_mask, _forget_mask), key, result)
     return result
+
+
+def _hides_only_padding(tok_bias: Tensor, kpm: Tensor | None) -> bool:
+    """Whether the token mask ``tok_bias [B|1, 1|H, Nt, N]`` hides exactly the padded keys ``kpm [B, N]``
+    from every query: the per-key terms exclude those already, so SDPA needs no mask."""
+    return kpm is not None and bool((hidden(tok_bias) == kpm[:, None, None, :]).all())
 
 
 def _forget_mask(ref: weakref.ref) -> None:
