@@ -127,7 +127,7 @@ def dirichlet_kl(log_cq: Tensor, log_cp: Tensor, pad: Tensor | None = None) -> T
     C_p = log_Cp.exp()
     kl = (h_Cq - h_Cp + C_p * (g_Cq - g_Cp) + C_p * (log_Cq - log_Cp)).squeeze(-1)
     cq, cp = lq.clamp(max=DIRECT_BELOW).exp(), lp.clamp(max=DIRECT_BELOW).exp()  # clamped: no inf (nor NaN gradient) where unused
-    per_entry = torch.lgamma(cp) - torch.lgamma(cq) + (cp - cq) * (1.0 - torch.digamma(cq))
+    per_entry = _EntryTerms.apply(cq, cp)
     large = (lq >= DIRECT_BELOW) | (lp >= DIRECT_BELOW)
     if bool(large.any()):  # few entries: their O(log c) form in float64, added to their rows' sums
         per_entry = per_entry.masked_fill(large, 0.0)
@@ -139,6 +139,26 @@ def dirichlet_kl(log_cq: Tensor, log_cp: Tensor, pad: Tensor | None = None) -> T
         per_entry = per_entry.masked_fill(pad, 0.0)
     kl = kl + per_entry.sum(-1, dtype=torch.float64)
     return kl.masked_fill(empty.squeeze(-1), 0.0) if padded else kl
+
+
+class _EntryTerms(torch.autograd.Function):
+    """``e = lgamma(c_p) - lgamma(c_q) + (c_p - c_q)(1 - psi(c_q))`` elementwise, with its derivatives
+    written out: ``de/dc_q = -1 - (c_p - c_q) psi'(c_q)`` (the ``psi(c_q)`` of ``lgamma``'s derivative
+    cancels) and ``de/dc_p = psi(c_p) + 1 - psi(c_q)``; autograd would evaluate ``psi(c_q)`` twice and
+    keep every intermediate of the ``[B, H, Nq, Nk]`` product alive."""
+
+    @staticmethod
+    def forward(ctx, cq: Tensor, cp: Tensor) -> Tensor:  # noqa: D102
+        psi_q = torch.digamma(cq)
+        ctx.save_for_backward(cq, cp, psi_q if ctx.needs_input_grad[1] else None)
+        return torch.lgamma(cp) - torch.lgamma(cq) + (cp - cq) * (1.0 - psi_q)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # noqa: D102
+        cq, cp, psi_q = ctx.saved_tensors
+        g_q = -grad * torch.addcmul(torch.ones((), dtype=cq.dtype, device=cq.device), cp - cq, torch.polygamma(1, cq)) if ctx.needs_input_grad[0] else None
+        g_p = grad * (torch.digamma(cp) + 1.0 - psi_q) if ctx.needs_input_grad[1] else None
+        return g_q, g_p
 
 
 def log_concentrations(logits: Tensor, spec: DirichletSpec, tau: Tensor | float, *, prior: bool = True) -> tuple[Tensor, Tensor | None, Tensor]:
