@@ -127,9 +127,9 @@ def main(argv: list[str] | None = None) -> None:
                        "Dirichlet sample, forward": _time("sample", "forward"), "standard, fwd+bwd / train step": _time("train"),
                        "Dirichlet train (sample + KL), fwd+bwd / train step": _time("dirichlet_train", "train")}, "dirichlet", out,
                       out.parent / "results",
-                      note="Dirichlet attention does its maths in float64 (log-space concentrations, Gamma sampling with implicit "
-                      "reparameterisation gradients, lgamma/digamma for the KL), elementwise over every [query, key] pair: it cannot use "
-                      "a fused attention kernel.")
+                      note="Dirichlet attention works elementwise over every [query, key] pair in the input's precision (log-space "
+                      "concentrations, Gamma draws with implicit reparameterisation gradients, lgamma/digamma for the KL; only the KL's "
+                      "per-row sums are float64): it cannot use a fused attention kernel.")
 
 
 if __name__ == "__main__":
