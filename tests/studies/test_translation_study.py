@@ -4,6 +4,7 @@ check, a 2-trial knob search)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import Counter
@@ -243,3 +244,33 @@ def test_tiny_end_to_end_translation_study(koran, tmp_path):
         generate_texts(nvm, tok, [])
     with pytest.raises(ValueError, match="positions"):
         generate_texts(nvm, tok, ["Und"], max_length=TINY.max_positions + 1)
+
+
+def test_interrupted_training_resumes_to_the_uninterrupted_weights(koran, tmp_path, monkeypatch):
+    """load_or_train checkpoints after every epoch: killed during epoch 3's evaluation, a second call
+    continues after epoch 2 and ends with exactly the weights and history of a run never stopped."""
+    torch.set_num_threads(1)
+    cfg = dataclasses.replace(TINY, epochs=3)
+    whole, _, info = marian.load_or_train(tmp_path / "whole", cfg, show_progress=False)
+    assert not (tmp_path / "whole" / marian.RESUME_FILE).exists()  # removed once training ends
+
+    calls = []
+    real = marian.generate_texts
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(marian, "generate_texts", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        marian.load_or_train(tmp_path / "split", cfg, show_progress=False)
+    assert (tmp_path / "split" / marian.RESUME_FILE).exists() and not (tmp_path / "split" / marian.INFO_FILE).exists()
+    monkeypatch.setattr(marian, "generate_texts", real)
+    resumed, _, info2 = marian.load_or_train(tmp_path / "split", cfg, show_progress=False)
+    timing = "epoch_seconds"
+    assert {k: v for k, v in info2["history"].items() if k != timing} == {k: v for k, v in info["history"].items() if k != timing}
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not (tmp_path / "split" / marian.RESUME_FILE).exists()

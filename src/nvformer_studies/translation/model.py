@@ -36,6 +36,7 @@ from ..common.tokenizer import train_tokenizer
 
 __all__ = [
     "INFO_FILE",
+    "RESUME_FILE",
     "TranslationConfig",
     "build_model",
     "collate",
@@ -52,6 +53,7 @@ __all__ = [
 ]
 
 INFO_FILE = "nvformer_translation.json"
+RESUME_FILE = "training_state.pt"  # load_or_train's checkpoint after every epoch, while training runs
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,7 +276,8 @@ def training_batches(tok, src, tgt, config: TranslationConfig, drop_long: bool =
 
 
 def train_translation(model: nn.Module, tok, src: Sequence[str], tgt: Sequence[str], dev_src: Sequence[str], dev_tgt: Sequence[str],
-                      config: TranslationConfig = TranslationConfig(), show_progress: bool = True) -> TrainHistory:
+                      config: TranslationConfig = TranslationConfig(), show_progress: bool = True,
+                      checkpoint: str | Path | None = None) -> TrainHistory:
     """Train ``model`` in place on ``(src, tgt)`` pairs; the epoch with the best dev BLEU is kept.
 
     Seeded AdamW (betas 0.9/0.98) with linear warm-up then inverse square-root decay, label
@@ -283,6 +286,10 @@ def train_translation(model: nn.Module, tok, src: Sequence[str], tgt: Sequence[s
     ``config.max_length`` tokens are left out (``history.dropped_long``); dev pairs are
     truncated. After every epoch: dev loss (no smoothing) and greedy dev BLEU; the best BLEU's
     weights are restored at the end (``max_steps`` stops early and then evaluates once).
+
+    ``checkpoint``: a file written after every epoch (weights, optimiser, schedule, random states,
+    history, the best weights so far, the config); a run that finds it continues after its last
+    epoch and ends with the weights an uninterrupted run ends with. Deleted at the end.
     """
     if len(src) != len(tgt) or len(dev_src) != len(dev_tgt):
         raise ValueError(f"train_translation: mismatched lengths: {len(src)}/{len(tgt)} training and {len(dev_src)}/{len(dev_tgt)} dev sentences")
@@ -300,8 +307,20 @@ def train_translation(model: nn.Module, tok, src: Sequence[str], tgt: Sequence[s
     warm = max(1, config.warmup)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, math.sqrt(warm / (s + 1))))
     hist = TrainHistory(dropped_long=dropped)
-    best_bleu, best_state = -1.0, None
-    for epoch in range(config.epochs):
+    best_bleu, best_state, start = -1.0, None, 0
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        if state["config"] == asdict(config):
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            g.set_state(state["order_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            hist, best_bleu, best_state, start = TrainHistory(**state["history"]), state["best_bleu"], state["best_state"], state["epoch"] + 1
+            if show_progress:
+                print(f"resumed from {ckpt} after epoch {start}", flush=True)
+    for epoch in range(start, config.epochs):
         t0 = time.time()
         model.train()
         losses = []
@@ -329,6 +348,14 @@ def train_translation(model: nn.Module, tok, src: Sequence[str], tgt: Sequence[s
             best_bleu, best_state, hist.best_epoch = hist.val_bleu[-1], copy.deepcopy(model.state_dict()), epoch
         if config.max_steps is not None and hist.steps >= config.max_steps:
             break
+        if ckpt is not None:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"config": asdict(config), "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "order_rng": g.get_state(), "torch_rng": torch.get_rng_state(),
+                        "history": asdict(hist), "best_bleu": best_bleu, "best_state": best_state}, ckpt.with_suffix(".tmp"))
+            ckpt.with_suffix(".tmp").replace(ckpt)  # never a half-written checkpoint
+    if ckpt is not None:
+        ckpt.unlink(missing_ok=True)
     model.load_state_dict(best_state)
     model.eval()
     return hist
@@ -360,7 +387,8 @@ def load_or_train(out: str | Path, config: TranslationConfig = TranslationConfig
     and loaded from ``out`` afterwards as long as the recorded config matches.
 
     ``out`` receives the model, the tokenizer and ``nvformer_translation.json`` (config, data,
-    history, parameter count, training time).
+    history, parameter count, training time). While training, ``out/training_state.pt`` holds the
+    state after the last finished epoch: a stopped run of the same config continues from there.
     """
     from transformers import AutoTokenizer, MarianMTModel
 
@@ -376,10 +404,16 @@ def load_or_train(out: str | Path, config: TranslationConfig = TranslationConfig
             return model, tok, info
     t0 = time.time()
     sp = koran_splits(config, data_dir)
-    tok = train_tokenizer(sp["train_de"] + sp["train_en"], config.vocab_size)
+    resume = out / RESUME_FILE
+    if not force and resume.exists() and torch.load(resume, map_location="cpu", weights_only=False)["config"] == asdict(config):
+        tok = AutoTokenizer.from_pretrained(out)  # an interrupted run of this config: its tokenizer, then its remaining epochs
+    else:
+        resume.unlink(missing_ok=True)
+        tok = train_tokenizer(sp["train_de"] + sp["train_en"], config.vocab_size)
+        out.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(out)
     model = build_model(tok, config)
-    hist = train_translation(model, tok, sp["train_de"], sp["train_en"], sp["val_de"], sp["val_en"], config, show_progress)
-    out.mkdir(parents=True, exist_ok=True)
+    hist = train_translation(model, tok, sp["train_de"], sp["train_en"], sp["val_de"], sp["val_en"], config, show_progress, checkpoint=resume)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     info = {"meta": meta, "history": asdict(hist), "parameters": sum(p.numel() for p in model.parameters()),
