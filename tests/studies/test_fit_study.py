@@ -68,10 +68,12 @@ def test_lm_part_end_to_end(tmp_path):
     for r in lm["rows"]:
         assert r["unit"] == "relative" and r["ci_low"] <= r["gain"] + 1e-12 <= r["ci_high"] + 2e-12
         assert r["value"] == pytest.approx(r["baseline"] * (1 + r["gain"]), rel=1e-9)
-    fit_section([], tmp_path / "figures", tmp_path / "results", lm=lm)
+    text = fit_section([], tmp_path / "figures", tmp_path / "results", lm=lm)
     with open(tmp_path / "results" / "fit_knobs.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["model"] for r in rows} == {"smollm2"} and len(rows) == 6
+    for name in ("fit_knobs_gain_smollm2.png", "fit_knobs_layers_smollm2.png"):
+        assert (tmp_path / "figures" / name).exists() and f"(figures/{name})" in text
 
 
 def test_frozen_setting(tiny_classifier, tmp_path):

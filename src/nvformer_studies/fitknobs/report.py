@@ -214,6 +214,45 @@ CSV_FIELDS = ("model", "target", "method", "metric", "unit", "baseline", "value"
               "label_free", "forward_equivalents", "seconds")
 
 
+def _lm_figures(rows: list[dict], fig_dir: Path) -> list[str]:
+    """SmolLM2: the perplexity change per target for each method (95% intervals), and the knobs that
+    ``fit-lm-unlabelled`` fitted per layer on each target (``fit_knobs_gain_smollm2.png``,
+    ``fit_knobs_layers_smollm2.png``)."""
+    plt = pyplot()
+    methods = [m for m in FIT_METHODS if m != "baseline" and any(r["method"] == m for r in rows)] + \
+        [m for m in dict.fromkeys(r["method"] for r in rows) if m not in FIT_METHODS]
+    targets = list(dict.fromkeys(r["target"] for r in rows))
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    width = 0.8 / max(len(methods), 1)
+    for j, m in enumerate(methods):
+        rs = {r["target"]: r for r in rows if r["method"] == m}
+        ts = [t for t in targets if t in rs]
+        xs = [targets.index(t) + (j - len(methods) / 2 + 0.5) * width for t in ts]
+        g = [100 * rs[t]["gain"] for t in ts]
+        err = [[100 * (rs[t]["gain"] - rs[t]["ci_low"]) for t in ts], [100 * (rs[t]["ci_high"] - rs[t]["gain"]) for t in ts]]
+        ax.bar(xs, g, width, yerr=err, capsize=2, label=m, error_kw={"lw": 0.6})
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xticks(range(len(targets)), targets)
+    ax.set(ylabel="test perplexity change (%, 95% CI)", title="SmolLM2: perplexity change per target domain")
+    ax.legend(fontsize=7)
+    names = [save(fig, fig_dir / "fit_knobs_gain_smollm2.png").name]
+    fits = [r for r in rows if r["method"] == "fit-lm-unlabelled" and r.get("knobs")]
+    if fits:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+        for r in fits:
+            keys = list(r["knobs"])
+            axes[0].plot(range(len(keys)), [r["nats"][k] for k in keys], "o-", ms=3, label=r["target"])
+            axes[1].plot(range(len(keys)), [r["knobs"][k]["stdev_tau"] for k in keys], "o-", ms=3, label=r["target"])
+        for ax in axes:
+            ax.set_xticks(range(len(keys)), [k.rsplit(".", 1)[-1] for k in keys], fontsize=6)
+            ax.set_xlabel("layer")
+        axes[0].set(ylabel="alpha_tau * s_alpha (nats)", title="fit-lm-unlabelled: token pseudo-count shift")
+        axes[1].set(ylabel="stdev_tau", title="fit-lm-unlabelled: token standard deviation")
+        axes[0].legend(fontsize=6)
+        names.append(save(fig, fig_dir / "fit_knobs_layers_smollm2.png").name)
+    return names
+
+
 def _lm_reading(rows: list[dict]) -> str:
     fits = [r for r in rows if r["method"] == "fit-lm-unlabelled"]
     search = [r for r in rows if r["method"] == "search"]
@@ -296,7 +335,9 @@ def fit_section(classifiers: list[dict[str, Any]], fig_dir: Path, csv_dir: Path 
                   f"validation text (no labels exist or are needed), the step chosen on the rest ({c['steps']} steps at most, lr "
                   f"{c['lr']}); `search`: {c['trials']} Optuna trials on the validation perplexity. Change: test perplexity relative to "
                   f"the unregularised model, paired bootstrap over units ({c['bootstrap']} resamples).", "",
-                  markdown_table([r for r in every if r["model"] == "smollm2"], _LM_COLUMNS), "", _lm_reading(lm_rows)]
+                  markdown_table([r for r in every if r["model"] == "smollm2"], _LM_COLUMNS)]
+        lines += [x for f in _lm_figures(lm_rows, fig_dir) for x in ("", f"![{f}](figures/{f})")]
+        lines += ["", _lm_reading(lm_rows)]
     if translation is not None:
         from .translation import translation_lines
 
