@@ -119,17 +119,7 @@ def _figures(res: dict[str, Any], rows: list[dict], fig_dir: Path) -> list[str]:
     names = [save(fig, fig_dir / f"fit_knobs_gain{tag}.png").name]
     fits = [r for r in res["rows"] if r["method"] == "fit-layer" and r["domain"] == r["target"]]
     if fits:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-        for r in fits:
-            keys = list(r["knobs"])
-            axes[0].plot(range(len(keys)), [r["nats"][k] for k in keys], "o-", ms=3, label=r["target"])
-            axes[1].plot(range(len(keys)), [r["knobs"][k]["stdev_tau"] for k in keys], "o-", ms=3, label=r["target"])
-        for ax in axes:
-            ax.set_xticks(range(len(keys)), keys, fontsize=7)
-        axes[0].set(ylabel="alpha_tau * s_alpha (nats)", title="fit-layer: token pseudo-count shift")
-        axes[1].set(ylabel="stdev_tau", title="fit-layer: token standard deviation")
-        axes[0].legend(fontsize=6)
-        names.append(save(fig, fig_dir / f"fit_knobs_layers{tag}.png").name)
+        names.append(_layer_knobs_plot(fits, "fit-layer", fig_dir / f"fit_knobs_layers{tag}.png"))
     heads = [r for r in res["rows"] if r["method"] == "fit-head" and r["domain"] == r["target"] and r.get("head_knobs")]
     if heads:
         fig, axes = plt.subplots(2, len(heads), figsize=(2.2 * len(heads) + 1, 4.6), squeeze=False)
@@ -238,19 +228,26 @@ def _lm_figures(rows: list[dict], fig_dir: Path) -> list[str]:
     names = [save(fig, fig_dir / "fit_knobs_gain_smollm2.png").name]
     fits = [r for r in rows if r["method"] == "fit-lm-unlabelled" and r.get("knobs")]
     if fits:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-        for r in fits:
-            keys = list(r["knobs"])
-            axes[0].plot(range(len(keys)), [r["nats"][k] for k in keys], "o-", ms=3, label=r["target"])
-            axes[1].plot(range(len(keys)), [r["knobs"][k]["stdev_tau"] for k in keys], "o-", ms=3, label=r["target"])
-        for ax in axes:
-            ax.set_xticks(range(len(keys)), [k.rsplit(".", 1)[-1] for k in keys], fontsize=6)
-            ax.set_xlabel("layer")
-        axes[0].set(ylabel="alpha_tau * s_alpha (nats)", title="fit-lm-unlabelled: token pseudo-count shift")
-        axes[1].set(ylabel="stdev_tau", title="fit-lm-unlabelled: token standard deviation")
-        axes[0].legend(fontsize=6)
-        names.append(save(fig, fig_dir / "fit_knobs_layers_smollm2.png").name)
+        names.append(_layer_knobs_plot(fits, "fit-lm-unlabelled", fig_dir / "fit_knobs_layers_smollm2.png", short=True))
     return names
+
+
+def _layer_knobs_plot(fits: list[dict], method: str, path: Path, short: bool = False) -> str:
+    """The per-layer knobs of ``fits`` (rows with ``knobs`` and ``nats`` per layer), one line per target:
+    the pseudo-count shift in nats and ``stdev_tau``; ``short``: layers labelled by their index only."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for r in fits:
+        keys = list(r["knobs"])
+        axes[0].plot(range(len(keys)), [r["nats"][k] for k in keys], "o-", ms=3, label=r["target"])
+        axes[1].plot(range(len(keys)), [r["knobs"][k]["stdev_tau"] for k in keys], "o-", ms=3, label=r["target"])
+    for ax in axes:
+        ax.set_xticks(range(len(keys)), [k.rsplit(".", 1)[-1] for k in keys] if short else keys, fontsize=6 if short else 7)
+        ax.set_xlabel("layer")
+    axes[0].set(ylabel="alpha_tau * s_alpha (nats)", title=f"{method}: token pseudo-count shift")
+    axes[1].set(ylabel="stdev_tau", title=f"{method}: token standard deviation")
+    axes[0].legend(fontsize=6)
+    return save(fig, path).name
 
 
 def _lm_reading(rows: list[dict]) -> str:
