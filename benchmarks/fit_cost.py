@@ -15,6 +15,7 @@ The study's own seconds column is measured while the study does everything else 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="24 validation reviews, 3 steps, the first target only; prints only")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    given = " ".join(a for a in (sys.argv[1:] if argv is None else argv) if a != "--quiet")
     targets = _choices(parser, args.targets, TARGETS, "--targets")
     groups = _choices(parser, args.groups, GROUPS, "--groups")
     if args.threads is not None:
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = read_csv(write_csv(ROOT / "docs" / "results" / "fit_cost.csv", rows))
     text = "\n".join([
         "## Fitting the knobs: the cost of issue 18", "",
-        f"Command: `.venv/bin/python benchmarks/fit_cost.py` ({setting}; nothing else in the process; details in its docstring). "
+        f"Command: `.venv/bin/python benchmarks/fit_cost.py{' ' + given if given else ''}` ({setting}; nothing else in the process; "
+        "details in its docstring). "
         f"One labelled `nvformer.fit_knobs` per target and knob group, as the fitted-knobs study runs it (all-MiniLM-L6-v2 "
         f"fine-tuned on books, 200 validation reviews of the target: 150 fitted, 50 held out; split seed {cfg.split_seed}). "
         "Table: `docs/results/fit_cost.csv`.", "",

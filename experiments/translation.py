@@ -13,7 +13,7 @@
    steps then inverse square root, label smoothing 0.1, ~2048 padded tokens per batch, seed 0;
    checkpoint chosen by greedy BLEU on 500 koran dev pairs, a seeded permutation with seed 0). Cached in ``runs/marian-koran/`` (ignored by
    git) with ``nvformer_translation.json``; reused while the config matches. Training saves its state after every
-   epoch (``training_state.pt``): stopped, the same command continues after the last finished epoch.
+   epoch (``training_state.safetensors``): stopped, the same command continues after the last finished epoch.
 2. Study (``nvformer_studies.translation.study.run_translation_study``, ``TranslationStudyConfig`` defaults): prior from 2000
    koran training pairs (seed 0); conversion with ``alpha_tau = 1e4`` and the equivalence check (BLEU
    of the NV model's greedy output against the original model's, per domain, must be 100); then for

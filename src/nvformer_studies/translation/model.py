@@ -32,6 +32,7 @@ from nvformer.tasks import generate_texts, pad_rows
 
 from ..common.data import read_parallel
 from ..common.subsets import seeded_subset
+from ..common.tensorfiles import load_tensors, save_tensors
 from ..common.tokenizer import train_tokenizer
 
 __all__ = [
@@ -53,7 +54,7 @@ __all__ = [
 ]
 
 INFO_FILE = "nvformer_translation.json"
-RESUME_FILE = "training_state.pt"  # load_or_train's checkpoint after every epoch, while training runs
+RESUME_FILE = "training_state.safetensors"  # load_or_train's checkpoint after every epoch, while training runs
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,14 +311,15 @@ def train_translation(model: nn.Module, tok, src: Sequence[str], tgt: Sequence[s
     best_bleu, best_state, start = -1.0, None, 0
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        if state["config"] == asdict(config):
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            g.set_state(state["order_rng"])
-            torch.set_rng_state(state["torch_rng"])
-            hist, best_bleu, best_state, start = TrainHistory(**state["history"]), state["best_bleu"], state["best_state"], state["epoch"] + 1
+        tensors, meta = load_tensors(ckpt)
+        if meta["config"] == asdict(config):
+            model.load_state_dict(tensors["model"])
+            opt.load_state_dict({"state": {int(k): v for k, v in tensors.get("optimizer", {}).items()}, "param_groups": meta["param_groups"]})
+            sched.load_state_dict(meta["scheduler"])
+            g.set_state(tensors["rng"]["order"])
+            torch.set_rng_state(tensors["rng"]["torch"])
+            hist, best_bleu, start = TrainHistory(**meta["history"]), meta["best_bleu"], meta["epoch"] + 1
+            best_state = tensors["best"] if meta["has_best"] else None
             if show_progress:
                 print(f"resumed from {ckpt} after epoch {start}", flush=True)
     for epoch in range(start, config.epochs):
@@ -348,11 +350,14 @@ def train_translation(model: nn.Module, tok, src: Sequence[str], tgt: Sequence[s
             best_bleu, best_state, hist.best_epoch = hist.val_bleu[-1], copy.deepcopy(model.state_dict()), epoch
         if config.max_steps is not None and hist.steps >= config.max_steps:
             break
-        if ckpt is not None:
+        if ckpt is not None:  # tensors in safetensors, the rest as JSON metadata (no pickle)
             ckpt.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"config": asdict(config), "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "order_rng": g.get_state(), "torch_rng": torch.get_rng_state(),
-                        "history": asdict(hist), "best_bleu": best_bleu, "best_state": best_state}, ckpt.with_suffix(".tmp"))
+            opt_state = opt.state_dict()
+            save_tensors(ckpt.with_suffix(".tmp"),
+                         {"model": model.state_dict(), "best": best_state or {}, "optimizer": {str(k): v for k, v in opt_state["state"].items()},
+                          "rng": {"order": g.get_state(), "torch": torch.get_rng_state()}},
+                         {"config": asdict(config), "epoch": epoch, "param_groups": opt_state["param_groups"], "scheduler": sched.state_dict(),
+                          "history": asdict(hist), "best_bleu": best_bleu, "has_best": best_state is not None})
             ckpt.with_suffix(".tmp").replace(ckpt)  # never a half-written checkpoint
     if ckpt is not None:
         ckpt.unlink(missing_ok=True)
@@ -387,8 +392,8 @@ def load_or_train(out: str | Path, config: TranslationConfig = TranslationConfig
     and loaded from ``out`` afterwards as long as the recorded config matches.
 
     ``out`` receives the model, the tokenizer and ``nvformer_translation.json`` (config, data,
-    history, parameter count, training time). While training, ``out/training_state.pt`` holds the
-    state after the last finished epoch: a stopped run of the same config continues from there.
+    history, parameter count, training time). While training, ``out/training_state.safetensors`` holds the
+    state after the last finished epoch (safetensors and JSON metadata): a stopped run of the same config continues from there.
     """
     from transformers import AutoTokenizer, MarianMTModel
 
@@ -405,7 +410,7 @@ def load_or_train(out: str | Path, config: TranslationConfig = TranslationConfig
     t0 = time.time()
     sp = koran_splits(config, data_dir)
     resume = out / RESUME_FILE
-    if not force and resume.exists() and torch.load(resume, map_location="cpu", weights_only=False)["config"] == asdict(config):
+    if not force and resume.exists() and load_tensors(resume)[1]["config"] == asdict(config):
         tok = AutoTokenizer.from_pretrained(out)  # an interrupted run of this config: its tokenizer, then its remaining epochs
     else:
         resume.unlink(missing_ok=True)
