@@ -22,23 +22,27 @@ SECTION = "## Your own model and data"
 ROW = re.compile(r"^(\w+) \((?:higher|lower) is better\)\s+(\S+)\s+(\S+)\s+(\S+)\s+\[(\S+), (\S+)\]$")
 
 
-def readme_blocks() -> dict[str, list[str]]:
-    """The fenced blocks of the section, by language."""
+def readme_blocks() -> dict[str, list[list[str]]]:
+    """The fenced blocks of the section, by language, in order (each block as its lines)."""
     text = README.read_text()
     assert text.count(SECTION) == 1
     body = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
-    return {lang: code.strip("\n").splitlines() for lang, code in re.findall(r"```(\w+)\n(.*?)```", body, re.S)}
+    blocks: dict[str, list[list[str]]] = {}
+    for lang, code in re.findall(r"```(\w+)\n(.*?)```", body, re.S):
+        blocks.setdefault(lang, []).append(code.strip("\n").splitlines())
+    return blocks
 
 
-def readme_commands(paths: dict[str, Path]) -> list[list[str]]:
-    """The bash block's commands as argv lists (after the program), placeholders replaced by ``paths``."""
+def readme_commands(paths: dict[str, Path], block: int = 0) -> list[list[str]]:
+    """The commands of the section's bash block number ``block`` as argv lists (after the program),
+    placeholders replaced by ``paths``."""
     commands = []
-    for line in readme_blocks()["bash"]:
+    for line in readme_blocks()["bash"][block]:
         words = shlex.split(line, comments=True)
         if not words:
             continue
         assert words[0].endswith("nvformer"), line
-        unknown = [w for w in words[1:] if not w.startswith("-") and ("my-" in w or w.endswith(".csv")) and w not in paths]
+        unknown = [w for w in words[1:] if not w.startswith("-") and ("my-" in w or w.endswith((".csv", ".txt"))) and w not in paths]
         assert not unknown, f"placeholder(s) the test does not provide: {unknown}"
         commands.append([str(paths.get(w, w)) for w in words[1:]])
     return commands
@@ -92,7 +96,7 @@ def test_readme_commands_then_python(cli, root, bert_dir, reviews):
         assert m["low"] <= m["diff"] <= m["high"]
 
     # the README's Python lines: the tuned adapter on a freshly loaded classifier
-    python = "\n".join(readme_blocks()["python"]).replace('"my-model"', repr(str(bert_dir))).replace('"my-nv"', repr(str(tuned)))
+    python = "\n".join(readme_blocks()["python"][0]).replace('"my-model"', repr(str(bert_dir))).replace('"my-nv"', repr(str(tuned)))
     scope: dict = {}
     exec(python, scope)
     model = scope["model"].eval()
@@ -138,3 +142,19 @@ def test_prior_adapter_from_the_base_model_is_the_identity_on_the_classifier(ber
     assert len(nv.api.nv_modules(model)) == 2 and set(nv.get_knobs(model)) == {"encoder.0", "encoder.1"}
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, original(**batch).logits, atol=1e-5, rtol=0)
+
+
+def test_readme_causal_lm_fit_command(cli, root, llama_dir, llama_prior):
+    """The section's second block: knobs of a causal LM fitted on unlabelled target text (a plain text
+    file, one dvd review per line: enough rows for the default batch size and the held-out share)."""
+    from nvformer_studies.common.data import read_reviews
+
+    text = root / "readme-target-text.txt"
+    text.write_text("".join(" ".join(t.split()[:40]) + "\n" for t in read_reviews("dvd").texts[:96]), encoding="utf-8")
+    paths = {"my-lm": llama_dir, "my-prior": llama_prior, "target-text.txt": text, "my-nv": root / "readme-lm-nv"}
+    commands = readme_commands(paths, block=1)
+    assert [c[0] for c in commands] == ["tune"] and "--method" in commands[0] and "fit" in commands[0]
+    code, out, err = cli(*commands[0])
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert {"nvformer.json", "nvformer.safetensors", "fit.json"} <= {p.name for p in paths["my-nv"].iterdir()}
