@@ -21,6 +21,7 @@ import sacrebleu  # noqa: E402
 import nvformer as nv  # noqa: E402
 from nvformer.tasks import generate_texts, get_task, sentence_stats  # noqa: E402
 from nvformer_studies.common.data import read_parallel  # noqa: E402
+from nvformer_studies.common.tensorfiles import load_meta  # noqa: E402
 from nvformer_studies.common.tokenizer import train_tokenizer  # noqa: E402
 from nvformer_studies.translation import model as marian  # noqa: E402
 from nvformer_studies.translation import study as mt  # noqa: E402
@@ -267,6 +268,10 @@ def test_interrupted_training_resumes_to_the_uninterrupted_weights(koran, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         marian.load_or_train(tmp_path / "split", cfg, show_progress=False)
     assert (tmp_path / "split" / marian.RESUME_FILE).exists() and not (tmp_path / "split" / marian.INFO_FILE).exists()
+    meta = load_meta(tmp_path / "split" / marian.RESUME_FILE)  # the header alone: epochs 0 and 1 finished, this config
+    assert meta["epoch"] == 1 and meta["config"] == dataclasses.asdict(cfg)
+    with pytest.raises(ValueError, match="not a readable results file"):
+        load_meta(tmp_path / "split" / "tokenizer.json")
     monkeypatch.setattr(marian, "generate_texts", real)
     resumed, _, info2 = marian.load_or_train(tmp_path / "split", cfg, show_progress=False)
     timing = "epoch_seconds"

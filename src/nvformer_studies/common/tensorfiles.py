@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["load_tensors", "save_tensors"]
+__all__ = ["load_meta", "load_tensors", "save_tensors"]
 
 SEP = "/"
 _META, _ORDER = "json", "order"
@@ -45,6 +45,22 @@ def save_tensors(path: str | Path, tensors: Mapping[str, Any], meta: Mapping[str
     save_file(flat, str(path), metadata={_META: json.dumps(dict(meta or {})), _ORDER: json.dumps(list(flat))})
 
 
+def _unreadable(path: str | Path, e: Exception) -> ValueError:
+    return ValueError(f"{path}: not a readable results file ({type(e).__name__}: {' '.join(str(e).split())}); delete it to recompute")
+
+
+def load_meta(path: str | Path) -> dict[str, Any]:
+    """The ``meta`` that :func:`save_tensors` wrote to ``path``, from the file's header alone (no tensor
+    is read); a damaged or foreign file is a ``ValueError`` naming it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})[_META])
+    except Exception as e:
+        raise _unreadable(path, e) from None
+
+
 def load_tensors(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(tensors, meta)`` as :func:`save_tensors` wrote them; a damaged or foreign file is a
     ``ValueError`` naming it."""
@@ -62,6 +78,5 @@ def load_tensors(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
                     node = node.setdefault(p, {})
                 node[leaf] = f.get_tensor(name)
     except Exception as e:  # safetensors, JSON and key errors alike: the file is not one of ours
-        raise ValueError(f"{path}: not a readable results file ({type(e).__name__}: {' '.join(str(e).split())}); "
-                         "delete it to recompute") from None
+        raise _unreadable(path, e) from None
     return nested, meta

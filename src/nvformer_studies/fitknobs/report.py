@@ -105,15 +105,7 @@ def _figures(res: dict[str, Any], rows: list[dict], fig_dir: Path) -> list[str]:
     targets = [*cfg["targets"], "mean"]
     methods = [m for m in FIT_METHODS if m != "baseline" and any(r["method"] == m for r in rows)]
     fig, ax = plt.subplots(figsize=(9, 3.8))
-    width = 0.8 / len(methods)
-    for j, m in enumerate(methods):
-        rs = {r["target"]: r for r in rows if r["method"] == m}
-        xs = [i + (j - len(methods) / 2 + 0.5) * width for i in range(len(targets))]
-        g = [rs[t]["gain"] for t in targets]
-        err = [[rs[t]["gain"] - rs[t]["ci_low"] for t in targets], [rs[t]["ci_high"] - rs[t]["gain"] for t in targets]]
-        ax.bar(xs, g, width, yerr=err, capsize=1.5, label=m, error_kw={"lw": 0.6})
-    ax.axhline(0, color="black", lw=0.6)
-    ax.set_xticks(range(len(targets)), targets)
+    _gain_bars(ax, rows, methods, targets, capsize=1.5)
     ax.set(ylabel="test accuracy gain (points, 95% CI)", title=f"Gain over the unregularised model per target domain ({_model(res)})")
     ax.legend(fontsize=6, ncol=4)
     names = [save(fig, fig_dir / f"fit_knobs_gain{tag}.png").name]
@@ -213,16 +205,7 @@ def _lm_figures(rows: list[dict], fig_dir: Path) -> list[str]:
         [m for m in dict.fromkeys(r["method"] for r in rows) if m not in FIT_METHODS]
     targets = list(dict.fromkeys(r["target"] for r in rows))
     fig, ax = plt.subplots(figsize=(7, 3.4))
-    width = 0.8 / max(len(methods), 1)
-    for j, m in enumerate(methods):
-        rs = {r["target"]: r for r in rows if r["method"] == m}
-        ts = [t for t in targets if t in rs]
-        xs = [targets.index(t) + (j - len(methods) / 2 + 0.5) * width for t in ts]
-        g = [100 * rs[t]["gain"] for t in ts]
-        err = [[100 * (rs[t]["gain"] - rs[t]["ci_low"]) for t in ts], [100 * (rs[t]["ci_high"] - rs[t]["gain"]) for t in ts]]
-        ax.bar(xs, g, width, yerr=err, capsize=2, label=m, error_kw={"lw": 0.6})
-    ax.axhline(0, color="black", lw=0.6)
-    ax.set_xticks(range(len(targets)), targets)
+    _gain_bars(ax, rows, methods, targets, scale=100.0, capsize=2)
     ax.set(ylabel="test perplexity change (%, 95% CI)", title="SmolLM2: perplexity change per target domain")
     ax.legend(fontsize=7)
     names = [save(fig, fig_dir / "fit_knobs_gain_smollm2.png").name]
@@ -230,6 +213,20 @@ def _lm_figures(rows: list[dict], fig_dir: Path) -> list[str]:
     if fits:
         names.append(_layer_knobs_plot(fits, "fit-lm-unlabelled", fig_dir / "fit_knobs_layers_smollm2.png", short=True))
     return names
+
+
+def _gain_bars(ax, rows: list[dict], methods: list[str], targets: list[str], scale: float = 1.0, capsize: float = 1.5) -> None:
+    """One bar per (target, method) with its 95% interval: ``scale`` times the rows' ``gain`` (and
+    ``ci_low`` / ``ci_high``), targets on the x axis, a method's missing targets left empty."""
+    width = 0.8 / max(len(methods), 1)
+    for j, m in enumerate(methods):
+        rs = {r["target"]: r for r in rows if r["method"] == m}
+        ts = [t for t in targets if t in rs]
+        xs = [targets.index(t) + (j - len(methods) / 2 + 0.5) * width for t in ts]
+        err = [[scale * (rs[t]["gain"] - rs[t]["ci_low"]) for t in ts], [scale * (rs[t]["ci_high"] - rs[t]["gain"]) for t in ts]]
+        ax.bar(xs, [scale * rs[t]["gain"] for t in ts], width, yerr=err, capsize=capsize, label=m, error_kw={"lw": 0.6})
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xticks(range(len(targets)), targets)
 
 
 def _layer_knobs_plot(fits: list[dict], method: str, path: Path, short: bool = False) -> str:

@@ -175,17 +175,35 @@ def _source_model(cfg: FitStudyConfig, show_progress: bool) -> tuple[nn.Module, 
     return model, tok, info
 
 
+def _converted(cfg: FitStudyConfig, show_progress: bool) -> tuple:
+    """``(model, tokenizer, head info, nvm, protocol, forward)``: the source model (:func:`_source_model`)
+    with the module that holds the NV attention (``nvm``: the frozen setting's encoder, else the model)
+    converted at the identity with the empirical prior of ``prior_examples`` source training reviews,
+    its :class:`Protocol`, and the ``forward`` that :func:`nvformer.fit_knobs` needs for the
+    classifier's outputs (None when ``nvm`` is the classifier)."""
+    model, tok, head_info = _source_model(cfg, show_progress)
+    train_texts = domain_splits(cfg.source, cfg.split_seed)["train"][0][: cfg.prior_examples]
+    nvm = model.encoder if cfg.setting == "frozen" else model
+    convert_at_identity(nvm, classification_batches(tok, train_texts, batch_size=cfg.batch_size, max_length=cfg.max_length).batches)
+    forward = None if nvm is model else (lambda _, b: model(**b))
+    return model, tok, head_info, nvm, Protocol(nvm, seed=cfg.seed), forward
+
+
+def _validation(cfg: FitStudyConfig, tok, target: str) -> tuple[list[str], list[int], TextBatches, TextBatches]:
+    """``(texts, labels, fit part, held-out part)`` of ``target``'s validation subset, divided by
+    :func:`nvformer.tasks.holdout_split` (seed ``split_seed``)."""
+    texts, labels = _examples(cfg, target, "validation", cfg.n_val)
+    held_idx, fit_idx = holdout_split(len(texts), cfg.holdout, cfg.split_seed)
+    pick = lambda idx: _batches(tok, [texts[i] for i in idx], [labels[i] for i in idx], cfg)  # noqa: E731
+    return texts, labels, pick(fit_idx), pick(held_idx)
+
+
 def run_fit_study(cfg: FitStudyConfig, out: str | Path | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Run every method on every target (module docstring); returns ``{"config", "rows", "transfer",
     "info"}`` and saves it to ``out/results.json`` with the test logits (``out/logits.safetensors``)."""
     t0 = time.time()
-    model, tok, head_info = _source_model(cfg, show_progress)
-    train_texts = domain_splits(cfg.source, cfg.split_seed)["train"][0][: cfg.prior_examples]
-    nvm = model.encoder if cfg.setting == "frozen" else model  # what holds the NV attention (the frozen setting's encoder)
-    convert_at_identity(nvm, classification_batches(tok, train_texts, batch_size=cfg.batch_size, max_length=cfg.max_length).batches)
-    proto = Protocol(nvm, seed=cfg.seed)
+    model, tok, head_info, nvm, proto, forward = _converted(cfg, show_progress)
     n_layers = len(nv.get_knobs(nvm))
-    forward = None if nvm is model else (lambda _, b: model(**b))  # fit_knobs: the classifier's outputs
     test = {d: _batches(tok, *_examples(cfg, d, "test", cfg.n_test), cfg) for d in (cfg.source, *cfg.targets)}
     logits: dict[str, Tensor] = {}
     rows: list[dict[str, Any]] = []
@@ -210,11 +228,8 @@ def run_fit_study(cfg: FitStudyConfig, out: str | Path | None = None, show_progr
         pre = {k: v.detach().clone() for k, v in pre_model.state_dict().items()}
         finetuned = {k: v.detach().clone() for k, v in model.base_model.named_parameters() if k in pre}
     for t in cfg.targets:
-        texts, labels = _examples(cfg, t, "validation", cfg.n_val)
-        held_idx, fit_idx = holdout_split(len(texts), cfg.holdout, cfg.split_seed)
+        texts, labels, fit_data, held_data = _validation(cfg, tok, t)
         val = _batches(tok, texts, labels, cfg)
-        fit_data = _batches(tok, [texts[i] for i in fit_idx], [labels[i] for i in fit_idx], cfg)
-        held_data = _batches(tok, [texts[i] for i in held_idx], [labels[i] for i in held_idx], cfg)
         proto.reset()
         record("baseline", t, 0.0, 0.0)
         bar.update(1)
@@ -303,21 +318,14 @@ def time_fits(cfg: FitStudyConfig, groups: tuple[str, ...] = ("site", "layer", "
     validation subsets, held-out split and budget) but with nothing else running in the process: one
     row per (target, groups) with the examples seen, the steps taken, forward equivalents and seconds
     (``FitResult.seconds``, the whole call including the held-out measurements)."""
-    model, tok, _ = _source_model(cfg, show_progress)
-    train_texts = domain_splits(cfg.source, cfg.split_seed)["train"][0][: cfg.prior_examples]
-    nvm = model.encoder if cfg.setting == "frozen" else model
-    convert_at_identity(nvm, classification_batches(tok, train_texts, batch_size=cfg.batch_size, max_length=cfg.max_length).batches)
-    proto = Protocol(nvm, seed=cfg.seed)
-    forward = None if nvm is model else (lambda _, b: model(**b))
+    _, tok, _, nvm, proto, forward = _converted(cfg, show_progress)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(cfg.targets) * len(groups), desc="timed fits", disable=not show_progress)
     rows = []
     for t in cfg.targets:
-        texts, labels = _examples(cfg, t, "validation", cfg.n_val)
-        held_idx, fit_idx = holdout_split(len(texts), cfg.holdout, cfg.split_seed)
-        train_b = with_labels(_batches(tok, [texts[i] for i in fit_idx], [labels[i] for i in fit_idx], cfg))
-        held_b = with_labels(_batches(tok, [texts[i] for i in held_idx], [labels[i] for i in held_idx], cfg))
+        texts, _, fit_data, held_data = _validation(cfg, tok, t)
+        train_b, held_b = with_labels(fit_data), with_labels(held_data)
         for g in groups:
             proto.reset()
             res = nv.fit_knobs(nvm, train_b, "nll", groups=g, steps=cfg.steps, lr=cfg.lr, validation=held_b, patience=cfg.patience,

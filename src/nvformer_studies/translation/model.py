@@ -32,7 +32,7 @@ from nvformer.tasks import generate_texts, pad_rows
 
 from ..common.data import read_parallel
 from ..common.subsets import seeded_subset
-from ..common.tensorfiles import load_tensors, save_tensors
+from ..common.tensorfiles import load_meta, load_tensors, save_tensors
 from ..common.tokenizer import train_tokenizer
 
 __all__ = [
@@ -410,7 +410,7 @@ def load_or_train(out: str | Path, config: TranslationConfig = TranslationConfig
     t0 = time.time()
     sp = koran_splits(config, data_dir)
     resume = out / RESUME_FILE
-    if not force and resume.exists() and load_tensors(resume)[1]["config"] == asdict(config):
+    if not force and resume.exists() and load_meta(resume)["config"] == asdict(config):
         tok = AutoTokenizer.from_pretrained(out)  # an interrupted run of this config: its tokenizer, then its remaining epochs
     else:
         resume.unlink(missing_ok=True)
