@@ -4,6 +4,7 @@ parts; every method's rows, the CSV the section is rendered from, the bootstrap,
 tables."""
 
 import csv
+import json
 
 import pytest
 import torch
@@ -94,6 +95,39 @@ def test_frozen_setting(tiny_classifier, tmp_path):
     assert (tmp_path / "figures" / "fit_knobs_gain_frozen.png").exists() and "Model `frozen`" in text
     with pytest.raises(ValueError, match="unknown setting"):
         FitStudyConfig(setting="lora")
+
+
+def test_fit_study_resumes_after_a_finished_target(tiny_classifier, tmp_path, monkeypatch):
+    """A run stopped during its second target resumes from the first target's saved state and ends with
+    the uninterrupted run's rows and test logits; the saved state is gone once the run ends."""
+    import nvformer_studies.fitknobs.study as study
+
+    cfg = FitStudyConfig.smoke(model_dir=str(tiny_classifier), wise=(), max_length=32)
+    whole = run_fit_study(cfg, tmp_path / "whole", show_progress=False)
+    real_tent, calls = study.tent, []
+
+    def stopped(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_tent(*a, **kw)
+
+    monkeypatch.setattr(study, "tent", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_fit_study(cfg, tmp_path / "cut", show_progress=False)
+    assert (tmp_path / "cut" / study.PARTIAL_FILE).exists() and not (tmp_path / "cut" / "results.json").exists()
+    monkeypatch.setattr(study, "tent", real_tent)
+    other = FitStudyConfig.smoke(model_dir=str(tiny_classifier), wise=(), max_length=32, steps=2)
+    assert study._load_partial(tmp_path / "cut" / study.PARTIAL_FILE, other)[3] == []  # other settings: start over
+    resumed = run_fit_study(cfg, tmp_path / "cut", show_progress=False)
+    assert resumed["info"]["resumed_after"] == ["dvd"] and whole["info"]["resumed_after"] == []
+    drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    assert [drop(r) for r in resumed["rows"]] == [drop(r) for r in json.loads(json.dumps(whole["rows"], default=str))]
+    assert resumed["transfer"] == whole["transfer"]
+    assert resumed["logits"].keys() == whole["logits"].keys()
+    for k, v in whole["logits"].items():
+        torch.testing.assert_close(resumed["logits"][k], v, rtol=0, atol=0)
+    assert not (tmp_path / "cut" / study.PARTIAL_FILE).exists()
 
 
 def test_mean_pool_classifier_loss_with_labels(tiny_classifier):

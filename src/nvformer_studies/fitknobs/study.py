@@ -198,16 +198,37 @@ def _validation(cfg: FitStudyConfig, tok, target: str) -> tuple[list[str], list[
     return texts, labels, pick(fit_idx), pick(held_idx)
 
 
+PARTIAL_FILE = "partial.safetensors"  # run_fit_study's state after every finished target, while it runs
+
+
+def _load_partial(path: Path, cfg: FitStudyConfig) -> tuple[list[dict], dict[str, Tensor], dict[tuple[str, str], dict], list[str], float]:
+    """What :func:`run_fit_study` saved after its last finished target, if ``path`` holds it for the same
+    settings (otherwise nothing: the run starts over)."""
+    if not path.exists():
+        return [], {}, {}, [], 0.0
+    tensors, meta = load_tensors(path)
+    if meta.get("config") != json.loads(json.dumps(asdict(cfg))):
+        return [], {}, {}, [], 0.0
+    knobs_of = {tuple(k.split("|", 1)): v for k, v in meta["knobs_of"].items()}
+    return meta["rows"], dict(tensors.get("logits", {})), knobs_of, meta["done"], meta["seconds"]
+
+
 def run_fit_study(cfg: FitStudyConfig, out: str | Path | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Run every method on every target (module docstring); returns ``{"config", "rows", "transfer",
-    "info"}`` and saves it to ``out/results.json`` with the test logits (``out/logits.safetensors``)."""
+    "info"}`` and saves it to ``out/results.json`` with the test logits (``out/logits.safetensors``).
+
+    With ``out``, the state after every finished target is kept in ``out/partial.safetensors`` until
+    the run ends; a run stopped in between resumes from it (same settings) with the next target, and
+    ends with the rows of an uninterrupted run (every target starts from the same reset model)."""
     t0 = time.time()
+    partial = Path(out) / PARTIAL_FILE if out is not None else None
+    rows, logits, knobs_of, done, seconds_before = _load_partial(partial, cfg) if partial is not None else ([], {}, {}, [], 0.0)
+    resumed = list(done)
+    if done and show_progress:
+        print(f"resumed from {partial} after {', '.join(done)}", flush=True)
     model, tok, head_info, nvm, proto, forward = _converted(cfg, show_progress)
     n_layers = len(nv.get_knobs(nvm))
     test = {d: _batches(tok, *_examples(cfg, d, "test", cfg.n_test), cfg) for d in (cfg.source, *cfg.targets)}
-    logits: dict[str, Tensor] = {}
-    rows: list[dict[str, Any]] = []
-    knobs_of: dict[tuple[str, str], dict] = {}
 
     def record(method: str, target: str, cost: float, seconds: float, extra: dict | None = None) -> None:
         for domain in (target, cfg.source):
@@ -219,7 +240,8 @@ def run_fit_study(cfg: FitStudyConfig, out: str | Path | None = None, show_progr
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(cfg.targets) * len(FIT_METHODS), desc="fit-knobs study", disable=not show_progress)
+    bar = tqdm(total=len(cfg.targets) * len(FIT_METHODS), initial=len(done) * len(FIT_METHODS), desc="fit-knobs study",
+               disable=not show_progress)
     pre = None
     if cfg.wise:
         from ..sentiment.study import StudyConfig, _load_pretrained_encoder, _wise_set
@@ -228,6 +250,8 @@ def run_fit_study(cfg: FitStudyConfig, out: str | Path | None = None, show_progr
         pre = {k: v.detach().clone() for k, v in pre_model.state_dict().items()}
         finetuned = {k: v.detach().clone() for k, v in model.base_model.named_parameters() if k in pre}
     for t in cfg.targets:
+        if t in done:
+            continue
         texts, labels, fit_data, held_data = _validation(cfg, tok, t)
         val = _batches(tok, texts, labels, cfg)
         proto.reset()
@@ -290,6 +314,11 @@ def run_fit_study(cfg: FitStudyConfig, out: str | Path | None = None, show_progr
         record("control", t, float(len(candidates) * len(texts)), time.perf_counter() - s0, {"control": list(best)})
         proto.reset()
         bar.update(1)
+        if partial is not None:
+            done.append(t)
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            save_tensors(partial, {"logits": logits}, {"config": asdict(cfg), "rows": rows, "done": done, "seconds": seconds_before + time.time() - t0,
+                                                      "knobs_of": {f"{m}|{tt}": v for (m, tt), v in knobs_of.items()}})
     bar.close()
     # transfer: the fit-layer knobs of each target on the others
     transfer = []
@@ -302,13 +331,14 @@ def run_fit_study(cfg: FitStudyConfig, out: str | Path | None = None, show_progr
         proto.reset()
     res = {"config": asdict(cfg), "rows": rows, "transfer": transfer, "n_layers": n_layers, "head": head_info,
            "lengths": {d: test[d].unsort(torch.cat([b["attention_mask"].sum(1) for b in test[d].batches])).tolist() for d in test},
-           "info": {"seconds": time.time() - t0, "threads": torch.get_num_threads()}}
+           "info": {"seconds": seconds_before + time.time() - t0, "threads": torch.get_num_threads(), "resumed_after": resumed}}
     labels_ = {d: test[d].labels for d in test}
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
         save_tensors(out / "logits.safetensors", {"logits": logits, "labels": labels_})
+        partial.unlink(missing_ok=True)
     res["logits"], res["labels"] = logits, labels_
     return res
 
