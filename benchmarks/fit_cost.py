@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from nvformer_studies.common.docs import markdown_table, read_csv, write_csv, write_section
-from nvformer_studies.common.scripts import script_parser
+from nvformer_studies.common.scripts import comma_choices, script_parser, set_threads
 from nvformer_studies.fitknobs.study import FitStudyConfig, time_fits
 from nvformer_studies.sentiment.study import TARGETS
 
@@ -30,14 +30,6 @@ GROUPS = ("site", "layer", "head")
 GOAL_SECONDS = 60.0
 _COLUMNS = [("target", "{target}"), ("groups", "{groups}"), ("examples", "{examples}"), ("steps", "{steps}"),
             ("forward equivalents", "{forward_equivalents:.0f}"), ("seconds", "{seconds:.1f}")]
-
-
-def _choices(parser, text: str, allowed: tuple[str, ...], option: str) -> tuple[str, ...]:
-    chosen = tuple(x.strip() for x in text.split(",") if x.strip())
-    bad = [x for x in chosen if x not in allowed]
-    if bad or not chosen:
-        parser.error(f"{option}: unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(allowed)}")
-    return chosen
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,12 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     given = " ".join(a for a in (sys.argv[1:] if argv is None else argv) if a != "--quiet")
-    targets = _choices(parser, args.targets, TARGETS, "--targets")
-    groups = _choices(parser, args.groups, GROUPS, "--groups")
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    targets = comma_choices(parser, args.targets, TARGETS, "--targets")
+    groups = comma_choices(parser, args.groups, GROUPS, "--groups")
+    set_threads(args)
     cfg = FitStudyConfig(model_dir=args.model, targets=targets[:1] if args.quick else targets,
                          **(dict(n_val=24, steps=3, prior_examples=16) if args.quick else {}))
     rows = time_fits(cfg, groups, show_progress=not args.quiet)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nvformer_studies.common.scripts import doc_dirs, publish, script_parser, set_threads
+from nvformer_studies.common.scripts import comma_choices, doc_dirs, publish, script_parser, set_threads
 from nvformer_studies.fitknobs.lm import FitLMConfig, run_fit_lm
 from nvformer_studies.fitknobs.report import fit_section
 from nvformer_studies.fitknobs.study import SETTINGS, FitStudyConfig, load_fit_study, run_fit_study
@@ -38,10 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--marian", default=str(ROOT / "runs" / "marian-koran"), help="the koran translation model (trained there if missing)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    parts = [x.strip() for x in args.models.split(",") if x.strip()]
-    bad = [x for x in parts if x not in PARTS]
-    if bad or not parts:
-        parser.error(f"--models: unknown {', '.join(bad) or 'empty'}; parts are {', '.join(PARTS)}")
+    parts = comma_choices(parser, args.models, PARTS, "--models")
     set_threads(args)
     out = Path(args.out)
     if not args.reuse:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-__all__ = ["HelpFormatter", "ScriptParser", "doc_dirs", "publish", "script_parser", "set_threads"]
+__all__ = ["HelpFormatter", "ScriptParser", "comma_choices", "doc_dirs", "positive_int", "publish", "script_parser", "set_threads"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -23,6 +23,27 @@ class ScriptParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (anything else is the parser's one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def comma_choices(parser: argparse.ArgumentParser, text: str, allowed: tuple[str, ...], option: str) -> tuple[str, ...]:
+    """The comma list ``text`` of option ``option``, each item one of ``allowed`` (in the given order);
+    an unknown item or an empty list is the parser's one-line error."""
+    chosen = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in chosen if x not in allowed]
+    if bad or not chosen:
+        parser.error(f"{option}: unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(allowed)}")
+    return chosen
 
 
 def script_parser(doc: str | None, root: Path, *, run: str | None = None, doc_file: str = "RESULTS.md", doc_option: str = "--results",
@@ -51,7 +72,7 @@ def script_parser(doc: str | None, root: Path, *, run: str | None = None, doc_fi
         p.add_argument("--smoke", action="store_true",
                        help=smoke if isinstance(smoke, str) else "tiny models and data (seconds; checks the command end to end)")
     if threads:
-        p.add_argument("--threads", type=int, default=None, help="torch threads (none: torch's choice)")
+        p.add_argument("--threads", type=positive_int, default=None, help="torch threads (none: torch's choice)")
     if repeats is not None:
         p.add_argument("--repeats", type=int, default=repeats, help="timed repeats of each workload (interleaved; the median is reported)")
     return p
@@ -59,7 +80,7 @@ def script_parser(doc: str | None, root: Path, *, run: str | None = None, doc_fi
 
 def set_threads(args: argparse.Namespace) -> None:
     """Apply ``--threads`` (if given) to torch."""
-    if getattr(args, "threads", None):
+    if getattr(args, "threads", None) is not None:
         import torch
 
         torch.set_num_threads(args.threads)
