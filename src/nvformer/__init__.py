@@ -40,7 +40,7 @@ from .config import IDENTITY, Knobs, NVConfig
 from .core.kl import kl_dirichlet, kl_gaussian, kl_symmetric_dirichlet
 from .core.latent import NVLatent
 from .core.prior import Prior, PriorEstimator
-from .core.sampling import sample_log_dirichlet, sample_log_gamma, standard_gamma
+from .core.sampling import sample_dirichlet, sample_log_dirichlet, sample_log_gamma, standard_gamma
 from .dirichlet.functional import DirichletSpec, dirichlet_kl
 from .dirichlet.module import DirichletAttention
 from .hf.dirichlet import convert_dirichlet
@@ -82,6 +82,7 @@ __all__ = [
     "kl_symmetric_dirichlet",
     "kl_terms",
     "load_adapter",
+    "sample_dirichlet",
     "sample_log_dirichlet",
     "sample_log_gamma",
     "save_adapter",

@@ -11,9 +11,9 @@ import math
 import torch
 from torch import Tensor
 
-from .masks import masked_log_softmax
+from .masks import masked_log_softmax, safe_softmax
 
-__all__ = ["sample_log_gamma", "sample_log_dirichlet", "standard_gamma"]
+__all__ = ["sample_dirichlet", "sample_log_gamma", "sample_log_dirichlet", "standard_gamma"]
 
 # Above this log-concentration the Gamma(a, 1) sample is drawn from its log-normal limit
 # log g ~ N(log a, 1/a): the neglected bias of the mean, -1/(2a), is below 1e-9 there.
@@ -23,25 +23,32 @@ _LOG_A_NORMAL_LIMIT = 20.0
 _LOG_A_MIN = {torch.float64: -300.0, torch.float32: -80.0}
 
 
-def _marsaglia_tsang(shape: Tensor) -> Tensor:
+def _marsaglia_tsang(shape: Tensor, spare: bool = False, plus_one: bool = False) -> tuple[Tensor, Tensor | None]:
     """One vectorised round of Marsaglia & Tsang's (2000) rejection sampler for ``Gamma(s, 1)``,
-    ``s >= 1``, with a fresh draw for every entry the round rejects (no gradient).
+    ``s >= 1``, with a fresh draw for every entry the round rejects (no gradient). With
+    ``plus_one``, ``s`` is ``shape + 1`` (one pass fewer than adding it first).
 
     Proposal ``x = d v``, ``v = (1 + c z)^3``, ``d = s - 1/3``, ``c = 1 / sqrt(9 d)``,
-    ``z ~ N(0, 1)``; accepted by the squeeze ``u < 1 - 0.0331 z^4`` (false wherever ``v <= 0``,
-    since ``z^4 >= 36`` there), else by the exact test ``v > 0`` and
+    ``z ~ N(0, 1)``; accepted by the squeeze ``u < b(z) = 1 - 0.0331 z^4`` (false wherever
+    ``v <= 0``, since ``z^4 >= 36`` there), else by the exact test ``v > 0`` and
     ``log u < z^2 / 2 + d (1 - v + log v)``, evaluated in float64 on the (about 10%) entries the
     squeeze leaves (it cancels to ``~ -z^2/2`` for large ``d``). Accepted proposals are exact
     ``Gamma(s)`` draws; the (about 2-5%) rejected entries are drawn again by
     ``torch._standard_gamma``, an exact sampler too, so every entry is exactly ``Gamma(s)``.
+
+    With ``spare``, also returns ``log w`` with ``w ~ Uniform(0, 1]`` independent of the draws: where
+    the squeeze accepted, ``w = 1 - u / b(z)`` (given acceptance, ``u`` is uniform on ``[0, b(z))``
+    whatever ``z``, hence whatever ``x``: the spent uniform is recycled); a fresh uniform elsewhere.
     """
     one = torch.ones((), dtype=shape.dtype, device=shape.device)
-    d = shape - 1.0 / 3.0
+    d = shape + (2.0 / 3.0 if plus_one else -1.0 / 3.0)
     z = torch.randn_like(shape)
     u = torch.rand_like(shape)
     x = d * torch.addcmul(one, torch.rsqrt(9.0 * d), z).pow_(3)
     z2 = z.square()
-    left = (u >= torch.addcmul(one, z2, z2, value=-0.0331)).nonzero(as_tuple=True)  # not accepted by the squeeze
+    bound = torch.addcmul(one, z2, z2, value=-0.0331)
+    left = (u >= bound).nonzero(as_tuple=True)  # not accepted by the squeeze
+    log_w = torch.div(u, bound).neg_().log1p_() if spare else None  # garbage where not squeezed: replaced below
     if left[0].numel():
         d_l, z_l = d[left].double(), z[left].double()
         t = torch.rsqrt(9.0 * d_l) * z_l
@@ -50,31 +57,38 @@ def _marsaglia_tsang(shape: Tensor) -> Tensor:
         accept = valid & (u[left].double().log() < 0.5 * z_l * z_l + d_l * (1.0 - log_v.exp() + log_v))
         redo = tuple(i[~accept] for i in left)
         if redo[0].numel():
-            x[redo] = torch._standard_gamma(shape[redo])
-    return x
+            x[redo] = torch._standard_gamma(shape[redo] + 1.0 if plus_one else shape[redo])
+        if spare:
+            log_w[left] = torch.rand(left[0].shape, dtype=u.dtype, device=u.device).neg_().log1p_()
+    return x, log_w
 
 
 class _StandardGamma(torch.autograd.Function):
     """``Gamma(s, 1)`` draws with the implicit reparameterisation gradient ``dx/ds = -(dF/ds) / f``
-    (``F``, ``f``: the distribution's CDF and density at the draw; ``torch._standard_gamma_grad``)."""
+    (``F``, ``f``: the distribution's CDF and density at the draw; ``torch._standard_gamma_grad``),
+    and (``spare``) the log of an independent ``Uniform(0, 1]`` (no gradient); ``s = shape + 1``
+    with ``plus_one`` (:func:`_marsaglia_tsang`)."""
 
     @staticmethod
-    def forward(ctx, shape: Tensor) -> Tensor:  # noqa: D102
-        x = _marsaglia_tsang(shape)
+    def forward(ctx, shape: Tensor, spare: bool, plus_one: bool) -> tuple[Tensor, Tensor | None]:  # noqa: D102
+        x, log_w = _marsaglia_tsang(shape, spare, plus_one)
         ctx.save_for_backward(shape, x)
-        return x
+        ctx.plus_one = plus_one
+        if log_w is not None:
+            ctx.mark_non_differentiable(log_w)
+        return x, log_w
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+    def backward(ctx, grad: Tensor, _: Tensor | None) -> tuple[Tensor, None, None]:  # noqa: D102
         shape, x = ctx.saved_tensors
-        return grad * torch._standard_gamma_grad(shape, x)
+        return grad * torch._standard_gamma_grad(shape + 1.0 if ctx.plus_one else shape, x), None, None
 
 
 def standard_gamma(shape: Tensor) -> Tensor:
     """Reparameterised ``x ~ Gamma(shape, 1)`` for ``shape >= 1`` (any tensor shape, float32 or
     float64; a vectorised Marsaglia-Tsang round, :func:`_marsaglia_tsang`), differentiable in
     ``shape`` by the implicit gradient, as ``torch.distributions.Gamma.rsample``."""
-    return _StandardGamma.apply(shape)
+    return _StandardGamma.apply(shape, False, False)[0]
 
 
 def sample_log_gamma(log_concentration: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -85,9 +99,10 @@ def sample_log_gamma(log_concentration: Tensor, dtype: torch.dtype = torch.float
     least float32). Three regimes, each exact in distribution or negligibly far from it, so that no
     pseudo-count over/underflows in either dtype:
 
-    * ``log a <= 20``: ``g = X * U**(1/a)`` with ``X ~ Gamma(a + 1)`` drawn by
-      :func:`standard_gamma` (implicit reparameterisation gradients) and
-      ``U ~ Uniform(0, 1)`` (the standard boost for small shapes, Marsaglia & Tsang 2000); in log
+    * ``log a <= 20``: ``g = X * U**(1/a)`` with ``X ~ Gamma(a + 1)`` drawn as
+      :func:`standard_gamma` does (implicit reparameterisation gradients) and
+      ``U ~ Uniform(0, 1]`` independent of it (the standard boost for small shapes, Marsaglia &
+      Tsang 2000; mostly the sampler's own spent acceptance uniform, recycled); in log
       space ``log g = log X + log(U) / a``, finite for any ``a``; ``log a`` is floored at -300 in
       float64 (``a ~ 5e-131``) and -80 in float32 (``a ~ 2e-35``; ``log(U) / a`` then stays below
       float32's largest number): such a component's weight is 0 in any dtype, and gradients stay finite.
@@ -95,17 +110,22 @@ def sample_log_gamma(log_concentration: Tensor, dtype: torch.dtype = torch.float
       a Gamma with ``a > 4.8e8`` (the bias ``-1/(2a)`` is below 1e-9), with pathwise gradients.
     * ``-inf`` entries (masked components) stay ``-inf``.
     """
+    return _sample_log_gamma(log_concentration, dtype, "sample_log_gamma")[0]
+
+
+def _sample_log_gamma(log_concentration: Tensor, dtype: torch.dtype, where: str) -> tuple[Tensor, Tensor | None]:
+    """:func:`sample_log_gamma` and the bool mask of its ``-inf`` (masked) entries (None: there are none)."""
     if not isinstance(log_concentration, Tensor):
-        raise ValueError(f"sample_log_gamma: `log_concentration` must be a tensor, got {type(log_concentration).__name__}")
+        raise ValueError(f"{where}: `log_concentration` must be a tensor, got {type(log_concentration).__name__}")
     if dtype not in _LOG_A_MIN:
-        raise ValueError(f"sample_log_gamma: `dtype` must be torch.float32 or torch.float64, got {dtype}")
+        raise ValueError(f"{where}: `dtype` must be torch.float32 or torch.float64, got {dtype}")
     out_dtype = torch.promote_types(log_concentration.dtype, torch.float32)
     lc = log_concentration.to(dtype)
     # One pass decides every shortcut: masked entries (lo = -inf), floored ones, log-normal ones.
     general = lc.device.type == "meta" or lc.numel() == 0  # no values to look at: every pass runs
     lo, hi = (-math.inf, math.inf) if general else (float(v) for v in torch.aminmax(lc.detach()))
     if not general and not hi < math.inf:  # NaN fails the comparison too
-        raise ValueError("sample_log_gamma: `log_concentration` must not be NaN or +inf (-inf marks a masked entry)")
+        raise ValueError(f"{where}: `log_concentration` must not be NaN or +inf (-inf marks a masked entry)")
     masked = torch.isneginf(lc) if lo == -math.inf else None
     if masked is not None:
         lc = lc.masked_fill(masked, 0.0)
@@ -114,15 +134,14 @@ def sample_log_gamma(log_concentration: Tensor, dtype: torch.dtype = torch.float
     big = hi > _LOG_A_NORMAL_LIMIT
 
     a_small = (lc.clamp(max=_LOG_A_NORMAL_LIMIT) if big else lc).exp()
-    x = standard_gamma(a_small + 1.0)
-    log_u = torch.rand_like(a_small).neg_().log1p_()  # log(1 - U) with U in [0, 1): the log of a Uniform(0, 1], finite
-    log_g = x.clamp_min(torch.finfo(dtype).tiny).log() + log_u / a_small
+    x, log_u = _StandardGamma.apply(a_small, True, True)  # x ~ Gamma(a + 1); log_u: the log of a Uniform(0, 1] independent of x
+    log_g = torch.addcdiv(x.clamp_min(torch.finfo(dtype).tiny).log(), log_u, a_small)
     if big:  # the log-normal limit, drawn only where it applies
         lc_big = lc.clamp(min=_LOG_A_NORMAL_LIMIT)
         log_g = torch.where(lc > _LOG_A_NORMAL_LIMIT, lc_big + torch.randn_like(lc_big) * torch.exp(-0.5 * lc_big), log_g)
     if masked is not None:
         log_g = log_g.masked_fill(masked, float("-inf"))
-    return log_g.to(out_dtype)
+    return log_g.to(out_dtype), masked
 
 
 def sample_log_dirichlet(log_concentration: Tensor, pad_mask: Tensor | None = None, dim: int = -1,
@@ -143,3 +162,13 @@ def sample_log_dirichlet(log_concentration: Tensor, pad_mask: Tensor | None = No
             raise ValueError(f"sample_log_dirichlet: `pad_mask` must be a bool tensor (True = excluded), got {getattr(pad_mask, 'dtype', pad_mask)!r}")
         log_concentration = log_concentration.masked_fill(pad_mask, float("-inf"))
     return masked_log_softmax(sample_log_gamma(log_concentration, dtype), pad_mask, dim=dim)
+
+
+def sample_dirichlet(log_concentration: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Reparameterised ``pi ~ Dir(a)`` over the last dimension, given ``log a`` (``-inf``: excluded,
+    weight 0; a row with no other entry: all 0): the weights that :func:`sample_log_dirichlet`'s
+    logarithms give, normalised by one softmax instead of ``logsumexp`` and ``exp`` (for callers
+    that need the weights, as Dirichlet attention does). Gamma draws in ``dtype``; returned in the
+    input dtype (at least float32)."""
+    log_g, masked = _sample_log_gamma(log_concentration, dtype, "sample_dirichlet")
+    return torch.softmax(log_g, -1) if masked is None else safe_softmax(log_g)

@@ -3,7 +3,7 @@
 Per query ``t`` the attention distribution ``a_t`` over the visible keys gets a Dirichlet
 posterior ``q(a_t) = Dir(c_t)`` built from the attention scores ``s_t = scale q_t K^T`` (+ mask),
 a Dirichlet prior ``p(a_t) = Dir(c0_t)``, reparameterised samples (implicit reparameterisation
-gradients through :func:`nvformer.sample_log_dirichlet`) and the ELBO term ``KL(q || p)``.
+gradients through :func:`nvformer.sample_dirichlet`) and the ELBO term ``KL(q || p)``.
 
 The paper's exact parameterisation is not available; ours, configurable in :class:`DirichletSpec`:
 
@@ -47,7 +47,7 @@ from torch import Tensor
 from ..core.checks import check_choice, check_real
 from ..core.kl import lgamma_terms
 from ..core.masks import masked_log_softmax, nothing_set, safe_softmax
-from ..core.sampling import sample_log_dirichlet
+from ..core.sampling import sample_dirichlet
 
 __all__ = ["CONCENTRATIONS", "PREDICTIONS", "PRIORS", "DirichletSpec", "dirichlet_attention", "dirichlet_kl", "log_concentrations",
            "mean_weights", "working_dtype"]
@@ -161,18 +161,21 @@ class _EntryTerms(torch.autograd.Function):
         return g_q, g_p
 
 
-def log_concentrations(logits: Tensor, spec: DirichletSpec, tau: Tensor | float, *, prior: bool = True) -> tuple[Tensor, Tensor | None, Tensor]:
+def log_concentrations(logits: Tensor, spec: DirichletSpec, tau: Tensor | float, *, prior: bool = True,
+                       masked: bool = True) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(log c [..., N], log c0 [..., N], pad [..., N])`` from masked attention logits, in their
     dtype (at least float32; pass float64 logits for the exact sampling / KL path).
 
     ``logits`` are ``scale q.k`` plus the additive mask (``-inf`` = not visible). ``log c0`` (the
     prior's) is None when ``prior`` is False (a sample without its KL needs only ``log c``).
+    ``masked=False`` promises that no logit is ``-inf`` (no mask was added): the mask is then not
+    looked for and ``pad`` is None.
     """
     lg = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    pad = torch.isneginf(lg)
-    padded = not nothing_set(pad)
+    pad = torch.isneginf(lg) if masked else None
+    padded = pad is not None and not nothing_set(pad)
     n = (~pad).sum(-1, keepdim=True).clamp_min(1).to(lg.dtype) if padded else torch.tensor(float(lg.shape[-1]), dtype=lg.dtype, device=lg.device)
-    log_p = masked_log_softmax(lg, pad)
+    log_p = masked_log_softmax(lg, pad) if padded else torch.log_softmax(lg, -1)
     log_tau = torch.log(torch.as_tensor(tau, device=lg.device)).to(lg.dtype)
     log_eps = math.log(spec.eps)
     if spec.concentration == "softmax":
@@ -223,16 +226,15 @@ def dirichlet_attention(query: Tensor, key: Tensor, value: Tensor, bias: Tensor 
         weights = mean_weights(logits, spec, tau).to(query.dtype)
         log_c = log_c0 = pad = None
     else:
-        log_c, log_c0, pad = log_concentrations(logits, spec, tau, prior=kl)
-        log_a = sample_log_dirichlet(log_c, dtype=cd) if sample else masked_log_softmax(log_c, None)
-        weights = log_a.exp().to(query.dtype)  # masked entries: log a = -inf, weight 0
+        log_c, log_c0, pad = log_concentrations(logits, spec, tau, prior=kl, masked=bias is not None)
+        weights = (sample_dirichlet(log_c, dtype=cd) if sample else safe_softmax(log_c)).to(query.dtype)  # masked entries: weight 0
     w = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
     return w @ value, weights, (dirichlet_kl(log_c, log_c0, pad) if kl else None)
 
 
 def working_dtype(dtype: torch.dtype, *, sample: bool, kl: bool) -> torch.dtype:
     """The dtype of :func:`dirichlet_attention`'s ``[B, H, Nq, Nk]`` work: the input's, at least
-    float32, for the posterior mean, the samples (log space, :func:`nvformer.sample_log_dirichlet`)
+    float32, for the posterior mean, the samples (log space, :func:`nvformer.sample_dirichlet`)
     and the KL's per-entry terms alike (the KL's per-row terms are float64: :func:`dirichlet_kl`).
     ``sample`` and ``kl`` do not change it (kept for callers that build masks in it)."""
     return torch.promote_types(dtype, torch.float32)
