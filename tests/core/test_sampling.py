@@ -231,3 +231,28 @@ def test_sample_dirichlet_is_the_exp_of_sample_log_dirichlet(dtype):
         assert w.dtype == dtype and bool(torch.isfinite(gw).all())
         if masked:
             assert float(w.detach()[0, 1, 2]) == 0.0 and float(w.detach()[2, 0].abs().sum()) == 0.0
+
+
+def test_gamma_grad_split_over_threads_is_the_unsplit_kernel(monkeypatch):
+    """The implicit gradient computed in parts on worker threads equals torch's one-call result bit
+    for bit (uneven parts, a non-flat shape), and small inputs are not split."""
+    from nvformer.core import sampling
+
+    torch.manual_seed(4)
+    shape = torch.rand(3, 7, 5003, dtype=torch.float32) * 30 + 1.0
+    x = torch._standard_gamma(shape)
+    monkeypatch.setattr(sampling, "_SPLIT_MIN", 1000)
+    calls = []
+    real = torch._standard_gamma_grad
+    monkeypatch.setattr(torch, "_standard_gamma_grad", lambda s, v: calls.append(s.numel()) or real(s, v))
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        out = sampling._gamma_grad(shape, x)
+    finally:
+        torch.set_num_threads(previous)
+    assert len(calls) == 3 and sum(calls) == shape.numel()
+    assert out.shape == shape.shape and torch.equal(out, real(shape, x))
+    calls.clear()
+    assert torch.equal(sampling._gamma_grad(shape[:1, :1, :10], x[:1, :1, :10]), real(shape[:1, :1, :10], x[:1, :1, :10]))
+    assert calls == [10]

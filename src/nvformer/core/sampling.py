@@ -7,6 +7,8 @@ they never overflow (``log a`` of a width-4096 model is ~200, far beyond fp32's 
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -21,6 +23,38 @@ _LOG_A_NORMAL_LIMIT = 20.0
 # Below this log-concentration a is treated as exp(floor), so that log(U)/a and its gradient stay finite
 # (float32: |log U| <= 88 and 88 e^80 < 3.4e38).
 _LOG_A_MIN = {torch.float64: -300.0, torch.float32: -80.0}
+
+
+_SPLIT_MIN = 1 << 16  # entries per part below which _gamma_grad does not split
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _gamma_grad(shape: Tensor, x: Tensor) -> Tensor:
+    """``torch._standard_gamma_grad(shape, x)`` (the implicit gradient ``dx/ds``), split into equal
+    parts over up to ``torch.get_num_threads()`` threads on CPU: torch's kernel runs on one thread
+    whatever that setting, and it is the slowest step of a Dirichlet-attention backward. Each part
+    is the same elementwise computation, so the result is the unsplit one bit for bit."""
+    parts = min(torch.get_num_threads(), shape.numel() // _SPLIT_MIN)
+    if parts < 2 or shape.device.type != "cpu":
+        return torch._standard_gamma_grad(shape, x)
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < parts - 1:
+            _pool = ThreadPoolExecutor(parts - 1, thread_name_prefix="nvformer-gamma-grad")
+        pool = _pool
+    s, v = shape.reshape(-1), x.reshape(-1)
+    out = torch.empty_like(s)
+    edges = [len(s) * i // parts for i in range(parts + 1)]
+
+    def run(i: int) -> None:
+        out[edges[i] : edges[i + 1]] = torch._standard_gamma_grad(s[edges[i] : edges[i + 1]], v[edges[i] : edges[i + 1]])
+
+    futures = [pool.submit(run, i) for i in range(1, parts)]
+    run(0)
+    for f in futures:
+        f.result()
+    return out.view(shape.shape)
 
 
 def _marsaglia_tsang(shape: Tensor, spare: bool = False, plus_one: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -65,7 +99,8 @@ def _marsaglia_tsang(shape: Tensor, spare: bool = False, plus_one: bool = False)
 
 class _StandardGamma(torch.autograd.Function):
     """``Gamma(s, 1)`` draws with the implicit reparameterisation gradient ``dx/ds = -(dF/ds) / f``
-    (``F``, ``f``: the distribution's CDF and density at the draw; ``torch._standard_gamma_grad``),
+    (``F``, ``f``: the distribution's CDF and density at the draw; ``torch._standard_gamma_grad``,
+    :func:`_gamma_grad`),
     and (``spare``) the log of an independent ``Uniform(0, 1]`` (no gradient); ``s = shape + 1``
     with ``plus_one`` (:func:`_marsaglia_tsang`)."""
 
@@ -81,7 +116,7 @@ class _StandardGamma(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor, _: Tensor | None) -> tuple[Tensor, None, None]:  # noqa: D102
         shape, x = ctx.saved_tensors
-        return grad * torch._standard_gamma_grad(shape + 1.0 if ctx.plus_one else shape, x), None, None
+        return grad * _gamma_grad(shape + 1.0 if ctx.plus_one else shape, x), None, None
 
 
 def standard_gamma(shape: Tensor) -> Tensor:
