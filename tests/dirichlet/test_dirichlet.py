@@ -453,3 +453,31 @@ def test_kl_entry_terms_and_their_written_out_gradients(prior_grad):
     for g, r in zip(torch.autograd.grad((out * w).sum(), inputs), torch.autograd.grad((ref * w).sum(), inputs)):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(dfun._EntryTerms.apply, (cq, cp))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_space_concentrations_match_the_log_space_form(dtype, monkeypatch):
+    """"softmax" concentrations formed as ``tau n softmax + eps`` then logged equal the ``logaddexp``
+    form (forced by a zero threshold) to rounding, with and without hidden keys, values and
+    gradients; the sampler fed ``c`` draws what it draws from ``log c`` on the same stream."""
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 3, 5, 9, dtype=dtype) * 4).requires_grad_()
+    hide = torch.zeros(2, 3, 5, 9, dtype=torch.bool)
+    hide[0, :, :, 6:] = True
+    tol = dict(rtol=0, atol=2e-5) if dtype == torch.float32 else dict(rtol=0, atol=1e-12)
+    spec = DirichletSpec(eps=1e-3)
+    for lg in (logits, logits.masked_fill(hide, float("-inf"))):
+        lin = dfun._concentrations(lg, spec, 7.0, prior=True, masked=True)
+        g_lin = torch.autograd.grad(lin[0].masked_fill(torch.isinf(lin[0]), 0.0).sum(), logits, retain_graph=True)[0]
+        with monkeypatch.context() as m:
+            m.setattr(dfun, "_LINEAR_BELOW", 0.0)
+            ref = dfun._concentrations(lg, spec, 7.0, prior=True, masked=True)
+        g_ref = torch.autograd.grad(ref[0].masked_fill(torch.isinf(ref[0]), 0.0).sum(), logits)[0]
+        assert lin[3] is not None and ref[3] is None
+        for a, b in ((lin[0], ref[0]), (lin[1], ref[1]), (g_lin, g_ref)):
+            torch.testing.assert_close(a, b, **tol)
+        torch.testing.assert_close(lin[3], lin[0].exp(), **tol)
+        torch.manual_seed(1)
+        w = nv.sample_dirichlet(lin[0], dtype, lin[3])
+        torch.manual_seed(1)
+        torch.testing.assert_close(w, nv.sample_dirichlet(lin[0], dtype), rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=1e-6)

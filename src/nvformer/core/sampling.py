@@ -148,8 +148,11 @@ def sample_log_gamma(log_concentration: Tensor, dtype: torch.dtype = torch.float
     return _sample_log_gamma(log_concentration, dtype, "sample_log_gamma")[0]
 
 
-def _sample_log_gamma(log_concentration: Tensor, dtype: torch.dtype, where: str) -> tuple[Tensor, Tensor | None]:
-    """:func:`sample_log_gamma` and the bool mask of its ``-inf`` (masked) entries (None: there are none)."""
+def _sample_log_gamma(log_concentration: Tensor, dtype: torch.dtype, where: str,
+                      concentration: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """:func:`sample_log_gamma` and the bool mask of its ``-inf`` (masked) entries (None: there are
+    none). ``concentration``: ``exp(log_concentration)`` if the caller has it (0 where masked), used
+    instead of exponentiating again wherever no regime boundary is crossed."""
     if not isinstance(log_concentration, Tensor):
         raise ValueError(f"{where}: `log_concentration` must be a tensor, got {type(log_concentration).__name__}")
     if dtype not in _LOG_A_MIN:
@@ -168,7 +171,10 @@ def _sample_log_gamma(log_concentration: Tensor, dtype: torch.dtype, where: str)
         lc = lc.clamp_min(_LOG_A_MIN[dtype])
     big = hi > _LOG_A_NORMAL_LIMIT
 
-    a_small = (lc.clamp(max=_LOG_A_NORMAL_LIMIT) if big else lc).exp()
+    if concentration is not None and not big and lo >= _LOG_A_MIN[dtype] and masked is None:
+        a_small = concentration.to(dtype)
+    else:
+        a_small = (lc.clamp(max=_LOG_A_NORMAL_LIMIT) if big else lc).exp()
     x, log_u = _StandardGamma.apply(a_small, True, True)  # x ~ Gamma(a + 1); log_u: the log of a Uniform(0, 1] independent of x
     log_g = torch.addcdiv(x.clamp_min(torch.finfo(dtype).tiny).log(), log_u, a_small)
     if big:  # the log-normal limit, drawn only where it applies
@@ -199,11 +205,12 @@ def sample_log_dirichlet(log_concentration: Tensor, pad_mask: Tensor | None = No
     return masked_log_softmax(sample_log_gamma(log_concentration, dtype), pad_mask, dim=dim)
 
 
-def sample_dirichlet(log_concentration: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+def sample_dirichlet(log_concentration: Tensor, dtype: torch.dtype = torch.float64, concentration: Tensor | None = None) -> Tensor:
     """Reparameterised ``pi ~ Dir(a)`` over the last dimension, given ``log a`` (``-inf``: excluded,
     weight 0; a row with no other entry: all 0): the weights that :func:`sample_log_dirichlet`'s
     logarithms give, normalised by one softmax instead of ``logsumexp`` and ``exp`` (for callers
     that need the weights, as Dirichlet attention does). Gamma draws in ``dtype``; returned in the
-    input dtype (at least float32)."""
-    log_g, masked = _sample_log_gamma(log_concentration, dtype, "sample_dirichlet")
+    input dtype (at least float32). ``concentration``: ``a`` itself, if the caller has it, saves
+    exponentiating ``log a`` again (used where no regime of :func:`sample_log_gamma` changes)."""
+    log_g, masked = _sample_log_gamma(log_concentration, dtype, "sample_dirichlet", concentration)
     return torch.softmax(log_g, -1) if masked is None else safe_softmax(log_g)

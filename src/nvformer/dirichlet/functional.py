@@ -171,27 +171,53 @@ def log_concentrations(logits: Tensor, spec: DirichletSpec, tau: Tensor | float,
     ``masked=False`` promises that no logit is ``-inf`` (no mask was added): the mask is then not
     looked for and ``pad`` is None.
     """
+    return _concentrations(logits, spec, tau, prior=prior, masked=masked)[:3]
+
+
+_LINEAR_BELOW = math.exp(20.0)  # tau n below this: "softmax" concentrations are formed in linear space
+
+
+def _concentrations(logits: Tensor, spec: DirichletSpec, tau: Tensor | float, *, prior: bool,
+                    masked: bool) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`log_concentrations` and, when it was formed on the way, ``c`` itself (else None).
+
+    ``"softmax"`` with ``tau n < e^20`` forms ``c = tau n softmax(s) + eps`` in linear space (an
+    attention probability that underflows leaves ``c = eps``, its value to the dtype's precision)
+    and takes one log, instead of a ``logaddexp`` in log space, which larger ``tau n`` need.
+    """
     lg = logits.to(torch.promote_types(logits.dtype, torch.float32))
     pad = torch.isneginf(lg) if masked else None
     padded = pad is not None and not nothing_set(pad)
     n = (~pad).sum(-1, keepdim=True).clamp_min(1).to(lg.dtype) if padded else torch.tensor(float(lg.shape[-1]), dtype=lg.dtype, device=lg.device)
-    log_p = masked_log_softmax(lg, pad) if padded else torch.log_softmax(lg, -1)
-    log_tau = torch.log(torch.as_tensor(tau, device=lg.device)).to(lg.dtype)
+    tau_t = torch.as_tensor(tau, device=lg.device).to(lg.dtype)
     log_eps = math.log(spec.eps)
-    if spec.concentration == "softmax":
-        core = log_tau + n.log() + log_p
+    linear = spec.concentration == "softmax" and float(tau_t.detach().max()) * lg.shape[-1] < _LINEAR_BELOW
+    c = p = log_p = None
+    if linear:
+        p = safe_softmax(lg) if padded else torch.softmax(lg, -1)
+        c = torch.addcmul(torch.tensor(spec.eps, dtype=lg.dtype, device=lg.device), p, tau_t * n)
+        log_c = c.log()
     else:
-        core = log_tau + (lg.masked_fill(pad, 0.0) if padded else lg)
-    log_c = _log_plus_eps(core, log_eps)
+        log_p = masked_log_softmax(lg, pad) if padded else torch.log_softmax(lg, -1)
+        if spec.concentration == "softmax":
+            core = tau_t.log() + n.log() + log_p
+        else:
+            core = tau_t.log() + (lg.masked_fill(pad, 0.0) if padded else lg)
+        log_c = _log_plus_eps(core, log_eps)
     log_c0 = None
     if prior and spec.prior == "centred":
-        log_c0 = _log_plus_eps(math.log(spec.prior_tau) + n.log() + log_p.detach(), log_eps)
+        if linear:
+            log_c0 = torch.addcmul(torch.tensor(spec.eps, dtype=lg.dtype, device=lg.device), p.detach(), spec.prior_tau * n).log()
+        else:
+            lp = log_p if log_p is not None else (masked_log_softmax(lg, pad) if padded else torch.log_softmax(lg, -1))
+            log_c0 = _log_plus_eps(math.log(spec.prior_tau) + n.log() + lp.detach(), log_eps)
     elif prior:
         log_c0 = torch.full_like(lg, math.log(spec.prior_alpha))
     if padded:
         log_c = log_c.masked_fill(pad, float("-inf"))
         log_c0 = None if log_c0 is None else log_c0.masked_fill(pad, float("-inf"))
-    return log_c, log_c0, pad
+        c = None if c is None else c.masked_fill(pad, 0.0)
+    return log_c, log_c0, pad, c
 
 
 def _log_plus_eps(core: Tensor, log_eps: float) -> Tensor:
@@ -226,8 +252,8 @@ def dirichlet_attention(query: Tensor, key: Tensor, value: Tensor, bias: Tensor 
         weights = mean_weights(logits, spec, tau).to(query.dtype)
         log_c = log_c0 = pad = None
     else:
-        log_c, log_c0, pad = log_concentrations(logits, spec, tau, prior=kl, masked=bias is not None)
-        weights = (sample_dirichlet(log_c, dtype=cd) if sample else safe_softmax(log_c)).to(query.dtype)  # masked entries: weight 0
+        log_c, log_c0, pad, c = _concentrations(logits, spec, tau, prior=kl, masked=bias is not None)
+        weights = (sample_dirichlet(log_c, cd, c) if sample else safe_softmax(log_c)).to(query.dtype)  # masked entries: weight 0
     w = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
     return w @ value, weights, (dirichlet_kl(log_c, log_c0, pad) if kl else None)
 
