@@ -255,6 +255,15 @@ def test_mean_path_without_kl_matches_the_float64_path_and_eval_kl_matches_the_f
         got = dfun.mean_weights(logits, sp, 10.0)
         torch.testing.assert_close(got[..., :5], ref, rtol=1e-10, atol=1e-12)
         assert float(got[..., 5:].abs().max()) == 0.0
+        # without a mask, the unmasked shortcut (masked=False) against Dirichlet(c).mean, with tau's gradient
+        tau = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
+        plain = logits[..., :5]
+        fast = dfun.mean_weights(plain, sp, tau, masked=False)
+        slow = dfun.mean_weights(plain, sp, tau)
+        torch.testing.assert_close(fast, torch.distributions.Dirichlet(dfun.log_concentrations(plain, sp, 10.0)[0].exp()).mean,
+                                   rtol=1e-10, atol=1e-12)
+        g_fast, g_slow = (torch.autograd.grad((w * torch.arange(5.0, dtype=torch.float64)).sum(), tau)[0] for w in (fast, slow))
+        torch.testing.assert_close(g_fast, g_slow, rtol=1e-10, atol=1e-12)
     log_c, log_c0, pad = dfun.log_concentrations(((q @ k.transpose(-1, -2)) * 0.5).double() + bias.double(), spec, 10.0)
     torch.testing.assert_close(kl64, dfun.dirichlet_kl(log_c, log_c0, pad))
     mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)

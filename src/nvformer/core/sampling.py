@@ -74,26 +74,26 @@ def _marsaglia_tsang(shape: Tensor, spare: bool = False, plus_one: bool = False)
     the squeeze accepted, ``w = 1 - u / b(z)`` (given acceptance, ``u`` is uniform on ``[0, b(z))``
     whatever ``z``, hence whatever ``x``: the spent uniform is recycled); a fresh uniform elsewhere.
     """
-    one = torch.ones((), dtype=shape.dtype, device=shape.device)
+    # few full-size temporaries, updated in place (every one is a fresh allocation, often page faults)
     d = shape + (2.0 / 3.0 if plus_one else -1.0 / 3.0)
     z = torch.randn_like(shape)
     u = torch.rand_like(shape)
-    x = d * torch.addcmul(one, torch.rsqrt(9.0 * d), z).pow_(3)
-    z2 = z.square()
-    bound = torch.addcmul(one, z2, z2, value=-0.0331)
+    x = torch.mul(d, 9.0).rsqrt_().mul_(z).add_(1.0).pow_(3).mul_(d)  # d (1 + c z)^3
+    bound = z.square().square_().mul_(-0.0331).add_(1.0)  # 1 - 0.0331 z^4
     left = (u >= bound).nonzero(as_tuple=True)  # not accepted by the squeeze
-    log_w = torch.div(u, bound).neg_().log1p_() if spare else None  # garbage where not squeezed: replaced below
+    u_left = u[left] if left[0].numel() else None
+    log_w = u.div_(bound).neg_().log1p_() if spare else None  # garbage where not squeezed: replaced below
     if left[0].numel():
         d_l, z_l = d[left].double(), z[left].double()
         t = torch.rsqrt(9.0 * d_l) * z_l
         valid = t > -1.0  # v > 0
         log_v = 3.0 * torch.log1p(torch.where(valid, t, 0.0))  # finite where v <= 0 (rejected anyway)
-        accept = valid & (u[left].double().log() < 0.5 * z_l * z_l + d_l * (1.0 - log_v.exp() + log_v))
+        accept = valid & (u_left.double().log() < 0.5 * z_l * z_l + d_l * (1.0 - log_v.exp() + log_v))
         redo = tuple(i[~accept] for i in left)
         if redo[0].numel():
             x[redo] = torch._standard_gamma(shape[redo] + 1.0 if plus_one else shape[redo])
         if spare:
-            log_w[left] = torch.rand(left[0].shape, dtype=u.dtype, device=u.device).neg_().log1p_()
+            log_w[left] = torch.rand(left[0].shape, dtype=x.dtype, device=x.device).neg_().log1p_()
     return x, log_w
 
 
@@ -176,7 +176,10 @@ def _sample_log_gamma(log_concentration: Tensor, dtype: torch.dtype, where: str,
     else:
         a_small = (lc.clamp(max=_LOG_A_NORMAL_LIMIT) if big else lc).exp()
     x, log_u = _StandardGamma.apply(a_small, True, True)  # x ~ Gamma(a + 1); log_u: the log of a Uniform(0, 1] independent of x
-    log_g = torch.addcdiv(x.clamp_min(torch.finfo(dtype).tiny).log(), log_u, a_small)
+    if torch.is_grad_enabled() and (x.requires_grad or a_small.requires_grad):
+        log_g = torch.addcdiv(x.clamp_min(torch.finfo(dtype).tiny).log(), log_u, a_small)
+    else:  # no graph: in place, no further temporaries
+        log_g = x.clamp_min_(torch.finfo(dtype).tiny).log_().addcdiv_(log_u, a_small)
     if big:  # the log-normal limit, drawn only where it applies
         lc_big = lc.clamp(min=_LOG_A_NORMAL_LIMIT)
         log_g = torch.where(lc > _LOG_A_NORMAL_LIMIT, lc_big + torch.randn_like(lc_big) * torch.exp(-0.5 * lc_big), log_g)

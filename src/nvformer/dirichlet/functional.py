@@ -245,11 +245,11 @@ def dirichlet_attention(query: Tensor, key: Tensor, value: Tensor, bias: Tensor 
                          f"{tuple(key.shape)}, {tuple(value.shape)}")
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     cd = working_dtype(query.dtype, sample=sample, kl=kl)
-    logits = (query @ key.transpose(-1, -2)).to(cd) * scale
+    logits = (query @ key.transpose(-1, -2)).to(cd).mul_(scale)  # in place: neither op's backward reads its output
     if bias is not None:
-        logits = logits + bias.to(cd)
+        logits = logits.add_(bias.to(cd))
     if not (sample or kl):
-        weights = mean_weights(logits, spec, tau).to(query.dtype)
+        weights = mean_weights(logits, spec, tau, masked=bias is not None).to(query.dtype)
         log_c = log_c0 = pad = None
     else:
         log_c, log_c0, pad, c = _concentrations(logits, spec, tau, prior=kl, masked=bias is not None)
@@ -266,14 +266,17 @@ def working_dtype(dtype: torch.dtype, *, sample: bool, kl: bool) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def mean_weights(logits: Tensor, spec: DirichletSpec, tau: Tensor | float) -> Tensor:
+def mean_weights(logits: Tensor, spec: DirichletSpec, tau: Tensor | float, masked: bool = True) -> Tensor:
     """The posterior-mean attention ``E_q[a] = c / sum(c)`` in closed form, in the logits' dtype.
 
     ``"softmax"``: ``(tau softmax(s) + eps / n) / (tau + eps)`` over the ``n`` visible keys;
     ``"exp"``: ``softmax(log(tau exp(s) + eps))``. Keys with logit ``-inf`` get 0 (a row with no
-    visible key: all 0).
+    visible key: all 0). ``masked=False`` promises that no logit is ``-inf`` (no mask was added).
     """
     tau = torch.as_tensor(tau, device=logits.device).to(logits.dtype)
+    if spec.concentration == "softmax" and not masked:  # one softmax and one affine map, nothing to hide
+        n = logits.shape[-1]
+        return torch.addcmul(spec.eps / (n * (tau + spec.eps)), torch.softmax(logits, -1), tau / (tau + spec.eps))
     if spec.concentration == "softmax":
         visible = ~torch.isneginf(logits)
         n = visible.sum(-1, keepdim=True).clamp_min(1).to(logits.dtype)
