@@ -10,6 +10,9 @@ text (``smollm2``), and the koran Marian translation model's three sites on law 
     .venv/bin/python experiments/fit_knobs.py --reuse                  # rewrite the section from runs/fit-knobs
     .venv/bin/python experiments/fit_knobs.py --smoke --out /tmp/fit-smoke --results /tmp/fit-smoke/RESULTS.md
 
+A classifier part stopped midway resumes with its next target when run again with the same settings
+(the finished targets are kept in OUT/<part>/partial.safetensors until the part ends).
+
 Model, data, methods, budget: ``nvformer_studies.fitknobs.study`` (``FitStudyConfig``),
 ``nvformer_studies.fitknobs.lm`` (``FitLMConfig``) and ``nvformer_studies.fitknobs.translation``
 (``FitMTConfig``); the section (tables via docs/results/fit_knobs*.csv):
