@@ -10,8 +10,9 @@ text (``smollm2``), and the koran Marian translation model's three sites on law 
     .venv/bin/python experiments/fit_knobs.py --reuse                  # rewrite the section from runs/fit-knobs
     .venv/bin/python experiments/fit_knobs.py --smoke --out /tmp/fit-smoke --results /tmp/fit-smoke/RESULTS.md
 
-A classifier part stopped midway resumes with its next target when run again with the same settings
-(the finished targets are kept in OUT/<part>/partial.safetensors until the part ends).
+A part stopped midway resumes with its next target when run again with the same settings (the
+finished targets are kept in OUT/<part>/partial.safetensors, for marian OUT/marian.partial.json,
+until the part ends).
 
 Model, data, methods, budget: ``nvformer_studies.fitknobs.study`` (``FitStudyConfig``),
 ``nvformer_studies.fitknobs.lm`` (``FitLMConfig``) and ``nvformer_studies.fitknobs.translation``
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
             lm = run_fit_lm(FitLMConfig.smoke() if args.smoke else FitLMConfig(), show_progress=not args.quiet)
             (out / "smollm2.json").write_text(json.dumps(lm, indent=1, default=str))
         if "marian" in parts:
-            mt = run_fit_translation((FitMTConfig.smoke if args.smoke else FitMTConfig)(model_dir=args.marian), show_progress=not args.quiet)
+            mt = run_fit_translation((FitMTConfig.smoke if args.smoke else FitMTConfig)(model_dir=args.marian), show_progress=not args.quiet,
+                                     partial_dir=out)
             (out / "marian.json").write_text(json.dumps(mt, indent=1, default=str))
     classifiers = [load_fit_study(out / s) for s in SETTINGS if (out / s / "results.json").exists()]
     lm, mt = (json.loads((out / f).read_text()) if (out / f).exists() else None for f in ("smollm2.json", "marian.json"))

@@ -172,6 +172,37 @@ def test_translation_part_end_to_end(tmp_path):
     assert decoder_entropy(out, {"labels": labels}).item() == pytest.approx(expected.item(), abs=1e-12)
 
 
+def test_translation_part_resumes_after_a_finished_target(tmp_path, monkeypatch):
+    """The translation part stopped during its second target resumes from the first target's saved rows
+    and ends with the uninterrupted run's rows (seconds aside); the saved rows are gone at the end."""
+    pytest.importorskip("sacrebleu")
+    import dataclasses
+
+    import nvformer_studies.fitknobs.translation as mt_mod
+
+    base = mt_mod.FitMTConfig.smoke(model_dir=str(tmp_path / "marian"))
+    cfg = dataclasses.replace(base, study=dataclasses.replace(base.study, domains=("koran", "law", "it")))
+    whole = mt_mod.run_fit_translation(cfg, show_progress=False)
+    real_tent, calls = mt_mod.tent, []
+
+    def stopped(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_tent(*a, **kw)
+
+    monkeypatch.setattr(mt_mod, "tent", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        mt_mod.run_fit_translation(cfg, show_progress=False, partial_dir=tmp_path / "run")
+    assert json.loads((tmp_path / "run" / mt_mod.PARTIAL_FILE).read_text())["done"] == ["law"]
+    monkeypatch.setattr(mt_mod, "tent", real_tent)
+    resumed = mt_mod.run_fit_translation(cfg, show_progress=False, partial_dir=tmp_path / "run")
+    assert resumed["info"]["resumed_after"] == ["law"] and whole["info"]["resumed_after"] == []
+    drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    assert [drop(r) for r in resumed["rows"]] == [drop(r) for r in json.loads(json.dumps(whole["rows"], default=str))]
+    assert not (tmp_path / "run" / mt_mod.PARTIAL_FILE).exists()
+
+
 def test_time_fits_rows(tiny_classifier):
     """The cost benchmark's fits (benchmarks/fit_cost.py): one row per target and knob group, with the
     study's budget and cost accounting."""

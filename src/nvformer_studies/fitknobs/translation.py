@@ -31,8 +31,10 @@ training step 3 per example; and seconds on this machine.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -98,10 +100,26 @@ def _rows(batches: list[dict[str, Tensor]]) -> list[int]:
     return [int(b["input_ids"].shape[0]) for b in batches]
 
 
-def run_fit_translation(cfg: FitMTConfig, *, data_dir=None, show_progress: bool = True) -> dict[str, Any]:
+PARTIAL_FILE = "marian.partial.json"  # run_fit_translation's rows after every finished target, while it runs
+
+
+def run_fit_translation(cfg: FitMTConfig, *, data_dir=None, show_progress: bool = True, partial_dir: str | Path | None = None) -> dict[str, Any]:
     """Every method on every target (module docstring); returns ``{"config", "rows", "info"}`` (rows
-    as in ``docs/results/fit_knobs.csv``: BLEU, gain in BLEU points, paired bootstrap interval)."""
+    as in ``docs/results/fit_knobs.csv``: BLEU, gain in BLEU points, paired bootstrap interval).
+
+    With ``partial_dir``, the rows of every finished target are kept in ``partial_dir/marian.partial.json``
+    until the run ends; a run stopped in between resumes from it (same settings) with the next target.
+    Every target starts from the reset model and seeded searches, so the rows are the uninterrupted run's."""
     t0 = time.time()
+    partial = Path(partial_dir) / PARTIAL_FILE if partial_dir is not None else None
+    config = json.loads(json.dumps(asdict(cfg), default=str))
+    saved = json.loads(partial.read_text()) if partial is not None and partial.exists() else {}
+    if saved.get("config") != config:
+        saved = {}
+    done: list[str] = list(saved.get("done", []))
+    seconds_before = float(saved.get("seconds", 0.0))
+    if done and show_progress:
+        print(f"resumed from {partial} after {', '.join(done)}", flush=True)
     sc = cfg.study
     model, tok, train_info = load_or_train(cfg.model_dir, sc.train, data_dir=data_dir, show_progress=show_progress)
     device = next(model.parameters()).device
@@ -118,7 +136,7 @@ def run_fit_translation(cfg: FitMTConfig, *, data_dir=None, show_progress: bool 
         data: TextBatches = seq2seq_batches(tok, src, tgt, batch_size=cfg.batch_size, max_length=sc.max_length)
         return [to_device(b, device) for b in data.batches]
 
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = list(saved.get("rows", []))
 
     def record(method: str, t: str, cost: float, seconds: float, extra: dict | None = None) -> None:
         hyps = {d: tr(f"{d}/test", sets[d]["test"][0]) for d in (t, source)}
@@ -133,8 +151,11 @@ def run_fit_translation(cfg: FitMTConfig, *, data_dir=None, show_progress: bool 
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(targets) * len(MT_METHODS), desc="fit-knobs translation", disable=not show_progress)
+    bar = tqdm(total=len(targets) * len(MT_METHODS), initial=len(done) * len(MT_METHODS), desc="fit-knobs translation",
+               disable=not show_progress)
     for t in targets:
+        if t in done:
+            continue
         src, ref = sets[t]["dev"]
         held, fit = holdout_split(len(src), cfg.holdout, cfg.seed)
         proto.reset()
@@ -175,10 +196,18 @@ def run_fit_translation(cfg: FitMTConfig, *, data_dir=None, show_progress: bool 
                info["seconds"], {"best_step": info["best_step"], "steps": info["steps"]})
         restore(model, info["state"])
         bar.update(1)
+        if partial is not None:
+            done.append(t)
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({"config": config, "rows": rows, "done": done, "seconds": seconds_before + time.time() - t0},
+                                          indent=1, default=str))
     bar.close()
     proto.reset()
+    if partial is not None:
+        partial.unlink(missing_ok=True)
     return {"config": asdict(cfg), "rows": rows,
-            "info": {"seconds": time.time() - t0, "threads": torch.get_num_threads(), "s_alpha_min": s_min,
+            "info": {"seconds": seconds_before + time.time() - t0, "threads": torch.get_num_threads(), "s_alpha_min": s_min,
+                     "resumed_after": [t for t in saved.get("done", [])],
                      "model": {"best_epoch": train_info["history"]["best_epoch"], "train_seconds": train_info.get("seconds")},
                      "data": {d: sets[d]["info"] for d in sets}}}
 
