@@ -75,6 +75,28 @@ def test_lm_part_end_to_end(tmp_path):
     assert {r["model"] for r in rows} == {"smollm2"} and len(rows) == 6
     for name in ("fit_knobs_gain_smollm2.png", "fit_knobs_layers_smollm2.png"):
         assert (tmp_path / "figures" / name).exists() and f"(figures/{name})" in text
+    # transfer: each target's fitted knobs on every target and on WikiText-2, the search's on WikiText-2;
+    # a fresh copy of the same tiny model (run_fit_lm converted the first), the same prior
+    from nvformer_studies.fitknobs.lm import run_lm_transfer
+
+    tr = run_lm_transfer(FitLMConfig.smoke(), lm, model=tiny_llama(tok), tok=tok, show_progress=False)
+    assert [(r["method"], r["fitted_on"], r["target"]) for r in tr["rows"]] == [
+        (m, f, d) for f in ("koran", "law") for m, ds in (("search", ("wikitext",)), ("fit-lm-unlabelled", ("koran", "law", "wikitext")))
+        for d in ds]
+    for r in tr["rows"]:
+        assert r["ci_low"] <= r["gain"] + 1e-12 <= r["ci_high"] + 2e-12 and r["own"] == (r["fitted_on"] == r["target"])
+    own = {r["fitted_on"]: r["gain"] for r in tr["rows"] if r["own"]}
+    assert own == pytest.approx({r["target"]: r["gain"] for r in lm["rows"] if r["method"] == "fit-lm-unlabelled"}, rel=1e-9, abs=1e-12)
+    text = fit_section([], tmp_path / "figures", tmp_path / "results", lm={**lm, "transfer": tr})
+    with open(tmp_path / "results" / "fit_knobs.csv") as f:
+        rows = {(r["method"], r["target"]): r for r in csv.DictReader(f)}
+    wiki = {(r["method"], r["fitted_on"]): r["gain"] for r in tr["rows"] if r["target"] == "wikitext"}
+    for (m, t), r in rows.items():
+        expected = 0.0 if m == "baseline" else wiki[(m, t)]
+        assert float(r["in_domain_gain"]) == pytest.approx(expected, abs=1e-12)
+    with open(tmp_path / "results" / "fit_knobs_transfer.csv") as f:
+        assert len([r for r in csv.DictReader(f) if r["model"] == "smollm2"]) == len(tr["rows"])
+    assert "Transfer and in-domain cost, `smollm2`" in text and "Reading, SmolLM2 transfer" in text
 
 
 def test_frozen_setting(tiny_classifier, tmp_path):
@@ -228,3 +250,21 @@ def test_fit_cost_command_rejects_bad_options(capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert "error:" in err[-1] and "Traceback" not in "".join(err)
+
+
+def test_fit_knobs_command_rejects_bad_parts(capsys, tmp_path):
+    """Unknown parts, and the LM transfer without the LM part's results, are one-line errors before any work."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "experiments" / "fit_knobs.py"
+    spec = importlib.util.spec_from_file_location("fit_knobs_command", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for argv, needle in ((["--models", "finetuned,lora"], "--models: unknown lora"),
+                         (["--models", "smollm2-transfer"], "run --models smollm2 first")):
+        with pytest.raises(SystemExit) as e:
+            mod.main([*argv, "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and needle in err[0]
+    assert not (tmp_path / "out").exists()

@@ -19,13 +19,16 @@ import torch
 import nvformer as nv
 from nvformer import IDENTITY, KnobSpace
 from nvformer.tasks import TextBatches, get_task, holdout_split, labelled_batches, lm_batches, lm_nll
+from nvformer.tuning.space import apply_knobs
 
 from ..common.protocol import Choice, Protocol, convert_at_identity
 from ..common.subsets import seeded_subset
 from ..lm.study import lm_texts, perplexity, unit_stats
 from .study import fit_cost
 
-__all__ = ["FitLMConfig", "run_fit_lm"]
+__all__ = ["FitLMConfig", "SOURCE", "run_fit_lm", "run_lm_transfer"]
+
+SOURCE = "wikitext"  # where the prior comes from: the LM's in-domain text
 
 
 @dataclass
@@ -53,10 +56,15 @@ class FitLMConfig:
                              bootstrap=50), **kw})
 
 
-def run_fit_lm(cfg: FitLMConfig, model=None, tok=None, show_progress: bool = True) -> dict[str, Any]:
-    """Per target: the search and ``fit-lm-unlabelled`` (one setting per layer); returns
-    ``{"config", "rows", "info"}`` with per-unit statistics for the bootstrap."""
-    t0 = time.time()
+def _space() -> KnobSpace:
+    """The search's space (the LM study's: ``alpha_tau`` on a log scale)."""
+    return KnobSpace(alpha_tau=(0.3, 1e4), stdev_tau=(0.0, 0.5), log_alpha=True)
+
+
+def _converted(cfg: FitLMConfig, model, tok) -> tuple:
+    """``(model, tok, units, protocol)``: SmolLM2 (unless given) converted at the identity with the empirical
+    prior of ``n_prior`` WikiText-2 paragraphs; ``units(domain, split, n)`` gives ``(texts, batches)`` of a
+    seeded subset."""
     if model is None:
         from ..common.checkpoints import load_smollm2
 
@@ -68,9 +76,17 @@ def run_fit_lm(cfg: FitLMConfig, model=None, tok=None, show_progress: bool = Tru
         return picked, lm_batches(tok, picked, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size)
 
     proto = Protocol(model, seed=cfg.seed)
-    convert_at_identity(model, units("wikitext", "prior", cfg.n_prior)[1].batches)
+    convert_at_identity(model, units(SOURCE, "prior", cfg.n_prior)[1].batches)
+    return model, tok, units, proto
+
+
+def run_fit_lm(cfg: FitLMConfig, model=None, tok=None, show_progress: bool = True) -> dict[str, Any]:
+    """Per target: the search and ``fit-lm-unlabelled`` (one setting per layer); returns
+    ``{"config", "rows", "info"}`` with per-unit statistics for the bootstrap."""
+    t0 = time.time()
+    model, tok, units, proto = _converted(cfg, model, tok)
     log_ppl = get_task("causal-lm").metric("nll")
-    space = KnobSpace(alpha_tau=(0.3, 1e4), stdev_tau=(0.0, 0.5), log_alpha=True)
+    space = _space()
     rows = []
     from tqdm.auto import tqdm
 
@@ -106,3 +122,48 @@ def run_fit_lm(cfg: FitLMConfig, model=None, tok=None, show_progress: bool = Tru
         proto.reset()
     return {"config": asdict(cfg), "rows": rows, "info": {"seconds": time.time() - t0, "threads": torch.get_num_threads(),
                                                           "identity": IDENTITY.as_dict()}}
+
+
+def run_lm_transfer(cfg: FitLMConfig, lm: dict[str, Any], model=None, tok=None, show_progress: bool = True) -> dict[str, Any]:
+    """Where the LM part's choices carry over (issue 18's transfer and in-domain cost): the
+    ``fit-lm-unlabelled`` knobs of each target (the rows of :func:`run_fit_lm`'s result ``lm``) on every
+    target's test units and on WikiText-2's (the source, whose text gave the prior: the in-domain cost),
+    and the search's choice of each target on WikiText-2. Same model, prior, units and bootstrap as
+    :func:`run_fit_lm`; returns ``{"config", "rows", "info"}``, a row per (method, fitted_on, target) with
+    the relative test-perplexity change against the unregularised model and its paired 95% interval."""
+    t0 = time.time()
+    model, tok, units, proto = _converted(cfg, model, tok)
+    log_ppl = get_task("causal-lm").metric("nll")
+    domains = [*cfg.targets, SOURCE]
+    proto.reset()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=2 * len(domains) + len(cfg.targets) * len(domains), desc="LM transfer", disable=not show_progress)
+    test, base = {}, {}
+    for d in domains:
+        test[d] = units(d, "test", cfg.n_test)[1]
+        base[d] = lm_nll(model, test[d])
+        bar.update(1)
+    rows = []
+
+    def measure(method: str, fitted_on: str, d: str) -> None:
+        nll = lm_nll(model, test[d])
+        ci = log_ppl.compare(unit_stats(base[d], test[d]), unit_stats(nll, test[d]), n_resamples=cfg.bootstrap, seed=cfg.seed)
+        rows.append({"model": "smollm2", "method": method, "fitted_on": fitted_on, "target": d, "unit": "relative",
+                     "gain": math.exp(ci["diff"]) - 1.0, "ci_low": math.exp(ci["low"]) - 1.0, "ci_high": math.exp(ci["high"]) - 1.0,
+                     "own": fitted_on == d})
+        bar.update(1)
+
+    for r in lm["rows"]:
+        if r["method"] == "fit-lm-unlabelled" and r["target"] in cfg.targets:
+            proto.reset()
+            nv.set_knobs(model, r["knobs"])
+            for d in domains:
+                measure("fit-lm-unlabelled", r["target"], d)
+        elif r["method"] == "search" and r["target"] in cfg.targets:
+            proto.reset()
+            apply_knobs(model, _space(), r["knobs"])
+            measure("search", r["target"], SOURCE)
+    proto.reset()
+    bar.close()
+    return {"config": asdict(cfg), "rows": rows, "info": {"seconds": time.time() - t0, "threads": torch.get_num_threads()}}

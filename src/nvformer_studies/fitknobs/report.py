@@ -71,7 +71,8 @@ def transfer_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     for r in res["transfer"]:
         t = r["target"]
         base = float(_correct(lg[f"baseline|{t}|{t}"], lab[t]).mean())
-        out.append({"model": _model(res), "fitted_on": r["fitted_on"], "target": t, "gain": 100 * (r["accuracy"] - base), "own": r["fitted_on"] == t})
+        out.append({"model": _model(res), "method": "fit-layer", "fitted_on": r["fitted_on"], "target": t, "unit": "points",
+                    "gain": 100 * (r["accuracy"] - base), "ci_low": None, "ci_high": None, "own": r["fitted_on"] == t})
     return out
 
 
@@ -191,6 +192,7 @@ _MAIN_COLUMNS = [("target", "{target}"), ("method", "{method}"), ("accuracy", "{
                  ("forward equivalents", "{forward_equivalents:.0f}"), ("seconds", "{seconds:.1f}")]
 _LM_COLUMNS = [("target", "{target}"), ("method", "{method}"), ("perplexity", "{value:.2f}"), ("baseline", "{baseline:.2f}"),
                ("change", lambda r: f"{100 * r['gain']:+.1f}%"), ("95% CI", lambda r: f"[{100 * r['ci_low']:+.1f}%, {100 * r['ci_high']:+.1f}%]"),
+               ("WikiText (in-domain)", lambda r: "-" if r["in_domain_gain"] is None else f"{100 * r['in_domain_gain']:+.1f}%"),
                ("forward equivalents", "{forward_equivalents:.0f}"), ("seconds", "{seconds:.1f}")]
 CSV_FIELDS = ("model", "target", "method", "metric", "unit", "baseline", "value", "gain", "ci_low", "ci_high", "in_domain_gain",
               "label_free", "forward_equivalents", "seconds")
@@ -264,6 +266,43 @@ def _lm_reading(rows: list[dict]) -> str:
     return text
 
 
+def _lm_transfer_lines(transfer: list[dict], info: dict) -> list[str]:
+    """The LM transfer matrix (rows: the target the knobs were fitted on; columns: where they are applied,
+    WikiText-2 last) and its reading."""
+    from .lm import SOURCE
+
+    fits = [r for r in transfer if r["method"] == "fit-lm-unlabelled"]
+    if not fits:
+        return []
+    fitted, applied = list(dict.fromkeys(r["fitted_on"] for r in fits)), list(dict.fromkeys(r["target"] for r in fits))
+    cell = {(r["fitted_on"], r["target"]): r for r in fits}
+
+    def text(r: dict) -> str:
+        mark = "*" if r["ci_high"] < 0 or r["ci_low"] > 0 else ""
+        return f"{100 * r['gain']:+.1f}%{mark}"
+
+    table = [{"fitted_on": f, **{d: text(cell[(f, d)]) if (f, d) in cell else "-" for d in applied}} for f in fitted]
+    own = [r["gain"] for r in fits if str(r["own"]) == "True"]
+    other = [r["gain"] for r in fits if str(r["own"]) != "True" and r["target"] != SOURCE]
+    src = [r for r in fits if r["target"] == SOURCE]
+    search_src = [r for r in transfer if r["method"] == "search" and r["target"] == SOURCE]
+    worse = lambda rs: [r["fitted_on"] for r in rs if r["ci_low"] > 0]  # noqa: E731
+    reading = (f"**Reading, SmolLM2 transfer (the recorded run).** Knobs fitted on a target change its own test perplexity by "
+               f"{100 * sum(own) / len(own):+.1f}% on average and the other targets' by {100 * sum(other) / max(len(other), 1):+.1f}%. "
+               f"On WikiText-2 (the in-domain text) the fitted knobs change the perplexity by {100 * sum(r['gain'] for r in src) / len(src):+.1f}% "
+               f"on average (significantly worse for the knobs of {', '.join(worse(src)) or 'no target'})")
+    if search_src:
+        reading += (f", the search's choices by {100 * sum(r['gain'] for r in search_src) / len(search_src):+.1f}% (significantly worse: "
+                    f"{', '.join(worse(search_src)) or 'none'})")
+    return ["", f"Transfer and in-domain cost, `smollm2` (`.venv/bin/python experiments/fit_knobs.py --models smollm2-transfer`; "
+            f"{info['seconds'] / 60:.0f} min, {info['threads']} torch threads): the `fit-lm-unlabelled` knobs fitted on the row's target, "
+            f"applied to each column's test units (WikiText-2: its test paragraphs, the source of the prior); test perplexity change "
+            f"against the unregularised model, * where the paired 95% interval excludes 0 (every interval in "
+            f"`docs/results/fit_knobs_transfer.csv`).", "",
+            markdown_table(table, [("fitted on", "{fitted_on}"), *((d, "{" + d + "}") for d in applied)]),
+            "", reading + "."]
+
+
 def _classifier_lines(res: dict[str, Any], rows: list[dict], table_rows: list[dict], fig_dir: Path, csv_dir: Path | None,
                       transfer: list[dict], lengths: list[dict]) -> list[str]:
     cfg, model = res["config"], _model(res)
@@ -298,13 +337,21 @@ def fit_section(classifiers: list[dict[str, Any]], fig_dir: Path, csv_dir: Path 
     """The section's markdown from the classifier parts ``classifiers`` (:func:`~nvformer_studies.fitknobs.study.run_fit_study`,
     one per setting), the LM part ``lm`` (:func:`~nvformer_studies.fitknobs.lm.run_fit_lm`) and the translation part
     ``translation`` (:func:`~nvformer_studies.fitknobs.translation.run_fit_translation`); any may be missing. Figures go to
-    ``fig_dir``; every table through ``csv_dir``: ``fit_knobs.csv`` holds every model's rows, ``fit_knobs_transfer.csv`` and
-    ``fit_knobs_length.csv`` the classifiers'."""
+    ``fig_dir``; every table through ``csv_dir``: ``fit_knobs.csv`` holds every model's rows, ``fit_knobs_transfer.csv`` the
+    transfer of fitted knobs (the classifiers' and, when ``lm["transfer"]`` holds
+    :func:`~nvformer_studies.fitknobs.lm.run_lm_transfer`'s result, SmolLM2's, whose WikiText-2 column is also the
+    in-domain change of the LM rows) and ``fit_knobs_length.csv`` the classifiers' gain against length."""
     parts = [(res, fit_rows(res), transfer_rows(res), length_rows(res)) for res in classifiers]
     lm_rows = list(lm["rows"]) if lm is not None else []
+    lm_transfer = list(lm["transfer"]["rows"]) if lm is not None and lm.get("transfer") else []
+    if lm_transfer:  # the in-domain cost of each LM choice: its WikiText-2 change
+        from .lm import SOURCE
+
+        src = {(r["method"], r["fitted_on"]): r["gain"] for r in lm_transfer if r["target"] == SOURCE}
+        lm_rows = [{**r, "in_domain_gain": src.get((r["method"], r["target"]), 0.0 if r["method"] == "baseline" else None)} for r in lm_rows]
     mt_rows = list(translation["rows"]) if translation is not None else []
     every = [{k: r.get(k) for k in CSV_FIELDS} for r in [r for p in parts for r in p[1]] + lm_rows + mt_rows]
-    transfer = [r for p in parts for r in p[2]]
+    transfer = [r for p in parts for r in p[2]] + lm_transfer
     lengths = [r for p in parts for r in p[3]]
     if csv_dir is not None:
         every = read_csv(write_csv(Path(csv_dir) / "fit_knobs.csv", every))
@@ -332,6 +379,8 @@ def fit_section(classifiers: list[dict[str, Any]], fig_dir: Path, csv_dir: Path 
                   markdown_table([r for r in every if r["model"] == "smollm2"], _LM_COLUMNS)]
         lines += [x for f in _lm_figures(lm_rows, fig_dir) for x in ("", f"![{f}](figures/{f})")]
         lines += ["", _lm_reading(lm_rows)]
+        if lm_transfer:
+            lines += _lm_transfer_lines([r for r in transfer if r["model"] == "smollm2"], lm["transfer"]["info"])
     if translation is not None:
         from .translation import translation_lines
 
