@@ -266,7 +266,7 @@ def _lm_reading(rows: list[dict]) -> str:
     return text
 
 
-def _lm_transfer_lines(transfer: list[dict], info: dict) -> list[str]:
+def _lm_transfer_lines(transfer: list[dict], info: dict, max_tokens: int) -> list[str]:
     """The LM transfer matrix (rows: the target the knobs were fitted on; columns: where they are applied,
     WikiText-2 last) and its reading."""
     from .lm import SOURCE
@@ -294,6 +294,11 @@ def _lm_transfer_lines(transfer: list[dict], info: dict) -> list[str]:
     if search_src:
         reading += (f", the search's choices by {100 * sum(r['gain'] for r in search_src) / len(search_src):+.1f}% (significantly worse: "
                     f"{', '.join(worse(search_src)) or 'none'})")
+    better_src = [r["fitted_on"] for r in src if r["ci_high"] < 0]
+    if len(better_src) > len(src) / 2:
+        reading += (f". The knobs of {len(better_src)} of {len(src)} targets lower WikiText-2's perplexity significantly as well: what "
+                    f"is fitted is largely not specific to the target domain; on these short units (at most {max_tokens} tokens) the "
+                    "regularised model is the better language model of most domains measured, the source included")
     return ["", f"Transfer and in-domain cost, `smollm2` (`.venv/bin/python experiments/fit_knobs.py --models smollm2-transfer`; "
             f"{info['seconds'] / 60:.0f} min, {info['threads']} torch threads): the `fit-lm-unlabelled` knobs fitted on the row's target, "
             f"applied to each column's test units (WikiText-2: its test paragraphs, the source of the prior); test perplexity change "
@@ -380,7 +385,7 @@ def fit_section(classifiers: list[dict[str, Any]], fig_dir: Path, csv_dir: Path 
         lines += [x for f in _lm_figures(lm_rows, fig_dir) for x in ("", f"![{f}](figures/{f})")]
         lines += ["", _lm_reading(lm_rows)]
         if lm_transfer:
-            lines += _lm_transfer_lines([r for r in transfer if r["model"] == "smollm2"], lm["transfer"]["info"])
+            lines += _lm_transfer_lines([r for r in transfer if r["model"] == "smollm2"], lm["transfer"]["info"], c["max_tokens"])
     if translation is not None:
         from .translation import translation_lines
 
