@@ -268,3 +268,15 @@ def test_fit_knobs_command_rejects_bad_parts(capsys, tmp_path):
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and needle in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_translation_reading_names_a_bleu_floor():
+    """When the unregularised model scores below the floor on every target, the reading says that no gain can show."""
+    from nvformer_studies.fitknobs.translation import FLOOR_BLEU, _reading
+
+    def rows(base):
+        return [{"target": t, "method": m, "baseline": b, "gain": 0.0, "ci_low": -0.1, "ci_high": 0.1}
+                for t, b in zip(("law", "it"), base) for m in ("baseline", "search")]
+
+    assert "does not translate these domains" in _reading(rows([0.3, FLOOR_BLEU / 2]))
+    assert "does not translate" not in _reading(rows([0.3, FLOOR_BLEU + 5]))
