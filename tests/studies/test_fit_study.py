@@ -280,3 +280,11 @@ def test_translation_reading_names_a_bleu_floor():
 
     assert "does not translate these domains" in _reading(rows([0.3, FLOOR_BLEU / 2]))
     assert "does not translate" not in _reading(rows([0.3, FLOOR_BLEU + 5]))
+
+
+def test_reading_standing_names_each_rival():
+    from nvformer_studies.fitknobs.report import _standing
+
+    assert _standing(3.0, {"control": 3.08, "search": 0.33}) == "Ahead of search; not ahead of control. "
+    assert _standing(1.0, {"wise": 0.5}) == "Ahead of wise. "
+    assert _standing(0.0, {"wise": 0.5}) == "Ahead of none; not ahead of wise. "

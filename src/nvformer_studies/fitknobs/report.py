@@ -134,6 +134,13 @@ def _figures(res: dict[str, Any], rows: list[dict], fig_dir: Path) -> list[str]:
     return names
 
 
+def _standing(gain: float, rivals: dict[str, float]) -> str:
+    """Which rivals a mean gain is ahead of and which not, as a sentence."""
+    ahead = [m for m, g in rivals.items() if gain > g]
+    behind = [m for m in rivals if m not in ahead]
+    return (f"Ahead of {', '.join(ahead)}" if ahead else "Ahead of none") + (f"; not ahead of {', '.join(behind)}. " if behind else ". ")
+
+
 def _reading(rows: list[dict], transfer: list[dict], lengths: list[dict], model: str = "finetuned") -> str:
     """What the numbers of one classifier part say; the issue's goals are checked for ``finetuned``."""
     goals = model == "finetuned"
@@ -151,7 +158,7 @@ def _reading(rows: list[dict], transfer: list[dict], lengths: list[dict], model:
                     f"[{b['ci_low']:+.2f}, {b['ci_high']:+.2f}], in-domain change {b['in_domain_gain']:+.2f}; "
                     + ", ".join(f"{m} {mean[m]['gain']:+.2f}" for m in rivals) + ". "
                     + (f"The goal (+1.5 points, interval above 0, ahead of WiSE-FT and the control, in-domain cost at most 0.5) is "
-                       f"{'reached' if reached else 'not reached'}. " if goals else f"{'Ahead' if ahead else 'Not ahead'} of {', '.join(rivals)}. "))
+                       f"{'reached' if reached else 'not reached'}. " if goals else _standing(b["gain"], {m: mean[m]["gain"] for m in rivals})))
     free = [m for m in ("fit-entropy", "fit-im") if m in mean]
     if free:
         best = max(free, key=lambda m: mean[m]["gain"])
@@ -161,7 +168,8 @@ def _reading(rows: list[dict], transfer: list[dict], lengths: list[dict], model:
         reached = b["gain"] >= 0.5 and worst >= -0.5 and (tent_gain is None or b["gain"] > tent_gain)
         text.append(f"Label-free, the best is {best}: mean {b['gain']:+.2f} [{b['ci_low']:+.2f}, {b['ci_high']:+.2f}], worst target "
                     f"{worst:+.2f}" + ("" if tent_gain is None else f", TENT {tent_gain:+.2f}")
-                    + (f"; the goal (+0.5, no target below -0.5, ahead of TENT) is {'reached' if reached else 'not reached'}. " if goals else ". "))
+                    + f"; the label-free goal (+0.5, no target below -0.5, ahead of TENT) is {'reached' if reached else 'not reached'}"
+                    + ("" if goals else " for this model") + ". ")
     if "fit-layer" in mean:
         secs = [r["seconds"] for r in per("fit-layer")]
         text.append(f"Fitting per layer took {min(secs):.0f}-{max(secs):.0f} s per target inside this run (its threads, sharing the "
