@@ -154,19 +154,31 @@ def test_standard_gamma_is_gamma_distributed(shape, dtype):
 
 
 def test_standard_gamma_redraws_the_rejected_entries(monkeypatch):
-    """The vectorised round rejects a few entries (about 5% at shape 1); those are drawn again by
-    torch's own exact sampler, and the mixture still passes the KS test."""
-    redrawn = []
-    original = torch._standard_gamma
+    """The vectorised round rejects a few entries (about 5% at shape 1); while they are many they are
+    drawn again by another vectorised round, the last few by torch's own exact sampler; the
+    mixture passes the KS test either way (and with every redraw left to torch's sampler)."""
+    from nvformer.core import sampling
 
-    def counting(shape):
-        redrawn.append(shape.numel())
-        return original(shape)
+    rounds, redrawn = [], []
+    original_round, original = sampling._marsaglia_tsang, torch._standard_gamma
 
-    monkeypatch.setattr(torch, "_standard_gamma", counting)
+    def counting_round(shape, *args, **kwargs):
+        rounds.append(shape.numel())
+        return original_round(shape, *args, **kwargs)
+
+    monkeypatch.setattr(sampling, "_marsaglia_tsang", counting_round)
+    monkeypatch.setattr(torch, "_standard_gamma", lambda shape: redrawn.append(shape.numel()) or original(shape))
     torch.manual_seed(1)
     x = nv.standard_gamma(torch.ones(200_000, dtype=torch.float64))
-    assert 0.01 < sum(redrawn) / x.numel() < 0.1
+    assert rounds[0] == x.numel() and len(rounds) >= 2
+    assert 0.01 < rounds[1] / x.numel() < 0.1  # the first round's rejects, drawn again by a second round
+    assert all(b < a for a, b in zip(rounds, rounds[1:])) and rounds[-1] >= sampling._REDRAW_VECTORISED
+    assert 0 < sum(redrawn) < sampling._REDRAW_VECTORISED  # the last few: torch's sampler
+    assert _ks_statistic(x, 1.0) < 1.95
+    monkeypatch.setattr(sampling, "_REDRAW_VECTORISED", 10**9)  # every reject to torch's sampler
+    rounds.clear(), redrawn.clear()
+    x = nv.standard_gamma(torch.ones(200_000, dtype=torch.float64))
+    assert len(rounds) == 1 and 0.01 < sum(redrawn) / x.numel() < 0.1
     assert _ks_statistic(x, 1.0) < 1.95
 
 
@@ -256,3 +268,31 @@ def test_gamma_grad_split_over_threads_is_the_unsplit_kernel(monkeypatch):
     calls.clear()
     assert torch.equal(sampling._gamma_grad(shape[:1, :1, :10], x[:1, :1, :10]), real(shape[:1, :1, :10], x[:1, :1, :10]))
     assert calls == [10]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sample_dirichlet_from_the_concentration_alone_is_the_same_draw(dtype):
+    """``log_concentration=None`` with ``concentration`` given: the same draws and gradients as with
+    both, also where a regime needs ``log a`` (a masked entry, a = 0; a concentration beyond the
+    log-normal limit); neither given is a one-line error."""
+    torch.manual_seed(6)
+    base = (torch.rand(3, 5, 40, dtype=dtype) * 20 + 1e-3)
+    for case in ("plain", "masked", "huge"):
+        c = base.clone()
+        if case == "masked":
+            c[0, 1, :7] = 0.0
+        if case == "huge":
+            c[1, 2, 3] = 1e12
+        c.requires_grad_()
+        torch.manual_seed(7)
+        w = nv.sample_dirichlet(None, dtype, c)
+        (g,) = torch.autograd.grad((w * torch.arange(40, dtype=dtype)).sum(), c)
+        torch.manual_seed(7)
+        ref = nv.sample_dirichlet(c.log(), dtype, c)
+        (gr,) = torch.autograd.grad((ref * torch.arange(40, dtype=dtype)).sum(), c)
+        assert torch.equal(w, ref), case
+        torch.testing.assert_close(g, gr, rtol=0, atol=0, equal_nan=True)  # d log(0) / d0: NaN on both paths, as for any log of 0
+        if case == "masked":
+            assert float(w.detach()[0, 1, :7].abs().sum()) == 0.0
+    with pytest.raises(ValueError, match="give `log_concentration`"):
+        nv.sample_dirichlet(None, dtype)

@@ -26,6 +26,7 @@ _LOG_A_MIN = {torch.float64: -300.0, torch.float32: -80.0}
 
 
 _SPLIT_MIN = 1 << 16  # entries per part below which _gamma_grad does not split
+_REDRAW_VECTORISED = 2048  # rejected entries from which the redraw is another vectorised round
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -67,34 +68,46 @@ def _marsaglia_tsang(shape: Tensor, spare: bool = False, plus_one: bool = False)
     ``v <= 0``, since ``z^4 >= 36`` there), else by the exact test ``v > 0`` and
     ``log u < z^2 / 2 + d (1 - v + log v)``, evaluated in float64 on the (about 10%) entries the
     squeeze leaves (it cancels to ``~ -z^2/2`` for large ``d``). Accepted proposals are exact
-    ``Gamma(s)`` draws; the (about 2-5%) rejected entries are drawn again by
-    ``torch._standard_gamma``, an exact sampler too, so every entry is exactly ``Gamma(s)``.
+    ``Gamma(s)`` draws; the (about 2-5%) rejected entries are drawn again, by another such round
+    while they are many (at least ``_REDRAW_VECTORISED``), else by ``torch._standard_gamma``, an
+    exact sampler too, so every entry is exactly ``Gamma(s)``. The entries the squeeze leaves are handled
+    by flat indices (one index tensor, not one per dimension).
 
     With ``spare``, also returns ``log w`` with ``w ~ Uniform(0, 1]`` independent of the draws: where
     the squeeze accepted, ``w = 1 - u / b(z)`` (given acceptance, ``u`` is uniform on ``[0, b(z))``
     whatever ``z``, hence whatever ``x``: the spent uniform is recycled); a fresh uniform elsewhere.
     """
+    flat = shape.reshape(-1)
     # few full-size temporaries, updated in place (every one is a fresh allocation, often page faults)
-    d = shape + (2.0 / 3.0 if plus_one else -1.0 / 3.0)
-    z = torch.randn_like(shape)
-    u = torch.rand_like(shape)
-    x = torch.mul(d, 9.0).rsqrt_().mul_(z).add_(1.0).pow_(3).mul_(d)  # d (1 + c z)^3
-    bound = z.square().square_().mul_(-0.0331).add_(1.0)  # 1 - 0.0331 z^4
-    left = (u >= bound).nonzero(as_tuple=True)  # not accepted by the squeeze
-    u_left = u[left] if left[0].numel() else None
+    d = flat + (2.0 / 3.0 if plus_one else -1.0 / 3.0)
+    z = torch.randn_like(d)
+    u = torch.rand_like(d)
+    one = torch.ones((), dtype=d.dtype, device=d.device)
+    x = torch.mul(d, 9.0).rsqrt_()  # c; outputs written over their inputs (out=): a fresh tensor costs page faults
+    x = torch.addcmul(one, x, z, out=x).pow_(3).mul_(d)  # d (1 + c z)^3
+    bound = z.square()
+    bound = torch.addcmul(one, bound, bound, value=-0.0331, out=bound)  # 1 - 0.0331 z^4
+    left = (u >= bound).nonzero().squeeze(1)  # not accepted by the squeeze
+    u_left = u.index_select(0, left) if left.numel() else None
     log_w = u.div_(bound).neg_().log1p_() if spare else None  # garbage where not squeezed: replaced below
-    if left[0].numel():
-        d_l, z_l = d[left].double(), z[left].double()
-        t = torch.rsqrt(9.0 * d_l) * z_l
-        valid = t > -1.0  # v > 0
-        log_v = 3.0 * torch.log1p(torch.where(valid, t, 0.0))  # finite where v <= 0 (rejected anyway)
-        accept = valid & (u_left.double().log() < 0.5 * z_l * z_l + d_l * (1.0 - log_v.exp() + log_v))
-        redo = tuple(i[~accept] for i in left)
-        if redo[0].numel():
-            x[redo] = torch._standard_gamma(shape[redo] + 1.0 if plus_one else shape[redo])
+    if left.numel():
+        d_l, z_l = d.index_select(0, left).double(), z.index_select(0, left).double()
+        t = torch.rsqrt(9.0 * d_l).mul_(z_l)  # v = (1 + t)^3
+        log1p_t = torch.log1p(t)  # NaN where v < 0, -inf where v = 0: the test below is then False (rejected)
+        # z^2 / 2 + d (1 - v + log v) = z^2 / 2 + d - d v + 3 d log(1 + t)
+        h = torch.sub(d_l, t.add_(1.0).pow_(3).mul_(d_l)).addcmul_(d_l, log1p_t, value=3.0).addcmul_(z_l, z_l, value=0.5)
+        accept = u_left.double().log_() < h
+        redo = left[~accept]
+        if redo.numel():
+            again = flat.index_select(0, redo)
+            if redo.numel() >= _REDRAW_VECTORISED:
+                drawn = _marsaglia_tsang(again, plus_one=plus_one)[0]
+            else:
+                drawn = torch._standard_gamma(again + 1.0 if plus_one else again)
+            x.index_copy_(0, redo, drawn)
         if spare:
-            log_w[left] = torch.rand(left[0].shape, dtype=x.dtype, device=x.device).neg_().log1p_()
-    return x, log_w
+            log_w.index_copy_(0, left, torch.rand(left.shape, dtype=x.dtype, device=x.device).neg_().log1p_())
+    return x.view(shape.shape), (log_w.view(shape.shape) if spare else None)
 
 
 class _StandardGamma(torch.autograd.Function):
@@ -126,6 +139,13 @@ def standard_gamma(shape: Tensor) -> Tensor:
     return _StandardGamma.apply(shape, False, False)[0]
 
 
+def _boosted(x: Tensor, log_u: Tensor, a: Tensor, dtype: torch.dtype) -> Tensor:
+    """``log g = log x + log(u) / a``: the boost of ``x ~ Gamma(a + 1)`` to ``g ~ Gamma(a)``."""
+    if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
+        return torch.addcdiv(x.clamp_min(torch.finfo(dtype).tiny).log(), log_u, a)
+    return x.clamp_min_(torch.finfo(dtype).tiny).log_().addcdiv_(log_u, a)  # no graph: in place, no further temporaries
+
+
 def sample_log_gamma(log_concentration: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
     """Reparameterised sample of ``log g``, ``g ~ Gamma(a, 1)``, given ``log a``; any shape.
 
@@ -152,7 +172,18 @@ def _sample_log_gamma(log_concentration: Tensor, dtype: torch.dtype, where: str,
                       concentration: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """:func:`sample_log_gamma` and the bool mask of its ``-inf`` (masked) entries (None: there are
     none). ``concentration``: ``exp(log_concentration)`` if the caller has it (0 where masked), used
-    instead of exponentiating again wherever no regime boundary is crossed."""
+    instead of exponentiating again wherever no regime boundary is crossed; with it,
+    ``log_concentration`` may be None: it is then formed only if a regime boundary is crossed."""
+    if log_concentration is None and isinstance(concentration, Tensor) and concentration.device.type != "meta" and concentration.numel():
+        if dtype not in _LOG_A_MIN:
+            raise ValueError(f"{where}: `dtype` must be torch.float32 or torch.float64, got {dtype}")
+        lo, hi = (float(v) for v in torch.aminmax(concentration.detach()))
+        if math.exp(_LOG_A_MIN[dtype]) <= lo and hi <= math.exp(_LOG_A_NORMAL_LIMIT):  # no shortcut applies: log a is not needed
+            a = concentration.to(dtype)
+            x, log_u = _StandardGamma.apply(a, True, True)
+            return _boosted(x, log_u, a, dtype).to(torch.promote_types(concentration.dtype, torch.float32)), None
+    if log_concentration is None and isinstance(concentration, Tensor):
+        log_concentration = concentration.log()
     if not isinstance(log_concentration, Tensor):
         raise ValueError(f"{where}: `log_concentration` must be a tensor, got {type(log_concentration).__name__}")
     if dtype not in _LOG_A_MIN:
@@ -176,10 +207,7 @@ def _sample_log_gamma(log_concentration: Tensor, dtype: torch.dtype, where: str,
     else:
         a_small = (lc.clamp(max=_LOG_A_NORMAL_LIMIT) if big else lc).exp()
     x, log_u = _StandardGamma.apply(a_small, True, True)  # x ~ Gamma(a + 1); log_u: the log of a Uniform(0, 1] independent of x
-    if torch.is_grad_enabled() and (x.requires_grad or a_small.requires_grad):
-        log_g = torch.addcdiv(x.clamp_min(torch.finfo(dtype).tiny).log(), log_u, a_small)
-    else:  # no graph: in place, no further temporaries
-        log_g = x.clamp_min_(torch.finfo(dtype).tiny).log_().addcdiv_(log_u, a_small)
+    log_g = _boosted(x, log_u, a_small, dtype)
     if big:  # the log-normal limit, drawn only where it applies
         lc_big = lc.clamp(min=_LOG_A_NORMAL_LIMIT)
         log_g = torch.where(lc > _LOG_A_NORMAL_LIMIT, lc_big + torch.randn_like(lc_big) * torch.exp(-0.5 * lc_big), log_g)
@@ -208,12 +236,16 @@ def sample_log_dirichlet(log_concentration: Tensor, pad_mask: Tensor | None = No
     return masked_log_softmax(sample_log_gamma(log_concentration, dtype), pad_mask, dim=dim)
 
 
-def sample_dirichlet(log_concentration: Tensor, dtype: torch.dtype = torch.float64, concentration: Tensor | None = None) -> Tensor:
+def sample_dirichlet(log_concentration: Tensor | None, dtype: torch.dtype = torch.float64, concentration: Tensor | None = None) -> Tensor:
     """Reparameterised ``pi ~ Dir(a)`` over the last dimension, given ``log a`` (``-inf``: excluded,
     weight 0; a row with no other entry: all 0): the weights that :func:`sample_log_dirichlet`'s
     logarithms give, normalised by one softmax instead of ``logsumexp`` and ``exp`` (for callers
     that need the weights, as Dirichlet attention does). Gamma draws in ``dtype``; returned in the
     input dtype (at least float32). ``concentration``: ``a`` itself, if the caller has it, saves
-    exponentiating ``log a`` again (used where no regime of :func:`sample_log_gamma` changes)."""
+    exponentiating ``log a`` again (used where no regime of :func:`sample_log_gamma` changes); with it,
+    ``log_concentration`` may be None (``log a`` is then formed only where a regime needs it; a masked
+    entry is ``a = 0``)."""
+    if log_concentration is None and not isinstance(concentration, Tensor):
+        raise ValueError("sample_dirichlet: give `log_concentration`, or `concentration` (a tensor) with `log_concentration=None`")
     log_g, masked = _sample_log_gamma(log_concentration, dtype, "sample_dirichlet", concentration)
     return torch.softmax(log_g, -1) if masked is None else safe_softmax(log_g)

@@ -178,12 +178,13 @@ _LINEAR_BELOW = math.exp(20.0)  # tau n below this: "softmax" concentrations are
 
 
 def _concentrations(logits: Tensor, spec: DirichletSpec, tau: Tensor | float, *, prior: bool,
-                    masked: bool) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+                    masked: bool, need_log: bool = True) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """:func:`log_concentrations` and, when it was formed on the way, ``c`` itself (else None).
 
     ``"softmax"`` with ``tau n < e^20`` forms ``c = tau n softmax(s) + eps`` in linear space (an
     attention probability that underflows leaves ``c = eps``, its value to the dtype's precision)
     and takes one log, instead of a ``logaddexp`` in log space, which larger ``tau n`` need.
+    ``need_log=False`` (a sample without its KL): ``log c`` is None whenever ``c`` is formed.
     """
     lg = logits.to(torch.promote_types(logits.dtype, torch.float32))
     pad = torch.isneginf(lg) if masked else None
@@ -196,7 +197,7 @@ def _concentrations(logits: Tensor, spec: DirichletSpec, tau: Tensor | float, *,
     if linear:
         p = safe_softmax(lg) if padded else torch.softmax(lg, -1)
         c = torch.addcmul(torch.tensor(spec.eps, dtype=lg.dtype, device=lg.device), p, tau_t * n)
-        log_c = c.log()
+        log_c = c.log() if need_log else None
     else:
         log_p = masked_log_softmax(lg, pad) if padded else torch.log_softmax(lg, -1)
         if spec.concentration == "softmax":
@@ -214,7 +215,7 @@ def _concentrations(logits: Tensor, spec: DirichletSpec, tau: Tensor | float, *,
     elif prior:
         log_c0 = torch.full_like(lg, math.log(spec.prior_alpha))
     if padded:
-        log_c = log_c.masked_fill(pad, float("-inf"))
+        log_c = None if log_c is None else log_c.masked_fill(pad, float("-inf"))
         log_c0 = None if log_c0 is None else log_c0.masked_fill(pad, float("-inf"))
         c = None if c is None else c.masked_fill(pad, 0.0)
     return log_c, log_c0, pad, c
@@ -252,7 +253,7 @@ def dirichlet_attention(query: Tensor, key: Tensor, value: Tensor, bias: Tensor 
         weights = mean_weights(logits, spec, tau, masked=bias is not None).to(query.dtype)
         log_c = log_c0 = pad = None
     else:
-        log_c, log_c0, pad, c = _concentrations(logits, spec, tau, prior=kl, masked=bias is not None)
+        log_c, log_c0, pad, c = _concentrations(logits, spec, tau, prior=kl, masked=bias is not None, need_log=kl or not sample)
         weights = (sample_dirichlet(log_c, cd, c) if sample else safe_softmax(log_c)).to(query.dtype)  # masked entries: weight 0
     w = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
     return w @ value, weights, (dirichlet_kl(log_c, log_c0, pad) if kl else None)
