@@ -174,9 +174,9 @@ def _sample_log_gamma(log_concentration: Tensor, dtype: torch.dtype, where: str,
     none). ``concentration``: ``exp(log_concentration)`` if the caller has it (0 where masked), used
     instead of exponentiating again wherever no regime boundary is crossed; with it,
     ``log_concentration`` may be None: it is then formed only if a regime boundary is crossed."""
+    if dtype not in _LOG_A_MIN:
+        raise ValueError(f"{where}: `dtype` must be torch.float32 or torch.float64, got {dtype}")
     if log_concentration is None and isinstance(concentration, Tensor) and concentration.device.type != "meta" and concentration.numel():
-        if dtype not in _LOG_A_MIN:
-            raise ValueError(f"{where}: `dtype` must be torch.float32 or torch.float64, got {dtype}")
         lo, hi = (float(v) for v in torch.aminmax(concentration.detach()))
         if math.exp(_LOG_A_MIN[dtype]) <= lo and hi <= math.exp(_LOG_A_NORMAL_LIMIT):  # no shortcut applies: log a is not needed
             a = concentration.to(dtype)
@@ -186,8 +186,6 @@ def _sample_log_gamma(log_concentration: Tensor, dtype: torch.dtype, where: str,
         log_concentration = concentration.log()
     if not isinstance(log_concentration, Tensor):
         raise ValueError(f"{where}: `log_concentration` must be a tensor, got {type(log_concentration).__name__}")
-    if dtype not in _LOG_A_MIN:
-        raise ValueError(f"{where}: `dtype` must be torch.float32 or torch.float64, got {dtype}")
     out_dtype = torch.promote_types(log_concentration.dtype, torch.float32)
     lc = log_concentration.to(dtype)
     # One pass decides every shortcut: masked entries (lo = -inf), floored ones, log-normal ones.
