@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from nvformer.core.keyform import input_key_terms, prior_weight_underflows, shared_key_terms
+from nvformer.core.keyform import input_key_terms, max_norm, prior_weight_underflows, shared_key_terms
 
 
 def _reach(k0e):
@@ -50,7 +51,17 @@ def test_prior_weight_underflow_bound_against_the_softmax():
             k0e = torch.cat([k0, torch.full((1, 3, 1, 1), offset, dtype=dtype)], -1)
             logits = torch.cat([0.3 * q @ k0.transpose(-1, -2) + offset, 0.3 * q @ keys.transpose(-1, -2)], -1)
             w0 = torch.softmax(logits, -1)[..., 0]
-            if prior_weight_underflows(q, keys, _reach(k0e), 0.0, 0.3):
+            says = prior_weight_underflows(q, keys, _reach(k0e), 0.0, 0.3)
+            if says:
                 assert bool((w0 == 0).all())
+            # the largest key norm in place of the keys (what a decoding step keeps with its cache) says the same
+            assert prior_weight_underflows(q, float(keys.norm(dim=-1).max()), _reach(k0e), 0.0, 0.3) == says
         assert prior_weight_underflows(q, keys, _reach(torch.cat([k0, torch.full((1, 3, 1, 1), -1e4, dtype=dtype)], -1)), 0.0, 0.3)
         assert not prior_weight_underflows(q, keys, _reach(torch.cat([k0, torch.full((1, 3, 1, 1), -20.0, dtype=dtype)], -1)), 0.0, 0.3)
+
+
+def test_max_norm_is_the_largest_row_norm():
+    """Against a float64 loop over rows; 0 for an empty tensor (a cache with no keys yet)."""
+    x = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert max_norm(x) == pytest.approx(max(float(r.pow(2).sum().sqrt()) for r in x.reshape(-1, 5)), rel=1e-14)
+    assert max_norm(x[:, :, :0]) == 0.0

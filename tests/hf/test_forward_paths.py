@@ -337,6 +337,89 @@ def test_identity_shortcut_with_a_kv_cache_equals_the_extended_attention(family,
     _compare(changed, reference, valid, 1e-12)
 
 
+def _decode(nvm, kw, steps=3, prompt=3, mask=None):
+    """A prompt of ``prompt`` tokens, then ``steps`` single-token steps through the KV cache; ``mask(t)``
+    replaces the attention mask of step ``t``. Returns the logits of every step and the cache."""
+    ids, am = kw["input_ids"], kw["attention_mask"]
+    with torch.no_grad():
+        out = nvm(input_ids=ids[:, :prompt], attention_mask=am[:, :prompt], use_cache=True)
+        logits = [out.logits]
+        for t in range(prompt, prompt + steps):
+            m = am[:, : t + 1] if mask is None else mask(t)
+            out = nvm(input_ids=ids[:, t : t + 1], attention_mask=m, past_key_values=out.past_key_values, use_cache=True)
+            logits.append(out.logits)
+    return torch.cat(logits, 1), out.past_key_values
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("padding", [None, "left"])
+def test_decoding_keeps_a_key_bound_that_describes_the_cache(family, padding, monkeypatch):
+    """Each decoding step looks at its new keys only: the bound it keeps names the cache's keys tensor, holds
+    their largest norm (recomputed here over the whole cache) and the padded entries (those whose cached term is
+    EXCLUDED), and after the first step every step starts from it."""
+    model = build(family).double()
+    kw, _ = inputs(family, padding)
+    nvm = nv.convert(copy.deepcopy(model), prior=nv.estimate_prior(model, [kw], show_progress=False), **nv.IDENTITY.as_dict())
+    starts, real = [], fwd._key_bound_before
+    monkeypatch.setattr(fwd, "_key_bound_before", lambda *a: starts.append(real(*a)) or starts[-1])
+    _, cache = _decode(nvm, kw, steps=4)
+    layers = nv_modules(nvm)
+    # steps whose queries see no token (left padding) take no shortcut; the last two do: the first recomputes, the second starts from it
+    assert len(starts) >= 2 * len(layers) and all(s is not None for s in starts[-len(layers) :])
+    for _, m in layers:
+        kept = m.__dict__["_nv_key_bound"]
+        keys = cache.layers[m.layer_idx].keys
+        d = keys.shape[-1] - 1
+        assert kept.keys() is keys and kept.version == keys._version
+        assert kept.norm == pytest.approx(float(keys[..., :d].norm(dim=-1).amax()), rel=1e-12)
+        marked = torch.zeros(keys.shape[:-1], dtype=torch.bool)
+        for off, excl in kept.excluded:
+            marked[..., off : off + excl.shape[-1]] |= excl
+        assert torch.equal(marked, keys[..., d] == fwd.EXCLUDED)
+        assert bool(marked.any()) == (padding is not None)
+
+
+def test_the_key_bound_is_dropped_when_the_cache_or_the_knobs_change():
+    """A reordered (beam search) or cropped cache holds new tensors, keys written in place have a new version,
+    a knob change gives another per-key term: each time the next step recomputes over the whole cache."""
+    model = build("llama").double()
+    kw, _ = inputs("llama", None)
+    nvm = nv.convert(copy.deepcopy(model), prior=nv.estimate_prior(model, [kw], show_progress=False), **nv.IDENTITY.as_dict())
+    m = nv_modules(nvm)[0][1]
+    _, cache = _decode(nvm, kw)
+    const = m.__dict__["_nv_key_bound"].const
+    past = cache.get_seq_length(m.layer_idx)
+    assert fwd._key_bound_before(m, cache, past, const) is not None
+    assert fwd._key_bound_before(m, cache, past, const + 1.0) is None
+    cache.layers[m.layer_idx].keys.add_(0.0)
+    assert fwd._key_bound_before(m, cache, past, const) is None
+    for change in (lambda c: c.reorder_cache(torch.tensor([2, 0, 1])), lambda c: c.crop(-1)):
+        _, cache = _decode(nvm, kw)
+        assert fwd._key_bound_before(m, cache, past, const) is not None
+        change(cache)
+        assert fwd._key_bound_before(m, cache, cache.get_seq_length(m.layer_idx), const) is None
+
+
+def test_padding_the_mask_shows_again_leaves_the_shortcut(monkeypatch):
+    """Left padding is kept in the bound as entries the mask hid; a step whose mask shows them again (all ones)
+    must attend with their cached EXCLUDED terms: the logits equal the extended attention's (float64)."""
+    model = build("llama").double()
+    kw, _ = inputs("llama", "left", N=10)  # row 2: 8 padded tokens, seen by no query until step 8
+    nvm = nv.convert(copy.deepcopy(model), prior=nv.estimate_prior(model, [kw], show_progress=False), **nv.IDENTITY.as_dict())
+    am = kw["attention_mask"]
+    mask = lambda t: am[:, : t + 1] if t < 9 else torch.ones_like(am[:, : t + 1])  # noqa: E731
+    starts, real = [], fwd._key_bound_before
+    monkeypatch.setattr(fwd, "_key_bound_before", lambda *a: starts.append(real(*a)) or starts[-1])
+    seen = _underflow_calls(monkeypatch)
+    kept, _ = _decode(nvm, kw, steps=7, mask=mask)
+    layers = len(nv_modules(nvm))
+    assert len(seen) == layers and all(seen)  # step 8 only: the shortcut is left at step 9, whose mask shows the padding
+    assert all(s is not None and s[1] for s in starts[-layers:])  # step 9 started from a bound that marks the padding
+    _underflow_calls(monkeypatch, force=False)
+    full, _ = _decode(nvm, kw, steps=7, mask=mask)
+    torch.testing.assert_close(kept, full, rtol=0, atol=1e-12)
+
+
 def test_fused_caches_follow_knob_prior_and_weight_changes():
     """What the fused path keeps per module (projections, per-key coefficients, the prior column and its reach)
     is recomputed after set_knobs, a new prior, or an in-place change of the attention weights: the model then

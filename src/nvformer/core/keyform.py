@@ -40,6 +40,7 @@ __all__ = [
     "head_matrices",
     "scale_heads",
     "input_key_terms",
+    "max_norm",
     "prior_weight_underflows",
     "attend",
 ]
@@ -196,7 +197,12 @@ def input_key_terms(
     return c * f, f * b_mu, A, L, float(-(0.5 * b_mu * b_mu / S).sum())
 
 
-def prior_weight_underflows(q: Tensor, keys: Tensor, prior: tuple[float, float], const: float, scale: float) -> bool:
+def max_norm(x: Tensor) -> float:
+    """The largest Euclidean norm over the last dimension of ``x [..., d]`` (0 when ``x`` is empty)."""
+    return float(x.detach().norm(dim=-1).amax()) if x.numel() else 0.0
+
+
+def prior_weight_underflows(q: Tensor, keys: Tensor | float, prior: tuple[float, float], const: float, scale: float) -> bool:
     """Whether the prior column's attention weight is exactly 0 in ``q``'s dtype for every query, when every
     token's per-key term is ``const`` and every query sees a token.
 
@@ -206,7 +212,8 @@ def prior_weight_underflows(q: Tensor, keys: Tensor, prior: tuple[float, float],
     identity ``b_0 - const`` is about ``-alpha_tau s_alpha``).
 
     Args:
-        q: ``[B, H, Nt, d]``; keys: ``[B, H, N, d]``; prior: ``(b_0, |k_0|)``, the largest over heads;
+        q: ``[B, H, Nt, d]``; keys: ``[B, H, N, d]``, or the largest key norm (any upper bound of it, as a
+        decoding step keeps it with its KV cache); prior: ``(b_0, |k_0|)``, the largest over heads;
         const: the tokens' per-key term; scale: the logit scale.
     """
     fi = torch.finfo(q.dtype)
@@ -214,7 +221,8 @@ def prior_weight_underflows(q: Tensor, keys: Tensor, prior: tuple[float, float],
     b0, k0_norm = prior
     if b0 - const >= floor:
         return False
-    reach = scale * float(q.detach().norm(dim=-1).amax()) * (k0_norm + float(keys.detach().to(q.dtype).norm(dim=-1).amax()))
+    k_norm = keys if isinstance(keys, float) else max_norm(keys.to(q.dtype))
+    reach = scale * max_norm(q) * (k0_norm + k_norm)
     return b0 - const + reach < floor
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ from ..core.keyform import (
     head_matrices,
     input_key_terms,
     key_terms,
+    max_norm,
     prior_weight_underflows,
     scale_heads,
     shared_key_terms,
@@ -63,15 +65,18 @@ def _token_terms(nvib: nn.Module, sigma2: float) -> tuple[Tensor, Tensor, Tensor
     return nvib.alpha_bias.detach().double(), tok_logvar, (tok_logvar.exp() + sigma2).log()
 
 
-def _derived(self: nn.Module, name: str, weights: tuple[Tensor, ...], make, fresh: bool = False):
+def _derived(self: nn.Module, name: str, weights: tuple[Tensor, ...], make, fresh: bool = False, key: tuple | None = None):
     """A per-module cache of matrices derived from weights and knobs (per-head d x d matrices):
     recomputed only when the NVIB's knobs/prior or the weights change (version counters); ``fresh``:
-    computed without the cache (per-head knobs, whose parameters are buffers that fitting may differentiate)."""
-    nvib = self.nvib
-    deps = (*weights, nvib.logvar_proj.bias, nvib.prior.var)  # S_tok and S_0 come from these
-    if fresh or (torch.is_grad_enabled() and any(w.requires_grad for w in deps)):
-        return make()  # a gradient must reach the weights or the knobs (nvformer.fit_knobs): never cached
-    key = (nvib.version, *((w._version, w.data_ptr()) for w in deps))
+    computed without the cache (per-head knobs, whose parameters are buffers that fitting may differentiate).
+    ``key``: the caller's own key for a call without gradients, covering every input of ``make``
+    (:func:`_fused_forward` builds one per forward for all its caches); ``weights`` then go unread."""
+    if key is None:
+        nvib = self.nvib
+        deps = (*weights, nvib.logvar_proj.bias, nvib.prior.var)  # S_tok and S_0 come from these
+        if fresh or (torch.is_grad_enabled() and any(w.requires_grad for w in deps)):
+            return make()  # a gradient must reach the weights or the knobs (nvformer.fit_knobs): never cached
+        key = (nvib.version, *((w._version, w.data_ptr()) for w in deps))
     cache = self.__dict__.setdefault("_nv_derived", {})
     hit = cache.get(name)
     if hit is not None and hit[0] == key:
@@ -446,17 +451,21 @@ def _fused_forward(self: nn.Module, ad: Adapter, x: Tensor, q: Tensor, raw_mask:
     past = cache_obj.get_seq_length(self.layer_idx) if layer_cache is not None else 0
     causal = layer_cache is None and self.is_causal and raw_mask is None and N > 1
     tok_bias, kpm, bias, rows_see_tokens = _mask_terms(raw_mask, B, N, past + N, self.is_causal, cd, x.device, causal, layer_cache is None)
-    deps = (*(w for w in weights if w is not None), nvib.mu_proj.weight, nvib.mu_proj.bias, nvib.alpha_lin, nvib.alpha_quad, nvib.alpha_bias)
-    kw, kb, vw, vb, A, L, const = _derived(self, f"F{cd}", deps, lambda: _fused_terms(self, k_w, k_b, v_w, v_b, cd))
-    p0_deps = _prior_column_deps(self, k_w, k_b, v_w, v_b)
-    k0e, v0e = _derived(self, f"P0{cd}", p0_deps, lambda: _prior_column(self, terms, k_w, k_b, v_w, v_b, Hkv, d, cd))
+    # without gradients, one key for every cache below: the whole NVIB's state and the projections' versions
+    state = None if torch.is_grad_enabled() else _nvib_state(nvib)
+    key = None if state is None else state + tuple(v for w in weights if w is not None for v in (w._version, w.data_ptr()))
+    deps = () if key else (*(w for w in weights if w is not None), nvib.mu_proj.weight, nvib.mu_proj.bias, nvib.alpha_lin, nvib.alpha_quad,
+                           nvib.alpha_bias)
+    kw, kb, vw, vb, A, L, const = _derived(self, f"F{cd}", deps, lambda: _fused_terms(self, k_w, k_b, v_w, v_b, cd), key=key)
+    p0_deps = () if key else _prior_column_deps(self, k_w, k_b, v_w, v_b)
+    k0e, v0e = _derived(self, f"fP0{cd}", p0_deps, lambda: _prior_column(self, terms, k_w, k_b, v_w, v_b, Hkv, d, cd), key=key)
     keys = F.linear(x, kw, kb).view(B, N, Hkv, d).transpose(1, 2)
     if rope is not None:
         keys = apply_rope(keys, *rope)
     values = F.linear(x, vw, vb).view(B, N, Hkv, d).transpose(1, 2)
-    self.last_latent = _DeferredLatent(self, x, kpm)
+    self.last_latent = _DeferredLatent(self, x, kpm, state)
     shortcut = A is None and L is None and not interp and rows_see_tokens  # every token's term is `const`: maybe the tokens alone
-    reach = (lambda: _derived(self, f"R0{cd}", p0_deps, lambda: _prior_reach(k0e))) if shortcut else None
+    reach = (lambda: _derived(self, f"R0{cd}", p0_deps, lambda: _prior_reach(k0e), key=key)) if shortcut else None
     if shortcut and layer_cache is None and prior_weight_underflows(q, keys, reach(), const, scale):
         # equal per-key terms and a prior weight of exactly 0 for every query: the attention over the tokens alone,
         # as the original module computes it (no extended channels, the original mask)
@@ -464,19 +473,29 @@ def _fused_forward(self: nn.Module, ad: Adapter, x: Tensor, q: Tensor, raw_mask:
                                              scale=scale, enable_gqa=groups > 1)
         return _output(self, ad, x, out, None, None)
     if A is None and L is None:
-        b = torch.full((B, N), const, dtype=torch.float64, device=x.device)
+        b = None if layer_cache is not None else torch.full((B, N), const, dtype=torch.float64, device=x.device)  # None: written below
     else:
         # one weighted sum with nothing to cancel (A and L are differences taken on [P] vectors): summed in `cd`
         xf = x.to(cd)
         t = L.expand_as(xf) if A is None else (xf * A if L is None else torch.addcmul(L, xf, A))
         b = torch.linalg.vecdot(t, xf).double() + const
-    if kpm is not None:
+    if kpm is not None and b is not None:
         b = b.masked_fill(kpm, EXCLUDED)
     if layer_cache is not None:  # keys in `cd` with their terms as one more channel, values in their own dtype
-        k_ext = torch.cat([keys.to(cd), b.to(cd)[:, None, :, None].expand(B, Hkv, N, 1)], dim=-1)
+        before = _key_bound_before(self, layer_cache, past, const) if shortcut else None
+        k_ext = torch.empty(B, Hkv, N, d + 1, dtype=cd, device=x.device)
+        k_new = k_ext[..., :d]
+        k_new.copy_(keys)
+        if b is None:  # every term is `const` (padding EXCLUDED), rounded to `cd` as the general path rounds b
+            k_ext[..., d] = const
+            if kpm is not None:
+                k_ext[..., d].masked_fill_(kpm[:, None, :], EXCLUDED)
+        else:
+            k_ext[..., d] = b.to(cd)[:, None, :]
         keys, values = layer_cache.update(k_ext, values, self.layer_idx)
         b = None
-        if shortcut and _cached_terms_equal(keys[..., d], const, tok_bias) and prior_weight_underflows(q, keys[..., :d], reach(), const, scale):
+        if shortcut and _cached_keys_allow_shortcut(self, before, keys, k_new, kpm, past, const, tok_bias, d) \
+                and prior_weight_underflows(q, self.__dict__["_nv_key_bound"].norm, reach(), const, scale):
             # the same with a cache, when every cached key's term is `const` too (no knob change since it was cached)
             out = F.scaled_dot_product_attention(q, keys[..., :d], values.to(cd), attn_mask=tok_bias, scale=scale, enable_gqa=groups > 1)
             return _output(self, ad, x, out, None, None)
@@ -489,6 +508,79 @@ def _fused_forward(self: nn.Module, ad: Adapter, x: Tensor, q: Tensor, raw_mask:
 def _prior_reach(k0e: Tensor) -> tuple[float, float]:
     """``(b_0, |k_0|)`` of the prior column's extended key ``[k_0 | b_0]`` (the largest over heads), for :func:`~nvformer.core.keyform.prior_weight_underflows`."""
     return float(k0e[..., -1].max()), float(k0e[..., :-1].norm(dim=-1).amax())
+
+
+class _KeyBound(NamedTuple):
+    """What a fused decoding step knows of one layer's cached keys, kept from step to step so that a step
+    looks at its new keys only: it describes the cache's keys tensor ``keys`` (a weak reference) at
+    in-place version ``version``, cached with per-key term ``const``."""
+
+    keys: weakref.ref
+    version: int
+    const: float
+    norm: float  # the largest cached key norm
+    excluded: tuple  # ((offset, [B, 1|H, n] bool), ...): cached entries whose term is EXCLUDED (padding); every other is `const`
+
+
+def _layer_keys(cache, idx: int) -> Tensor | None:
+    """The keys tensor a Hugging Face cache holds for layer ``idx`` (None if it has none to show)."""
+    layers = getattr(cache, "layers", None)
+    return getattr(layers[idx], "keys", None) if layers is not None and idx < len(layers) else None
+
+
+def _key_bound_before(self: nn.Module, layer_cache, past: int, const: float) -> tuple[float, tuple] | None:
+    """``(norm, excluded)`` of the keys cached before this step (:class:`_KeyBound`), or None when the kept
+    bound no longer describes them: another cache, a reordered or cropped one (new tensors), keys written in
+    place, a knob change (another ``const``)."""
+    if past == 0:
+        return 0.0, ()
+    kept: _KeyBound | None = self.__dict__.get("_nv_key_bound")
+    prev = _layer_keys(layer_cache, self.layer_idx)
+    if kept is None or prev is None or kept.keys() is not prev or prev._version != kept.version or kept.const != const:
+        return None
+    return kept.norm, kept.excluded
+
+
+def _cached_keys_allow_shortcut(self: nn.Module, before: tuple[float, tuple] | None, keys: Tensor, k_new: Tensor, kpm: Tensor | None,
+                                past: int, const: float, tok_bias: Tensor | None, d: int) -> bool:
+    """Whether every cached key ``keys [B, H, N, d + 1]`` (after this step's update with ``k_new [B, H, n, d]``,
+    padded where ``kpm [B, n]``) has the term ``const``, or is padding the mask ``tok_bias`` hides from
+    every query (:func:`_cached_terms_equal`); keeps the layer's :class:`_KeyBound` (its key norm feeds
+    :func:`~nvformer.core.keyform.prior_weight_underflows`). With a bound from the last step only the new
+    keys are looked at; otherwise the whole cache is."""
+    self.__dict__.pop("_nv_key_bound", None)
+    if before is None:
+        b = keys[..., d]
+        if not _cached_terms_equal(b, const, tok_bias):
+            return False
+        excl = b == EXCLUDED
+        norm, excluded = max_norm(keys[..., :d]), (((0, excl),) if bool(excl.any()) else ())
+    else:
+        norm, excluded = max(before[0], max_norm(k_new)), before[1] + (((past, kpm[:, None, :]),) if kpm is not None and bool(kpm.any()) else ())
+        if not all(_padding_unseen(tok_bias, off, excl) for off, excl in excluded):
+            return False
+    self.__dict__["_nv_key_bound"] = _KeyBound(weakref.ref(keys), keys._version, const, norm, excluded)
+    return True
+
+
+_UNSEEN_MEMO: list = [None]  # (mask, {id(excl): (excl, offset, answer)}) for the last mask: every layer asks of the same padding
+
+
+def _padding_unseen(tok_bias: Tensor | None, off: int, excl: Tensor) -> bool:
+    """Whether the mask ``tok_bias [B|1, 1|H, Nt, N]`` hides the cached keys ``off + j`` marked in ``excl [B, 1|H, n]``
+    from every query (remembered per mask object and ``excl``)."""
+    if tok_bias is None:
+        return False
+    memo = _UNSEEN_MEMO[0]
+    if memo is None or memo[0]() is not tok_bias:
+        memo = _UNSEEN_MEMO[0] = (weakref.ref(tok_bias), {})
+    hit = memo[1].get(id(excl))
+    if hit is not None and hit[0] is excl and hit[1] == off:
+        return hit[2]
+    unseen = hidden(tok_bias[..., off : off + excl.shape[-1]]).all(dim=-2)
+    answer = excl.shape[-1] <= tok_bias.shape[-1] - off and not bool((excl & ~unseen).any())
+    memo[1][id(excl)] = (excl, off, answer)
+    return answer
 
 
 def _cached_terms_equal(b: Tensor, const: float, tok_bias: Tensor | None) -> bool:
@@ -553,10 +645,10 @@ class _DeferredLatent:
     (``module.last_latent``), with the NVIB as it was: reading it after the knobs, the prior or the NVIB's
     weights changed is an error, not another latent."""
 
-    def __init__(self, module: nn.Module, x: Tensor, kpm: Tensor | None) -> None:
+    def __init__(self, module: nn.Module, x: Tensor, kpm: Tensor | None, state: tuple | None = None) -> None:
         self.module, self.x, self.kpm = module, x, kpm
         self.grad = torch.is_grad_enabled()
-        self.state = _nvib_state(module.nvib)
+        self.state = _nvib_state(module.nvib) if state is None else state
 
     def build(self):
         nvib = self.module.nvib
@@ -568,7 +660,19 @@ class _DeferredLatent:
 
 
 def _nvib_state(nvib: nn.Module) -> tuple:
-    return (nvib.version, *((p._version, p.data_ptr()) for p in nvib.parameters()), *((t._version, t.data_ptr()) for t in nvib.prior.buffers()))
+    """The NVIB's knob version with the in-place version and storage of every parameter and prior buffer: what a
+    deferred latent checks before it is built (one walk over the module tree, as ``parameters()`` would make)."""
+    out, stack = [nvib.version], [nvib]
+    while stack:
+        m = stack.pop()
+        out += [v for p in m._parameters.values() if p is not None for v in (p._version, p.data_ptr())]
+        stack.extend(c for c in m._modules.values() if c is not None)
+    stack = [nvib.prior]
+    while stack:
+        m = stack.pop()
+        out += [v for t in m._buffers.values() if t is not None for v in (t._version, t.data_ptr())]
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return tuple(out)
 
 
 def _get_last_latent(self: nn.Module):
