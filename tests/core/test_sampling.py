@@ -296,3 +296,39 @@ def test_sample_dirichlet_from_the_concentration_alone_is_the_same_draw(dtype):
             assert float(w.detach()[0, 1, :7].abs().sum()) == 0.0
     with pytest.raises(ValueError, match="give `log_concentration`"):
         nv.sample_dirichlet(None, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scratch_temporaries_give_the_same_draws_and_never_escape(dtype):
+    """The sampler's temporaries in reused per-thread buffers: the same draws as fresh temporaries under one seed
+    (bit for bit), and what a call returns is not overwritten by the next call."""
+    from nvformer.core import sampling
+
+    a = torch.rand(70_000, generator=torch.Generator().manual_seed(0), dtype=dtype) * 5 + 1.0
+    draws = []
+    for reuse in (True, False):
+        torch.manual_seed(3)
+        draws.append(sampling._marsaglia_tsang(a, spare=True, plus_one=True, reuse=reuse))
+    for got, want in zip(draws[0], draws[1]):
+        assert torch.equal(got, want)
+    kept = [t.clone() for t in draws[0]]
+    sampling._marsaglia_tsang(a * 2, spare=True, plus_one=True)
+    for got, want in zip(draws[0], kept):
+        assert torch.equal(got, want)
+
+
+def test_scratch_is_per_thread_capped_and_cpu_only(monkeypatch):
+    import threading
+
+    from nvformer.core import sampling
+
+    here = sampling._scratch(1000, torch.float32, torch.device("cpu"), 3)
+    assert [t.shape for t in here] == [torch.Size([1000])] * 3 and len({t.data_ptr() for t in here}) == 3
+    assert sampling._scratch(1000, torch.float32, torch.device("cpu"), 3)[0].data_ptr() == here[0].data_ptr()  # reused
+    there = []
+    t = threading.Thread(target=lambda: there.extend(sampling._scratch(1000, torch.float32, torch.device("cpu"), 3)))
+    t.start(), t.join()
+    assert not {x.data_ptr() for x in there} & {x.data_ptr() for x in here}  # another thread, other buffers
+    assert sampling._scratch(1000, torch.float32, torch.device("meta"), 3) is None
+    monkeypatch.setattr(sampling, "_SCRATCH_MAX_BYTES", 1000 * 3 * 4 - 1)
+    assert sampling._scratch(1000, torch.float32, torch.device("cpu"), 3) is None

@@ -31,6 +31,26 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
+_SCRATCH_MAX_BYTES = 64 << 20  # per thread and dtype: larger draws allocate their temporaries afresh
+_scratch_local = threading.local()
+
+
+def _scratch(n: int, dtype: torch.dtype, device: torch.device, k: int) -> list[Tensor] | None:
+    """``k`` flat ``[n]`` temporaries, views of one buffer kept per thread, dtype and device and reused from
+    call to call (on CPU a fresh tensor of this size is a fresh mapping whose page faults cost as much as the
+    arithmetic on it; CUDA's caching allocator already reuses memory). None when they would exceed
+    ``_SCRATCH_MAX_BYTES`` or off the CPU. The views are overwritten by the next call on the thread:
+    nothing that escapes the caller may live in them."""
+    nbytes = n * k * torch.empty((), dtype=dtype).element_size()
+    if torch.device(device).type != "cpu" or nbytes > _SCRATCH_MAX_BYTES or n == 0:
+        return None
+    store = _scratch_local.__dict__.setdefault("buffers", {})
+    buf = store.get(dtype)
+    if buf is None or buf.numel() < n * k:
+        buf = store[dtype] = torch.empty(n * k, dtype=dtype)
+    return list(buf[: n * k].view(k, n).unbind(0))
+
+
 def _gamma_grad(shape: Tensor, x: Tensor) -> Tensor:
     """``torch._standard_gamma_grad(shape, x)`` (the implicit gradient ``dx/ds``), split into equal
     parts over up to ``torch.get_num_threads()`` threads on CPU: torch's kernel runs on one thread
@@ -58,7 +78,7 @@ def _gamma_grad(shape: Tensor, x: Tensor) -> Tensor:
     return out.view(shape.shape)
 
 
-def _marsaglia_tsang(shape: Tensor, spare: bool = False, plus_one: bool = False) -> tuple[Tensor, Tensor | None]:
+def _marsaglia_tsang(shape: Tensor, spare: bool = False, plus_one: bool = False, reuse: bool = True) -> tuple[Tensor, Tensor | None]:
     """One vectorised round of Marsaglia & Tsang's (2000) rejection sampler for ``Gamma(s, 1)``,
     ``s >= 1``, with a fresh draw for every entry the round rejects (no gradient). With
     ``plus_one``, ``s`` is ``shape + 1`` (one pass fewer than adding it first).
@@ -71,23 +91,28 @@ def _marsaglia_tsang(shape: Tensor, spare: bool = False, plus_one: bool = False)
     ``Gamma(s)`` draws; the (about 2-5%) rejected entries are drawn again, by another such round
     while they are many (at least ``_REDRAW_VECTORISED``), else by ``torch._standard_gamma``, an
     exact sampler too, so every entry is exactly ``Gamma(s)``. The entries the squeeze leaves are handled
-    by flat indices (one index tensor, not one per dimension).
+    by flat indices (one index tensor, not one per dimension). With ``reuse``, the temporaries ``d``, ``z``,
+    ``b(z)`` and the squeeze's mask live in the thread's scratch buffers (:func:`_scratch`); the redraw
+    round, which runs while they are in use, allocates its own.
 
     With ``spare``, also returns ``log w`` with ``w ~ Uniform(0, 1]`` independent of the draws: where
     the squeeze accepted, ``w = 1 - u / b(z)`` (given acceptance, ``u`` is uniform on ``[0, b(z))``
     whatever ``z``, hence whatever ``x``: the spent uniform is recycled); a fresh uniform elsewhere.
     """
     flat = shape.reshape(-1)
-    # few full-size temporaries, updated in place (every one is a fresh allocation, often page faults)
-    d = flat + (2.0 / 3.0 if plus_one else -1.0 / 3.0)
-    z = torch.randn_like(d)
-    u = torch.rand_like(d)
+    # few full-size temporaries, updated in place or reused (every fresh one is a fresh allocation, often page faults)
+    work = _scratch(flat.numel(), flat.dtype, flat.device, 3) if reuse else None
+    keep = _scratch(flat.numel(), torch.bool, flat.device, 1) if work is not None else None
+    shift = 2.0 / 3.0 if plus_one else -1.0 / 3.0
+    d = torch.add(flat, shift, out=work[0]) if work else flat + shift
+    z = work[1].normal_() if work else torch.randn_like(d)  # the same numbers from the same generator either way
+    u = torch.rand_like(d)  # becomes log w, returned: never scratch
     one = torch.ones((), dtype=d.dtype, device=d.device)
     x = torch.mul(d, 9.0).rsqrt_()  # c; outputs written over their inputs (out=): a fresh tensor costs page faults
     x = torch.addcmul(one, x, z, out=x).pow_(3).mul_(d)  # d (1 + c z)^3
-    bound = z.square()
+    bound = torch.square(z, out=work[2]) if work else z.square()
     bound = torch.addcmul(one, bound, bound, value=-0.0331, out=bound)  # 1 - 0.0331 z^4
-    left = (u >= bound).nonzero().squeeze(1)  # not accepted by the squeeze
+    left = (torch.ge(u, bound, out=keep[0]) if keep else u >= bound).nonzero().squeeze(1)  # not accepted by the squeeze
     u_left = u.index_select(0, left) if left.numel() else None
     log_w = u.div_(bound).neg_().log1p_() if spare else None  # garbage where not squeezed: replaced below
     if left.numel():
@@ -101,7 +126,7 @@ def _marsaglia_tsang(shape: Tensor, spare: bool = False, plus_one: bool = False)
         if redo.numel():
             again = flat.index_select(0, redo)
             if redo.numel() >= _REDRAW_VECTORISED:
-                drawn = _marsaglia_tsang(again, plus_one=plus_one)[0]
+                drawn = _marsaglia_tsang(again, plus_one=plus_one, reuse=False)[0]
             else:
                 drawn = torch._standard_gamma(again + 1.0 if plus_one else again)
             x.index_copy_(0, redo, drawn)
