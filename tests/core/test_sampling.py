@@ -316,19 +316,3 @@ def test_scratch_temporaries_give_the_same_draws_and_never_escape(dtype):
     for got, want in zip(draws[0], kept):
         assert torch.equal(got, want)
 
-
-def test_scratch_is_per_thread_capped_and_cpu_only(monkeypatch):
-    import threading
-
-    from nvformer.core import sampling
-
-    here = sampling._scratch(1000, torch.float32, torch.device("cpu"), 3)
-    assert [t.shape for t in here] == [torch.Size([1000])] * 3 and len({t.data_ptr() for t in here}) == 3
-    assert sampling._scratch(1000, torch.float32, torch.device("cpu"), 3)[0].data_ptr() == here[0].data_ptr()  # reused
-    there = []
-    t = threading.Thread(target=lambda: there.extend(sampling._scratch(1000, torch.float32, torch.device("cpu"), 3)))
-    t.start(), t.join()
-    assert not {x.data_ptr() for x in there} & {x.data_ptr() for x in here}  # another thread, other buffers
-    assert sampling._scratch(1000, torch.float32, torch.device("meta"), 3) is None
-    monkeypatch.setattr(sampling, "_SCRATCH_MAX_BYTES", 1000 * 3 * 4 - 1)
-    assert sampling._scratch(1000, torch.float32, torch.device("cpu"), 3) is None

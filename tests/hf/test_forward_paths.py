@@ -420,6 +420,28 @@ def test_padding_the_mask_shows_again_leaves_the_shortcut(monkeypatch):
     torch.testing.assert_close(kept, full, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_extended_sdpa_in_scratch_buffers_is_the_same_and_its_output_is_kept(causal):
+    """The extended buffers in the thread's scratch memory (calls without a graph) give the fresh buffers'
+    numbers bit for bit, and a later call does not change an earlier call's output."""
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, N, d = 2, 4, 2, 6, 8
+
+    def args(seed):
+        g.manual_seed(seed)
+        r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+        return (r(B, Hq, N, d), r(1, Hkv, 1, d + 1), r(1, Hkv, 1, d + 1), r(B, Hkv, N, d), r(B, Hkv, N, d), r(B, N).double())
+
+    kw = dict(bias=None, causal=causal, scale=d**-0.5, groups=Hq // Hkv)
+    with torch.no_grad():
+        fresh = fwd.extended_sdpa(*args(1), **kw)
+        reused = fwd.extended_sdpa(*args(1), **kw, reuse=True)
+        assert torch.equal(fresh, reused)
+        kept = reused.clone()
+        fwd.extended_sdpa(*args(2), **kw, reuse=True)
+    assert torch.equal(reused, kept)
+
+
 def test_fused_caches_follow_knob_prior_and_weight_changes():
     """What the fused path keeps per module (projections, per-key coefficients, the prior column and its reach)
     is recomputed after set_knobs, a new prior, or an in-place change of the attention weights: the model then

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .masks import masked_log_softmax, safe_softmax
+from .scratch import scratch
 
 __all__ = ["sample_dirichlet", "sample_log_gamma", "sample_log_dirichlet", "standard_gamma"]
 
@@ -29,26 +30,6 @@ _SPLIT_MIN = 1 << 16  # entries per part below which _gamma_grad does not split
 _REDRAW_VECTORISED = 2048  # rejected entries from which the redraw is another vectorised round
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
-
-
-_SCRATCH_MAX_BYTES = 64 << 20  # per thread and dtype: larger draws allocate their temporaries afresh
-_scratch_local = threading.local()
-
-
-def _scratch(n: int, dtype: torch.dtype, device: torch.device, k: int) -> list[Tensor] | None:
-    """``k`` flat ``[n]`` temporaries, views of one buffer kept per thread, dtype and device and reused from
-    call to call (on CPU a fresh tensor of this size is a fresh mapping whose page faults cost as much as the
-    arithmetic on it; CUDA's caching allocator already reuses memory). None when they would exceed
-    ``_SCRATCH_MAX_BYTES`` or off the CPU. The views are overwritten by the next call on the thread:
-    nothing that escapes the caller may live in them."""
-    nbytes = n * k * torch.empty((), dtype=dtype).element_size()
-    if torch.device(device).type != "cpu" or nbytes > _SCRATCH_MAX_BYTES or n == 0:
-        return None
-    store = _scratch_local.__dict__.setdefault("buffers", {})
-    buf = store.get(dtype)
-    if buf is None or buf.numel() < n * k:
-        buf = store[dtype] = torch.empty(n * k, dtype=dtype)
-    return list(buf[: n * k].view(k, n).unbind(0))
 
 
 def _gamma_grad(shape: Tensor, x: Tensor) -> Tensor:
@@ -92,7 +73,7 @@ def _marsaglia_tsang(shape: Tensor, spare: bool = False, plus_one: bool = False,
     while they are many (at least ``_REDRAW_VECTORISED``), else by ``torch._standard_gamma``, an
     exact sampler too, so every entry is exactly ``Gamma(s)``. The entries the squeeze leaves are handled
     by flat indices (one index tensor, not one per dimension). With ``reuse``, the temporaries ``d``, ``z``,
-    ``b(z)`` and the squeeze's mask live in the thread's scratch buffers (:func:`_scratch`); the redraw
+    ``b(z)`` and the squeeze's mask live in the thread's scratch buffers (:func:`~nvformer.core.scratch.scratch`); the redraw
     round, which runs while they are in use, allocates its own.
 
     With ``spare``, also returns ``log w`` with ``w ~ Uniform(0, 1]`` independent of the draws: where
@@ -101,8 +82,9 @@ def _marsaglia_tsang(shape: Tensor, spare: bool = False, plus_one: bool = False,
     """
     flat = shape.reshape(-1)
     # few full-size temporaries, updated in place or reused (every fresh one is a fresh allocation, often page faults)
-    work = _scratch(flat.numel(), flat.dtype, flat.device, 3) if reuse else None
-    keep = _scratch(flat.numel(), torch.bool, flat.device, 1) if work is not None else None
+    n = flat.numel()
+    work = scratch("marsaglia-tsang", [(n,)] * 3, flat.dtype, flat.device) if reuse else None
+    keep = scratch("marsaglia-tsang", [(n,)], torch.bool, flat.device) if work is not None else None
     shift = 2.0 / 3.0 if plus_one else -1.0 / 3.0
     d = torch.add(flat, shift, out=work[0]) if work else flat + shift
     z = work[1].normal_() if work else torch.randn_like(d)  # the same numbers from the same generator either way

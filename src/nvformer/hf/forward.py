@@ -44,6 +44,7 @@ from ..core.keyform import (
 from ..core.latent import NVLatent
 from ..core.masks import hf_mask_bias, hidden, key_padding_from_bias
 from ..core.rope import apply_rope, inverse_rope_combine, repeat_kv
+from ..core.scratch import scratch
 from ..nn.sdpa import EXCLUDED, padded_width, sdpa_nv
 from .adapters import Adapter
 
@@ -362,7 +363,7 @@ def _prior_logvar(nvib: nn.Module) -> Tensor:
 
 
 def extended_sdpa(q: Tensor, k0e: Tensor, v0e: Tensor, keys: Tensor, values: Tensor, b: Tensor | None, *, bias: Tensor | None,
-                   causal: bool, scale: float, groups: int) -> Tensor:
+                   causal: bool, scale: float, groups: int, reuse: bool = False) -> Tensor:
     """Denoising attention in one SDPA call over ``[prior | tokens]`` with the per-key terms as a key channel.
 
     ``q [B, Hq, Nt, d]`` (in the compute dtype); the prior column's ``k0e`` ``[k_0 | b_0]`` and ``v0e``
@@ -372,20 +373,22 @@ def extended_sdpa(q: Tensor, k0e: Tensor, v0e: Tensor, keys: Tensor, values: Ten
     change nothing; SDPA is faster on it). ``bias``: additive ``[.., Nt, N + 1]`` or None; ``causal``:
     query ``t`` sees the prior and tokens ``0..t`` (``Nt = N``, no bias), through SDPA's own causal mask
     and one dummy query row. Returns ``[B, Hq, Nt, W]``: the context in ``[..., :d]``, the prior's weight in
-    ``[..., d]``.
+    ``[..., d]``. ``reuse`` (only without a graph: SDPA's backward would read them): the three buffers are the
+    thread's scratch buffers (:func:`~nvformer.core.scratch.scratch`), not fresh tensors.
     """
     B, Hq, Nt, d = q.shape
     Hkv, N = keys.shape[1], keys.shape[2]
     W = padded_width(d + 1)
     cd, dev = q.dtype, q.device
     off = 1 if causal else 0
-    q_e = torch.empty(B, Hq, Nt + off, W, dtype=cd, device=dev)
+    shapes = [(B, Hq, Nt + off, W), (B, Hkv, N + 1, W), (B, Hkv, N + 1, W)]
+    bufs = scratch("extended-sdpa", shapes, cd, dev) if reuse else None
+    q_e, keys_e, values_e = bufs if bufs else (torch.empty(s, dtype=cd, device=dev) for s in shapes)
     q_e[:, :, off:, :d] = q
     q_e[:, :, off:, d] = 1.0 / scale
     q_e[:, :, off:, d + 1 :] = 0.0
     if off:
         q_e[:, :, 0] = 0.0
-    keys_e = torch.empty(B, Hkv, N + 1, W, dtype=cd, device=dev)
     keys_e[:, :, :1, : d + 1] = k0e
     if b is None:
         keys_e[:, :, 1:, : d + 1] = keys
@@ -393,7 +396,6 @@ def extended_sdpa(q: Tensor, k0e: Tensor, v0e: Tensor, keys: Tensor, values: Ten
         keys_e[:, :, 1:, :d] = keys
         keys_e[:, :, 1:, d] = b.to(cd)[:, None, :]
     keys_e[..., d + 1 :] = 0.0
-    values_e = torch.empty(B, Hkv, N + 1, W, dtype=cd, device=dev)
     values_e[:, :, :1, : d + 1] = v0e
     values_e[:, :, 1:, :d] = values
     values_e[:, :, 1:, d:] = 0.0
@@ -499,7 +501,11 @@ def _fused_forward(self: nn.Module, ad: Adapter, x: Tensor, q: Tensor, raw_mask:
             # the same with a cache, when every cached key's term is `const` too (no knob change since it was cached)
             out = F.scaled_dot_product_attention(q, keys[..., :d], values.to(cd), attn_mask=tok_bias, scale=scale, enable_gqa=groups > 1)
             return _output(self, ad, x, out, None, None)
-    out = self.__dict__.get("_nv_compiled", extended_sdpa)(q, k0e, v0e, keys, values, b, bias=bias, causal=causal, scale=scale, groups=groups)
+    compiled = self.__dict__.get("_nv_compiled")
+    if compiled is not None:
+        out = compiled(q, k0e, v0e, keys, values, b, bias=bias, causal=causal, scale=scale, groups=groups)
+    else:
+        out = extended_sdpa(q, k0e, v0e, keys, values, b, bias=bias, causal=causal, scale=scale, groups=groups, reuse=not torch.is_grad_enabled())
     S_tok = _token_terms(nvib, 1.0 / scale)[2].exp() if interp else None
     return _finish(self, ad, x, out, q, w0=out[..., d : d + 1], k_w=k_w, v_w=v_w, S_tok=S_tok, sigma2=1.0 / scale, d=d,
                    groups=groups, cd=cd, interp=interp, rope=None, w=None)
