@@ -316,3 +316,26 @@ def test_scratch_temporaries_give_the_same_draws_and_never_escape(dtype):
     for got, want in zip(draws[0], kept):
         assert torch.equal(got, want)
 
+
+
+def test_transient_draws_of_sample_dirichlet_are_the_same_and_kept(monkeypatch):
+    """Without a graph, sample_dirichlet's Gamma draws live in scratch buffers (it returns a fresh softmax of them):
+    the same weights as with fresh tensors under one seed, not overwritten by the next draw; with a gradient
+    the autograd path runs and gives the same draw too."""
+    from nvformer.core import scratch
+
+    c = torch.rand(4, 3, 40, 600, generator=torch.Generator().manual_seed(0)) * 4 + 0.05
+    out = {}
+    for name, cap in (("scratch", scratch.MAX_BYTES), ("fresh", 0)):
+        monkeypatch.setattr(scratch, "MAX_BYTES", cap)
+        torch.manual_seed(5)
+        with torch.no_grad():
+            out[name] = nv.sample_dirichlet(None, torch.float32, c)
+    assert torch.equal(out["scratch"], out["fresh"])
+    kept = out["scratch"].clone()
+    with torch.no_grad():
+        nv.sample_dirichlet(None, torch.float32, c * 2)
+    assert torch.equal(out["scratch"], kept)
+    torch.manual_seed(5)
+    graph = nv.sample_dirichlet(None, torch.float32, c.clone().requires_grad_())
+    assert graph.requires_grad and torch.equal(graph.detach(), kept)

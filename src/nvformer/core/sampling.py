@@ -59,7 +59,8 @@ def _gamma_grad(shape: Tensor, x: Tensor) -> Tensor:
     return out.view(shape.shape)
 
 
-def _marsaglia_tsang(shape: Tensor, spare: bool = False, plus_one: bool = False, reuse: bool = True) -> tuple[Tensor, Tensor | None]:
+def _marsaglia_tsang(shape: Tensor, spare: bool = False, plus_one: bool = False, reuse: bool = True,
+                     transient: bool = False) -> tuple[Tensor, Tensor | None]:
     """One vectorised round of Marsaglia & Tsang's (2000) rejection sampler for ``Gamma(s, 1)``,
     ``s >= 1``, with a fresh draw for every entry the round rejects (no gradient). With
     ``plus_one``, ``s`` is ``shape + 1`` (one pass fewer than adding it first).
@@ -74,7 +75,9 @@ def _marsaglia_tsang(shape: Tensor, spare: bool = False, plus_one: bool = False,
     exact sampler too, so every entry is exactly ``Gamma(s)``. The entries the squeeze leaves are handled
     by flat indices (one index tensor, not one per dimension). With ``reuse``, the temporaries ``d``, ``z``,
     ``b(z)`` and the squeeze's mask live in the thread's scratch buffers (:func:`~nvformer.core.scratch.scratch`); the redraw
-    round, which runs while they are in use, allocates its own.
+    round, which runs while they are in use, allocates its own. ``transient`` (the caller uses the draws
+    and drops them before the next draw on its thread, without a graph): the returned tensors live in
+    scratch buffers too.
 
     With ``spare``, also returns ``log w`` with ``w ~ Uniform(0, 1]`` independent of the draws: where
     the squeeze accepted, ``w = 1 - u / b(z)`` (given acceptance, ``u`` is uniform on ``[0, b(z))``
@@ -88,9 +91,11 @@ def _marsaglia_tsang(shape: Tensor, spare: bool = False, plus_one: bool = False,
     shift = 2.0 / 3.0 if plus_one else -1.0 / 3.0
     d = torch.add(flat, shift, out=work[0]) if work else flat + shift
     z = work[1].normal_() if work else torch.randn_like(d)  # the same numbers from the same generator either way
-    u = torch.rand_like(d)  # becomes log w, returned: never scratch
+    outs = scratch("marsaglia-tsang-out", [(n,)] * 2, flat.dtype, flat.device) if transient and work else None
+    u = outs[0].uniform_() if outs else torch.rand_like(d)  # becomes log w, returned: scratch only if transient
     one = torch.ones((), dtype=d.dtype, device=d.device)
-    x = torch.mul(d, 9.0).rsqrt_()  # c; outputs written over their inputs (out=): a fresh tensor costs page faults
+    x = torch.mul(d, 9.0, out=outs[1]) if outs else torch.mul(d, 9.0)
+    x = x.rsqrt_()  # c; outputs written over their inputs (out=): a fresh tensor costs page faults
     x = torch.addcmul(one, x, z, out=x).pow_(3).mul_(d)  # d (1 + c z)^3
     bound = torch.square(z, out=work[2]) if work else z.square()
     bound = torch.addcmul(one, bound, bound, value=-0.0331, out=bound)  # 1 - 0.0331 z^4
@@ -176,18 +181,23 @@ def sample_log_gamma(log_concentration: Tensor, dtype: torch.dtype = torch.float
 
 
 def _sample_log_gamma(log_concentration: Tensor, dtype: torch.dtype, where: str,
-                      concentration: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                      concentration: Tensor | None = None, transient: bool = False) -> tuple[Tensor, Tensor | None]:
     """:func:`sample_log_gamma` and the bool mask of its ``-inf`` (masked) entries (None: there are
     none). ``concentration``: ``exp(log_concentration)`` if the caller has it (0 where masked), used
     instead of exponentiating again wherever no regime boundary is crossed; with it,
-    ``log_concentration`` may be None: it is then formed only if a regime boundary is crossed."""
+    ``log_concentration`` may be None: it is then formed only if a regime boundary is crossed.
+    ``transient``: the caller drops the result before its thread's next draw; where no gradient is
+    needed, the result may then live in a scratch buffer (:func:`_marsaglia_tsang`)."""
     if dtype not in _LOG_A_MIN:
         raise ValueError(f"{where}: `dtype` must be torch.float32 or torch.float64, got {dtype}")
     if log_concentration is None and isinstance(concentration, Tensor) and concentration.device.type != "meta" and concentration.numel():
         lo, hi = (float(v) for v in torch.aminmax(concentration.detach()))
         if math.exp(_LOG_A_MIN[dtype]) <= lo and hi <= math.exp(_LOG_A_NORMAL_LIMIT):  # no shortcut applies: log a is not needed
             a = concentration.to(dtype)
-            x, log_u = _StandardGamma.apply(a, True, True)
+            if transient and not (torch.is_grad_enabled() and a.requires_grad):
+                x, log_u = _marsaglia_tsang(a, True, True, transient=True)
+            else:
+                x, log_u = _StandardGamma.apply(a, True, True)
             return _boosted(x, log_u, a, dtype).to(torch.promote_types(concentration.dtype, torch.float32)), None
     if log_concentration is None and isinstance(concentration, Tensor):
         log_concentration = concentration.log()
@@ -252,5 +262,5 @@ def sample_dirichlet(log_concentration: Tensor | None, dtype: torch.dtype = torc
     entry is ``a = 0``)."""
     if log_concentration is None and not isinstance(concentration, Tensor):
         raise ValueError("sample_dirichlet: give `log_concentration`, or `concentration` (a tensor) with `log_concentration=None`")
-    log_g, masked = _sample_log_gamma(log_concentration, dtype, "sample_dirichlet", concentration)
-    return torch.softmax(log_g, -1) if masked is None else safe_softmax(log_g)
+    log_g, masked = _sample_log_gamma(log_concentration, dtype, "sample_dirichlet", concentration, transient=True)
+    return torch.softmax(log_g, -1) if masked is None else safe_softmax(log_g)  # a fresh tensor: log_g may be scratch
