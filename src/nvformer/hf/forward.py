@@ -716,6 +716,8 @@ def _finish(self: nn.Module, ad: Adapter, x: Tensor, out: Tensor, q: Tensor, *, 
         if prior_seen and interp and rope is None:  # both matrices in one batched product: (1 - w0) M_tok q + w0 M_0 q
             both = _derived(self, f"MM{cd}", (k_w, v_w), lambda: torch.cat([mt(), m0()], dim=1), fresh=heads)
             r = torch.einsum("hij,bhtj->bhti", both, q)
+            if not torch.is_grad_enabled():  # no graph: over r's first half (two full-size tensors fewer, the same numbers)
+                return _output(self, ad, x, r[..., :d].lerp_(r[..., d:], w0).add_(ctx), position_bias, w)
             return _output(self, ad, x, ctx + torch.lerp(r[..., :d], r[..., d:], w0), position_bias, w)
         if prior_seen:
             ctx = ctx + w0 * torch.einsum("hij,bhtj->bhti", _derived(self, f"M0{cd}", (k_w, v_w), m0), q)
