@@ -196,7 +196,10 @@ def _concentrations(logits: Tensor, spec: DirichletSpec, tau: Tensor | float, *,
     c = p = log_p = None
     if linear:
         p = safe_softmax(lg) if padded else torch.softmax(lg, -1)
-        c = torch.addcmul(torch.tensor(spec.eps, dtype=lg.dtype, device=lg.device), p, tau_t * n)
+        scale = tau_t * n
+        # no graph and no prior to read p: c over p (one full-size tensor fewer; the same kernel, the same numbers)
+        over_p = not prior and not (torch.is_grad_enabled() and (p.requires_grad or scale.requires_grad))
+        c = torch.addcmul(torch.tensor(spec.eps, dtype=lg.dtype, device=lg.device), p, scale, out=p if over_p else None)
         log_c = c.log() if need_log else None
     else:
         log_p = masked_log_softmax(lg, pad) if padded else torch.log_softmax(lg, -1)
