@@ -232,6 +232,7 @@ def _plot(rows: list[dict], path: Path) -> str:
         ax.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel=ylabel)
         ax.set_xticks([r["N"] for r in rows if r["form"] == "eval" and r["module"] == "mha"])
         ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+        ax.get_xaxis().set_minor_formatter(plt.matplotlib.ticker.NullFormatter())  # log-axis minor labels would overlap the N ticks
     axes[0].legend(fontsize=6)
     fig.suptitle("Scaling with N (B=1, P=256, H=4)", fontsize=9)
     return save(fig, path).name
