@@ -32,6 +32,22 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
+_UNIFORM_BITS = {torch.float32: (torch.int32, 24), torch.float64: (torch.int64, 53)}  # the bits torch's own uniform_ uses
+
+
+def _uniform(out: Tensor, bits: Tensor | None = None) -> Tensor:
+    """Fill ``out`` with ``Uniform[0, 1)`` numbers and return it. On CPU, from integer random bits (``random_``)
+    scaled as torch's ``uniform_`` scales them (24 bits for float32, 53 for float64: the same distribution, the
+    same grid of values), which torch's CPU generator fills about twice as fast as ``uniform_``; ``bits``: an
+    integer buffer of ``out``'s size to draw them into (else a fresh one)."""
+    if out.device.type != "cpu" or out.dtype not in _UNIFORM_BITS:
+        return out.uniform_()
+    itype, k = _UNIFORM_BITS[out.dtype]
+    bits = torch.empty(out.shape, dtype=itype) if bits is None else bits
+    bits.random_().bitwise_and_((1 << k) - 1)  # random_ gives 31 (int32) or 63 (int64) random bits
+    return out.copy_(bits).mul_(2.0**-k)  # exact: every k-bit integer is a float of out's dtype
+
+
 def _gamma_grad(shape: Tensor, x: Tensor) -> Tensor:
     """``torch._standard_gamma_grad(shape, x)`` (the implicit gradient ``dx/ds``), split into equal
     parts over up to ``torch.get_num_threads()`` threads on CPU: torch's kernel runs on one thread
@@ -92,7 +108,8 @@ def _marsaglia_tsang(shape: Tensor, spare: bool = False, plus_one: bool = False,
     d = torch.add(flat, shift, out=work[0]) if work else flat + shift
     z = work[1].normal_() if work else torch.randn_like(d)  # the same numbers from the same generator either way
     outs = scratch("marsaglia-tsang-out", [(n,)] * 2, flat.dtype, flat.device) if transient and work else None
-    u = outs[0].uniform_() if outs else torch.rand_like(d)  # becomes log w, returned: scratch only if transient
+    bits = scratch("marsaglia-tsang", [(n,)], _UNIFORM_BITS[flat.dtype][0], flat.device) if work and flat.dtype in _UNIFORM_BITS else None
+    u = _uniform(outs[0] if outs else torch.empty_like(d), bits[0] if bits else None)  # becomes log w, returned: scratch only if transient
     one = torch.ones((), dtype=d.dtype, device=d.device)
     x = torch.mul(d, 9.0, out=outs[1]) if outs else torch.mul(d, 9.0)
     x = x.rsqrt_()  # c; outputs written over their inputs (out=): a fresh tensor costs page faults
