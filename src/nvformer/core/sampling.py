@@ -43,7 +43,7 @@ def _uniform(out: Tensor, bits: Tensor | None = None) -> Tensor:
     if out.device.type != "cpu" or out.dtype not in _UNIFORM_BITS:
         return out.uniform_()
     itype, k = _UNIFORM_BITS[out.dtype]
-    bits = torch.empty(out.shape, dtype=itype) if bits is None else bits
+    bits = torch.empty(out.shape, dtype=itype, device=out.device) if bits is None else bits
     bits.random_().bitwise_and_((1 << k) - 1)  # random_ gives 31 (int32) or 63 (int64) random bits
     return out.copy_(bits).mul_(2.0**-k)  # exact: every k-bit integer is a float of out's dtype
 

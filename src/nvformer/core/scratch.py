@@ -31,12 +31,12 @@ def scratch(name: str, shapes: Sequence[Sequence[int]], dtype: torch.dtype, devi
     """
     sizes = [math.prod(s) for s in shapes]
     total = sum(sizes)
-    if torch.device(device).type != "cpu" or total == 0 or total * torch.empty((), dtype=dtype).element_size() > MAX_BYTES:
+    if torch.device(device).type != "cpu" or total == 0 or total * dtype.itemsize > MAX_BYTES:
         return None
     store = _local.__dict__.setdefault("buffers", {})
     buf = store.get((name, dtype))
     if buf is None or buf.numel() < total:
-        buf = store[(name, dtype)] = torch.empty(total, dtype=dtype)
+        buf = store[(name, dtype)] = torch.empty(total, dtype=dtype, device="cpu")
     out, start = [], 0
     for shape, n in zip(shapes, sizes):
         out.append(buf[start : start + n].view(tuple(shape)))

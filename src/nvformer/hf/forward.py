@@ -496,8 +496,8 @@ def _fused_forward(self: nn.Module, ad: Adapter, x: Tensor, q: Tensor, raw_mask:
             k_ext[..., d] = b.to(cd)[:, None, :]
         keys, values = layer_cache.update(k_ext, values, self.layer_idx)
         b = None
-        if shortcut and _cached_keys_allow_shortcut(self, before, keys, k_new, kpm, past, const, tok_bias, d) \
-                and prior_weight_underflows(q, self.__dict__["_nv_key_bound"].norm, reach(), const, scale):
+        k_norm = _cached_key_norm(self, before, keys, k_new, kpm, past, const, tok_bias, d) if shortcut else None
+        if k_norm is not None and prior_weight_underflows(q, k_norm, reach(), const, scale):
             # the same with a cache, when every cached key's term is `const` too (no knob change since it was cached)
             out = F.scaled_dot_product_attention(q, keys[..., :d], values.to(cd), attn_mask=tok_bias, scale=scale, enable_gqa=groups > 1)
             return _output(self, ad, x, out, None, None)
@@ -547,26 +547,30 @@ def _key_bound_before(self: nn.Module, layer_cache, past: int, const: float) -> 
     return kept.norm, kept.excluded
 
 
-def _cached_keys_allow_shortcut(self: nn.Module, before: tuple[float, tuple] | None, keys: Tensor, k_new: Tensor, kpm: Tensor | None,
-                                past: int, const: float, tok_bias: Tensor | None, d: int) -> bool:
-    """Whether every cached key ``keys [B, H, N, d + 1]`` (after this step's update with ``k_new [B, H, n, d]``,
-    padded where ``kpm [B, n]``) has the term ``const``, or is padding the mask ``tok_bias`` hides from
-    every query (:func:`_cached_terms_equal`); keeps the layer's :class:`_KeyBound` (its key norm feeds
-    :func:`~nvformer.core.keyform.prior_weight_underflows`). With a bound from the last step only the new
-    keys are looked at; otherwise the whole cache is."""
+def _cached_key_norm(self: nn.Module, before: tuple[float, tuple] | None, keys: Tensor, k_new: Tensor, kpm: Tensor | None,
+                     past: int, const: float, tok_bias: Tensor | None, d: int) -> float | None:
+    """The largest cached key norm when every cached key ``keys [B, H, N, d + 1]`` (after this step's update with
+    ``k_new [B, H, n, d]``, padded where ``kpm [B, n]``) has the term ``const`` in the cache's extra channel, or
+    is padding (``EXCLUDED``) that the mask ``tok_bias`` hides from every query: the mask alone then says what
+    the terms say. None otherwise. Keeps the layer's :class:`_KeyBound` for the next step. With a bound from the
+    last step only the new keys are looked at; otherwise the whole cache is."""
     self.__dict__.pop("_nv_key_bound", None)
     if before is None:
         b = keys[..., d]
-        if not _cached_terms_equal(b, const, tok_bias):
-            return False
-        excl = b == EXCLUDED
-        norm, excluded = max_norm(keys[..., :d]), (((0, excl),) if bool(excl.any()) else ())
+        same = b == torch.tensor(const, dtype=b.dtype).item()  # `const` as the cache holds it (in b's dtype)
+        excluded = ()
+        if not bool(same.all()):
+            excl = b == EXCLUDED
+            if not bool((excl | same).all()):
+                return None
+            excluded = ((0, excl),)
+        norm = max_norm(keys[..., :d])
     else:
         norm, excluded = max(before[0], max_norm(k_new)), before[1] + (((past, kpm[:, None, :]),) if kpm is not None and bool(kpm.any()) else ())
-        if not all(_padding_unseen(tok_bias, off, excl) for off, excl in excluded):
-            return False
+    if not all(_padding_unseen(tok_bias, off, excl) for off, excl in excluded):
+        return None
     self.__dict__["_nv_key_bound"] = _KeyBound(weakref.ref(keys), keys._version, const, norm, excluded)
-    return True
+    return norm
 
 
 _UNSEEN_MEMO: list = [None]  # (mask, {id(excl): (excl, offset, answer)}) for the last mask: every layer asks of the same padding
@@ -587,22 +591,6 @@ def _padding_unseen(tok_bias: Tensor | None, off: int, excl: Tensor) -> bool:
     answer = excl.shape[-1] <= tok_bias.shape[-1] - off and not bool((excl & ~unseen).any())
     memo[1][id(excl)] = (excl, off, answer)
     return answer
-
-
-def _cached_terms_equal(b: Tensor, const: float, tok_bias: Tensor | None) -> bool:
-    """Whether every cached key's term ``b [B, H, N]`` (the cache's extra channel) is ``const``, or excluded
-    (padding) and hidden from every query by the mask ``tok_bias`` too: the mask alone then says what the
-    terms say."""
-    same = b == torch.tensor(const, dtype=b.dtype).item()  # `const` as the cache holds it (in b's dtype)
-    if bool(same.all()):
-        return True
-    excluded = b == EXCLUDED
-    if not bool((excluded | same).all()):
-        return False
-    if tok_bias is None:
-        return False
-    unseen = hidden(tok_bias).all(dim=-2)  # [B|1, 1|H, N]: keys no query sees
-    return bool((~excluded | unseen).all())
 
 
 _MASK_MEMO: list = [None]  # the last mask's terms: every layer of a forward receives the same mask object
@@ -668,17 +656,18 @@ class _DeferredLatent:
 def _nvib_state(nvib: nn.Module) -> tuple:
     """The NVIB's knob version with the in-place version and storage of every parameter and prior buffer: what a
     deferred latent checks before it is built (one walk over the module tree, as ``parameters()`` would make)."""
-    out, stack = [nvib.version], [nvib]
+    return (nvib.version, *_tensor_versions(nvib, "_parameters"), *_tensor_versions(nvib.prior, "_buffers"))
+
+
+def _tensor_versions(root: nn.Module, kind: str) -> list[int]:
+    """``(version, data_ptr)`` of every tensor in ``kind`` (``"_parameters"`` or ``"_buffers"``) of ``root`` and
+    its submodules, flattened (a plain walk: ``parameters()``' generators cost more than the work on a hot path)."""
+    out, stack = [], [root]
     while stack:
         m = stack.pop()
-        out += [v for p in m._parameters.values() if p is not None for v in (p._version, p.data_ptr())]
+        out += [v for t in getattr(m, kind).values() if t is not None for v in (t._version, t.data_ptr())]
         stack.extend(c for c in m._modules.values() if c is not None)
-    stack = [nvib.prior]
-    while stack:
-        m = stack.pop()
-        out += [v for t in m._buffers.values() if t is not None for v in (t._version, t.data_ptr())]
-        stack.extend(c for c in m._modules.values() if c is not None)
-    return tuple(out)
+    return out
 
 
 def _get_last_latent(self: nn.Module):
