@@ -36,6 +36,19 @@ def test_goal_rows_have_ratio_goal_and_verdict(perf):
         assert r["ratio"] == pytest.approx(r["nv_ms"] / r["baseline_ms"])
         op, goal = perf.GOALS[r["workload"]]
         assert r["goal"] == f"{op} {goal:g}x" and r["met"] == (r["ratio"] <= goal)
+        assert r["ratio_q1"] == r["ratio"] == r["ratio_q3"] and r["rounds"] == 1 and r["rounds_met"] == int(r["met"])
+
+
+def test_the_ratio_is_the_median_of_the_rounds_own_ratios(perf):
+    """Three rounds whose own ratios are 1.03, 1.03 and 1.2 (the machine slower in the second for both forms):
+    the row's ratio is their median 1.03, quartiles 1.03-1.115, two rounds meet <= 1.05; the ratio of the
+    medians (1.8 s / 1.5 s) would be 1.2."""
+    r = perf.goal_row("minilm-away", {"baseline": [1.0, 2.0, 1.5], "nv": [1.03, 2.06, 1.8]})
+    assert r["ratio"] == pytest.approx(1.03) and r["ratio_q1"] == pytest.approx(1.03) and r["ratio_q3"] == pytest.approx(1.115)
+    assert r["baseline_ms"] == pytest.approx(1500.0) and r["nv_ms"] == pytest.approx(1800.0)
+    assert r["rounds"] == 3 and r["rounds_met"] == 2 and r["met"]
+    g = perf.goal_row("smollm2-generate", {"baseline": [1.0, 1.0, 1.0], "nv": [1.0, 1.25, 1.0]})  # tokens/s ratios 1, 0.8, 1
+    assert g["ratio"] == pytest.approx(1.0) and g["rounds_met"] == 2 and g["met"]
 
 
 def test_generation_rows_compare_tokens_per_second_compiled_or_not(perf):
@@ -75,3 +88,12 @@ def test_bad_options_are_one_line_errors(perf, argv, needle, capsys):
         perf.main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_interleaved_rounds_alternate_their_order():
+    from nvformer_studies.common.bench import interleaved_runs
+
+    calls = []
+    runs = interleaved_runs({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then rounds in order, reversed, in order
+    assert [len(v) for v in runs.values()] == [3, 3] and all(t >= 0 for v in runs.values() for t in v)

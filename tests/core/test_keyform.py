@@ -65,3 +65,7 @@ def test_max_norm_is_the_largest_row_norm():
     x = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     assert max_norm(x) == pytest.approx(max(float(r.pow(2).sum().sqrt()) for r in x.reshape(-1, 5)), rel=1e-14)
     assert max_norm(x[:, :, :0]) == 0.0
+    ref = max_norm(x)
+    for view in (x.transpose(1, 2), x.permute(2, 0, 1, 3), x[:, 1:], x.transpose(1, 2)[:, ::2]):  # read in memory order or by strides
+        assert max_norm(view) == pytest.approx(max(float(r.pow(2).sum().sqrt()) for r in view.reshape(-1, 5)), rel=1e-14)
+    assert max_norm(x.transpose(1, 2)) == pytest.approx(ref, rel=1e-14)

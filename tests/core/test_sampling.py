@@ -357,3 +357,18 @@ def test_uniforms_from_random_bits_are_uniform_on_torchs_grid(dtype, k):
     assert ks < 1.95 / math.sqrt(n)
     torch.manual_seed(0)
     assert torch.equal(sampling._uniform(torch.empty(n, dtype=dtype), torch.empty(n, dtype=sampling._UNIFORM_BITS[dtype][0])), u)
+
+
+def test_sample_dirichlet_from_the_concentration_scans_it_once(monkeypatch):
+    """Where a regime needs ``log a`` (a masked entry, a concentration under the floor or beyond the log-normal
+    limit), the bounds of ``log a`` come from the one scan of ``a``: no second scan of ``log a``."""
+    scans, real = [], torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda *a, **k: scans.append(1) or real(*a, **k))
+    for value in (0.0, 1e-40, 1e12, None):
+        c = torch.rand(2, 30, dtype=torch.float64) + 0.5
+        if value is not None:
+            c[0, :3] = value
+        scans.clear()
+        w = nv.sample_dirichlet(None, torch.float64, c)
+        assert scans == [1], value
+        assert torch.isfinite(w).all() and torch.allclose(w.sum(-1), torch.ones(2, dtype=torch.float64))

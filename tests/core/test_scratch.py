@@ -36,3 +36,25 @@ def test_scratch_is_cpu_only_and_capped(monkeypatch):
     monkeypatch.setattr(sc, "MAX_BYTES", 1000 * 4 - 1)
     assert sc.scratch("test", [(1000,)], torch.float32, "cpu") is None
     assert sc.scratch("test", [(999,)], torch.float32, "cpu") is not None
+
+
+def test_release_frees_only_this_threads_buffers():
+    sc.release()
+    assert sc.held_bytes() == 0
+    a = sc.scratch("test", [(256,)], torch.float32, "cpu")[0]
+    sc.scratch("other", [(16,)], torch.float64, "cpu")
+    assert sc.held_bytes() == 256 * 4 + 16 * 8
+    there = []
+
+    def elsewhere():
+        sc.scratch("test", [(8,)], torch.float32, "cpu")
+        sc.release()
+        there.append(sc.held_bytes())
+
+    t = threading.Thread(target=elsewhere)
+    t.start()
+    t.join()
+    assert there == [0] and sc.held_bytes() == 256 * 4 + 16 * 8  # the other thread's release left ours
+    a.fill_(1.0)
+    sc.release()
+    assert sc.held_bytes() == 0 and bool((a == 1.0).all())  # a view the caller holds keeps its memory

@@ -476,3 +476,105 @@ def test_mask_memo_is_dropped_with_its_mask():
         output(nvm, kw)
     gc.collect()
     assert fwd._MASK_MEMO[0] is None
+
+
+def _split_args(g, B, H, N, d, dtype):
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    return r(B, H, N, d), r(1, H, 1, d + 1), r(1, H, 1, d + 1), r(B, H, N, d), r(B, H, N, d), r(B, N).double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mask_kind", ["none", "rows", "full", "causal"])
+def test_split_prior_sdpa_equals_the_extended_attention(dtype, mask_kind):
+    """The tokens-only SDPA call with the prior column in closed form (w_0 = sigmoid(s_0 - L)) gives the extended
+    attention's context and prior weight: per-key terms as a [B, N] row or inside an additive mask over the
+    queries, padded keys hidden, causal queries; float64 to 1e-12, float32 to 1e-5."""
+    g = torch.Generator().manual_seed(4)
+    B, H, N, d = 2, 3, 7, 8
+    q, k0e, v0e, keys, values, b = _split_args(g, B, H, N, d, dtype)
+    v0e[..., d] = 1.0
+    const = float(b.mean())
+    scale = d**-0.5
+    pad = torch.zeros(B, N, dtype=torch.bool)
+    pad[1, :2] = True
+    causal = mask_kind == "causal"
+    tok_bias = None
+    if mask_kind == "full":  # hides the padding and, for one query, one more key
+        tok_bias = torch.zeros(B, 1, N, N, dtype=dtype).masked_fill(pad[:, None, None, :], float("-inf"))
+        tok_bias[0, 0, 3, 5] = float("-inf")
+    b_ext = b.masked_fill(pad, fwd.EXCLUDED) if mask_kind in ("rows", "full") else b
+    bias = None if tok_bias is None else torch.cat([tok_bias.new_zeros(B, 1, N, 1), tok_bias], -1)
+    with torch.no_grad():
+        ref = fwd.extended_sdpa(q, k0e, v0e, keys, values, b_ext, bias=bias, causal=causal, scale=scale, groups=1)
+        rel = (b - const).to(dtype)
+        mask = rel.masked_fill(pad, fwd.EXCLUDED) if mask_kind == "rows" else tok_bias + rel[:, None, None, :] if tok_bias is not None else rel
+        ctx, w0 = fwd.split_prior_sdpa(q, k0e, v0e, keys, values, mask, causal=causal, scale=scale, b0_rel=k0e[0, :, 0, d].double() - const)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(ctx, ref[..., :d], rtol=0, atol=tol)
+    torch.testing.assert_close(w0, ref[..., d : d + 1], rtol=0, atol=tol)
+    assert float(w0.min()) > 1e-3  # the prior column carries weight here: the closed form is exercised
+
+
+@pytest.mark.parametrize("which", ["A", "L", "both"])
+def test_input_terms_without_a_graph_equal_the_float64_sum(which):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 5, 16, generator=g)
+    A = torch.randn(16, generator=g) if which in ("A", "both") else None
+    L = torch.randn(16, generator=g) if which in ("L", "both") else None
+    xd = x.double()
+    ref = ((xd * xd * A.double()).sum(-1) if A is not None else 0.0) + ((xd * L.double()).sum(-1) if L is not None else 0.0)
+    with torch.no_grad():
+        fast = fwd.input_terms(x, A, L, torch.float32)
+        again = fwd.input_terms(x + 1.0, A, L, torch.float32)  # the scratch temporary is reused: the first result is kept
+    graph = fwd.input_terms(x.requires_grad_(), A, L, torch.float32)
+    assert graph.requires_grad
+    torch.testing.assert_close(fast.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(graph.detach(), fast, rtol=1e-6, atol=1e-5)
+    assert not torch.equal(again, fast)
+    assert fwd.input_terms(x, None, None, torch.float32) is None
+
+
+def test_interpolation_without_a_graph_equals_the_two_products():
+    """ctx + (1 - w0) M_tok q + w0 M_0 q, with q the projection's transposed output, written in the output
+    projection's [B, Nt, H, d] memory (its reshape is a view)."""
+    g = torch.Generator().manual_seed(6)
+    B, N, H, d = 2, 5, 3, 4
+    q = torch.randn(B, N, H * d, generator=g, dtype=torch.float64).view(B, N, H, d).transpose(1, 2)
+    both = torch.randn(H, 2 * d, d, generator=g, dtype=torch.float64)
+    ctx, w0 = torch.randn(B, H, N, d, generator=g, dtype=torch.float64), torch.rand(B, H, N, 1, generator=g, dtype=torch.float64)
+    ref = ctx + (1 - w0) * torch.einsum("hij,bhtj->bhti", both[:, :d], q) + w0 * torch.einsum("hij,bhtj->bhti", both[:, d:], q)
+    with torch.no_grad():
+        out = fwd._interpolate_no_graph(both, q, ctx, w0)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    assert out.transpose(1, 2).is_contiguous()
+
+
+def _split_calls(monkeypatch) -> list[bool]:
+    calls, real = [], fwd.split_prior_applicable
+    monkeypatch.setattr(fwd, "split_prior_applicable", lambda *a: calls.append(real(*a)) or calls[-1])
+    return calls
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "bart"])
+def test_fused_path_splits_the_prior_column_away_from_the_identity(family, monkeypatch):
+    """Without a graph or a cache, a fused call away from the identity attends over the tokens alone with the
+    prior in closed form; with gradients it takes the extended attention (the kernel's log-normaliser has no
+    gradient); both equal the general path (test_fused_path_equals_general_path)."""
+    model = build(family)
+    kw, valid = inputs(family, "right")
+    nvm = _trained_like(nv.convert(copy.deepcopy(model), prior=nv.estimate_prior(model, [kw], show_progress=False), **AWAY), family)
+    kw = kw if family == "bert" else kw | {"use_cache": False}  # with a KV cache, the extended attention serves
+    calls = _split_calls(monkeypatch)
+    with torch.no_grad():
+        split = output(nvm, kw)
+    assert calls and all(calls)
+    calls.clear()
+    for _, m in nv_modules(nvm):
+        m.nvib.requires_grad_(False)  # the fused path serves; the original weights need gradients
+    graph = output(nvm, kw)
+    assert graph.requires_grad and calls and not any(calls)
+    _compare(split, graph.detach(), valid, 2e-6)
+    _general_only(monkeypatch)
+    with torch.no_grad():
+        general = output(nvm, kw)
+    _compare(split, general, valid, 2e-5)

@@ -198,8 +198,18 @@ def input_key_terms(
 
 
 def max_norm(x: Tensor) -> float:
-    """The largest Euclidean norm over the last dimension of ``x [..., d]`` (0 when ``x`` is empty)."""
-    return float(x.detach().norm(dim=-1).amax()) if x.numel() else 0.0
+    """The largest Euclidean norm over the last dimension of ``x [..., d]`` (0 when ``x`` is empty). The rows are
+    read in memory order: a transposed view (a projection's ``[B, N, H, d]`` output as ``[B, H, N, d]``) is
+    reduced as the contiguous ``[B N H, d]`` it is, which is faster than following the view's strides."""
+    if not x.numel():
+        return 0.0
+    x = x.detach()
+    if x.dim() > 2 and x.stride(-1) == 1 and not x.is_contiguous():
+        lead = sorted(range(x.dim() - 1), key=lambda i: -x.stride(i))
+        y = x.permute(*lead, x.dim() - 1)
+        if y.is_contiguous():
+            x = y.view(-1, x.shape[-1])
+    return float(x.norm(dim=-1).amax())
 
 
 def prior_weight_underflows(q: Tensor, keys: Tensor | float, prior: tuple[float, float], const: float, scale: float) -> bool:

@@ -197,6 +197,14 @@ def sample_log_gamma(log_concentration: Tensor, dtype: torch.dtype = torch.float
     return _sample_log_gamma(log_concentration, dtype, "sample_log_gamma")[0]
 
 
+def _widened(a: float, side: float) -> float:
+    """``log a`` moved by ``side`` times a relative 1e-6, beyond float32's rounding of ``log`` (``-inf`` for 0)."""
+    if a == 0.0:
+        return -math.inf
+    la = math.log(a)
+    return la + side * 1e-6 * (1.0 + abs(la))
+
+
 def _sample_log_gamma(log_concentration: Tensor, dtype: torch.dtype, where: str,
                       concentration: Tensor | None = None, transient: bool = False) -> tuple[Tensor, Tensor | None]:
     """:func:`sample_log_gamma` and the bool mask of its ``-inf`` (masked) entries (None: there are
@@ -207,8 +215,11 @@ def _sample_log_gamma(log_concentration: Tensor, dtype: torch.dtype, where: str,
     needed, the result may then live in a scratch buffer (:func:`_marsaglia_tsang`)."""
     if dtype not in _LOG_A_MIN:
         raise ValueError(f"{where}: `dtype` must be torch.float32 or torch.float64, got {dtype}")
+    bounds = None  # (lo, hi) of log a, when known from a scan of a
     if log_concentration is None and isinstance(concentration, Tensor) and concentration.device.type != "meta" and concentration.numel():
         lo, hi = (float(v) for v in torch.aminmax(concentration.detach()))
+        if 0.0 <= lo and hi < math.inf:  # no NaN, nothing negative: bounds of log a follow (log 0 = -inf: a masked entry), widened
+            bounds = (_widened(lo, -1.0), _widened(hi, 1.0))  # by more than log's rounding, so that every shortcut needed is taken
         if math.exp(_LOG_A_MIN[dtype]) <= lo and hi <= math.exp(_LOG_A_NORMAL_LIMIT):  # no shortcut applies: log a is not needed
             a = concentration.to(dtype)
             if transient and not (torch.is_grad_enabled() and a.requires_grad):
@@ -224,7 +235,7 @@ def _sample_log_gamma(log_concentration: Tensor, dtype: torch.dtype, where: str,
     lc = log_concentration.to(dtype)
     # One pass decides every shortcut: masked entries (lo = -inf), floored ones, log-normal ones.
     general = lc.device.type == "meta" or lc.numel() == 0  # no values to look at: every pass runs
-    lo, hi = (-math.inf, math.inf) if general else (float(v) for v in torch.aminmax(lc.detach()))
+    lo, hi = (-math.inf, math.inf) if general else bounds if bounds is not None else (float(v) for v in torch.aminmax(lc.detach()))
     if not general and not hi < math.inf:  # NaN fails the comparison too
         raise ValueError(f"{where}: `log_concentration` must not be NaN or +inf (-inf marks a masked entry)")
     masked = torch.isneginf(lc) if lo == -math.inf else None

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["scratch", "MAX_BYTES"]
+__all__ = ["scratch", "release", "held_bytes", "MAX_BYTES"]
 
 MAX_BYTES = 64 << 20  # per thread, user and dtype: larger requests get None (fresh tensors)
 _local = threading.local()
@@ -42,3 +42,14 @@ def scratch(name: str, shapes: Sequence[Sequence[int]], dtype: torch.dtype, devi
         out.append(buf[start : start + n].view(tuple(shape)))
         start += n
     return out
+
+
+def held_bytes() -> int:
+    """Bytes of scratch memory the calling thread holds."""
+    return sum(b.numel() * b.element_size() for b in _local.__dict__.get("buffers", {}).values())
+
+
+def release() -> None:
+    """Free the calling thread's scratch buffers (e.g. after a long batch job, before other work in the same
+    thread); the next :func:`scratch` call allocates anew. Tensors a caller still holds keep their memory."""
+    _local.__dict__.pop("buffers", None)

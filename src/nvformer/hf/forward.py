@@ -404,6 +404,63 @@ def extended_sdpa(q: Tensor, k0e: Tensor, v0e: Tensor, keys: Tensor, values: Ten
     return out[:, :, 1:] if off else out
 
 
+_FLASH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def split_prior_applicable(q: Tensor, groups: int, no_cache: bool, rows_see_tokens: bool, needs_grad: bool) -> bool:
+    """Whether :func:`split_prior_sdpa` can serve a fused call: no KV cache, every query sees a token, one
+    query head per key head, no gradient, and a CPU tensor (the one SDPA kernel that returns its
+    log-normaliser; elsewhere :func:`extended_sdpa` serves)."""
+    return (_FLASH_LSE is not None and no_cache and rows_see_tokens and groups == 1 and not needs_grad and q.device.type == "cpu"
+            and q.dtype in (torch.float32, torch.float64))
+
+
+def split_prior_sdpa(q: Tensor, k0e: Tensor, v0e: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, *, causal: bool, scale: float,
+                     b0_rel: Tensor) -> tuple[Tensor, Tensor]:
+    """Denoising attention over ``[prior | tokens]`` as one SDPA call over the tokens alone plus the prior column
+    in closed form: what :func:`extended_sdpa` computes, without widening the heads by the term channel.
+
+    With token logits ``s_i = scale q.k_i + b_i`` and ``L`` their log-sum-exp (returned by the kernel), and the
+    prior's ``s_0 = scale q.k_0 + b_0``, the softmax over both gives the prior the weight ``w_0 = sigmoid(s_0 - L)``
+    and ``ctx = (1 - w_0) ctx_tok + w_0 v_0``. Only differences of terms matter: ``mask`` carries the token terms
+    less a common constant (and the attention mask; ``[B, N]`` when it is one row per sequence, or additive
+    ``[.., Nt, N]``, or None when they are all 0 and nothing is masked), ``b0_rel [H]`` the prior's less the same.
+
+    ``q [B, H, Nt, d]``, ``keys``/``values [B, H, N, d]``, all in the compute dtype; ``k0e [1, H, 1, d + 1]`` is
+    ``[k_0 | b_0]``, ``v0e [1, H, 1, d + 1]`` ``[v_0 | 1]``; ``causal``: query ``t`` sees tokens ``0..t`` (the prior
+    always), on top of ``mask``. Check :func:`split_prior_applicable` first.
+    Returns ``(ctx [B, H, Nt, d], w_0 [B, H, Nt, 1])``.
+    """
+    d = q.shape[-1]
+    if mask is not None:
+        mask = mask.to(q.dtype)
+        mask = mask[:, None, None, :] if mask.dim() == 2 else mask
+    ctx, lse = _FLASH_LSE(q, keys, values, 0.0, causal, attn_mask=mask, scale=scale)
+    bufs = scratch("prior-logit", [q.shape], q.dtype, q.device)  # q . k_0 without a fresh [B, H, Nt, d] product
+    s0 = (torch.mul(q, k0e[..., :d], out=bufs[0]) if bufs else q * k0e[..., :d]).sum(-1)
+    w0 = torch.sigmoid(s0.mul_(scale).add_(b0_rel.to(q.dtype)[:, None]).sub_(lse)).unsqueeze(-1)
+    return ctx.lerp_(v0e[..., :d], w0), w0
+
+
+def input_terms(x: Tensor, A: Tensor | None, L: Tensor | None, cd: torch.dtype) -> Tensor | None:
+    """The fused path's per-key terms less their constant, ``sum_p A_p x_p^2 + L_p x_p`` ``[B, N]`` in ``cd`` for
+    ``x [B, N, P]`` (:func:`~nvformer.core.keyform.input_key_terms`; None when ``A`` and ``L`` are both None: all 0).
+    One weighted sum with nothing to cancel (``A`` and ``L`` are differences taken on ``[P]`` vectors), summed in
+    ``cd``; without a graph its ``[B, N, P]`` temporary is the thread's scratch buffer."""
+    if A is None and L is None:
+        return None
+    xf = x.to(cd)
+    if torch.is_grad_enabled():
+        t = L.expand_as(xf) if A is None else (xf * A if L is None else torch.addcmul(L, xf, A))
+        return torch.linalg.vecdot(t, xf)
+    if A is None:
+        return xf @ L
+    bufs = scratch("input-terms", [xf.shape], cd, xf.device)
+    out = {"out": bufs[0]} if bufs else {}
+    t = torch.mul(xf, A, **out) if L is None else torch.addcmul(L, xf, A, **out)
+    return t.mul_(xf).sum(-1)
+
+
 def _fused_applicable(self: nn.Module, cross: bool, sampled: bool, heads: bool, n_extra: int, ad: Adapter) -> bool:
     """Whether a self-attention call takes the fused path (:func:`_fused_forward`): the evaluation form
     with layer-wide knobs, the ``"paper"`` formula, the constant prior, a structured NVIB (mean
@@ -474,13 +531,23 @@ def _fused_forward(self: nn.Module, ad: Adapter, x: Tensor, q: Tensor, raw_mask:
         out = F.scaled_dot_product_attention(q, keys.to(cd), values.to(cd), attn_mask=None if causal else tok_bias, is_causal=causal,
                                              scale=scale, enable_gqa=groups > 1)
         return _output(self, ad, x, out, None, None)
-    if A is None and L is None:
+    b_rel = input_terms(x, A, L, cd)  # the per-key terms less `const` (None: all 0)
+    compiled = self.__dict__.get("_nv_compiled")
+    needs_grad = torch.is_grad_enabled() and any(v.requires_grad for v in (x, q, keys, values))
+    if compiled is None and split_prior_applicable(q, groups, layer_cache is None, rows_see_tokens, needs_grad):
+        if b_rel is not None and bias is None and not causal:  # the mask hides padded keys only: with the terms, one [B, N] row
+            mask = b_rel if kpm is None else b_rel.masked_fill(kpm, EXCLUDED)
+        else:
+            mask = tok_bias if b_rel is None else b_rel[:, None, None, :] if tok_bias is None else tok_bias + b_rel[:, None, None, :]
+        ctx, w0 = split_prior_sdpa(q, k0e, v0e, keys.to(cd), values.to(cd), None if causal and b_rel is None else mask, causal=causal,
+                                   scale=scale, b0_rel=k0e[0, :, 0, d].double() - const)
+        S_tok = _token_terms(nvib, 1.0 / scale)[2].exp() if interp else None
+        return _finish(self, ad, x, ctx, q, w0=w0, k_w=k_w, v_w=v_w, S_tok=S_tok, sigma2=1.0 / scale, d=d, groups=groups, cd=cd,
+                       interp=interp, rope=None, w=None)
+    if b_rel is None:
         b = None if layer_cache is not None else torch.full((B, N), const, dtype=torch.float64, device=x.device)  # None: written below
     else:
-        # one weighted sum with nothing to cancel (A and L are differences taken on [P] vectors): summed in `cd`
-        xf = x.to(cd)
-        t = L.expand_as(xf) if A is None else (xf * A if L is None else torch.addcmul(L, xf, A))
-        b = torch.linalg.vecdot(t, xf).double() + const
+        b = b_rel.double() + const
     if kpm is not None and b is not None:
         b = b.masked_fill(kpm, EXCLUDED)
     if layer_cache is not None:  # keys in `cd` with their terms as one more channel, values in their own dtype
@@ -501,7 +568,6 @@ def _fused_forward(self: nn.Module, ad: Adapter, x: Tensor, q: Tensor, raw_mask:
             # the same with a cache, when every cached key's term is `const` too (no knob change since it was cached)
             out = F.scaled_dot_product_attention(q, keys[..., :d], values.to(cd), attn_mask=tok_bias, scale=scale, enable_gqa=groups > 1)
             return _output(self, ad, x, out, None, None)
-    compiled = self.__dict__.get("_nv_compiled")
     if compiled is not None:
         out = compiled(q, k0e, v0e, keys, values, b, bias=bias, causal=causal, scale=scale, groups=groups)
     else:
@@ -704,9 +770,9 @@ def _finish(self: nn.Module, ad: Adapter, x: Tensor, out: Tensor, q: Tensor, *, 
         prior_seen = bool(w0.any())
         if prior_seen and interp and rope is None:  # both matrices in one batched product: (1 - w0) M_tok q + w0 M_0 q
             both = _derived(self, f"MM{cd}", (k_w, v_w), lambda: torch.cat([mt(), m0()], dim=1), fresh=heads)
+            if not torch.is_grad_enabled():
+                return _output(self, ad, x, _interpolate_no_graph(both, q, ctx, w0), position_bias, w)
             r = torch.einsum("hij,bhtj->bhti", both, q)
-            if not torch.is_grad_enabled():  # no graph: over r's first half (two full-size tensors fewer, the same numbers)
-                return _output(self, ad, x, r[..., :d].lerp_(r[..., d:], w0).add_(ctx), position_bias, w)
             return _output(self, ad, x, ctx + torch.lerp(r[..., :d], r[..., d:], w0), position_bias, w)
         if prior_seen:
             ctx = ctx + w0 * torch.einsum("hij,bhtj->bhti", _derived(self, f"M0{cd}", (k_w, v_w), m0), q)
@@ -720,6 +786,21 @@ def _finish(self: nn.Module, ad: Adapter, x: Tensor, out: Tensor, q: Tensor, *, 
                 qt = (1.0 - w0) * q  # the prior is visible in every row, so token weights sum to 1 - w0
             ctx = ctx + torch.einsum("hij,bhtj->bhti", Mt, qt)
     return _output(self, ad, x, ctx, position_bias, w)
+
+
+def _interpolate_no_graph(both: Tensor, q: Tensor, ctx: Tensor, w0: Tensor) -> Tensor:
+    """``ctx + (1 - w0) M_tok q + w0 M_0 q`` without a graph, for ``both = [M_tok | M_0]`` ``[H, 2d, d]``, ``q``, ``ctx``
+    ``[B, H, Nt, d]`` and ``w0 [B, H, Nt, 1]``: one batched product over the heads into the thread's scratch buffer
+    (a view of ``q``, no copy), and the result written in ``[B, Nt, H, d]`` memory, the output projection's layout
+    (returned as its ``[B, H, Nt, d]`` view, so the reshape before the projection copies nothing)."""
+    B, H, Nt, d = q.shape
+    qh = q.permute(1, 0, 2, 3).reshape(H, B * Nt, d)  # a view when q is the projection's [B, Nt, H, d] output transposed
+    bufs = scratch("interpolation", [(H, B * Nt, 2 * d)], q.dtype, q.device)
+    r = torch.bmm(qh, both.transpose(1, 2), out=bufs[0]) if bufs else torch.bmm(qh, both.transpose(1, 2))
+    r = r.view(H, B, Nt, 2 * d).permute(1, 0, 2, 3)
+    out = torch.empty(B, Nt, H, d, dtype=q.dtype, device=q.device).transpose(1, 2)
+    torch.lerp(r[..., :d], r[..., d:], w0, out=out)
+    return out.add_(ctx)
 
 
 def _output(self: nn.Module, ad: Adapter, x: Tensor, ctx: Tensor, position_bias: Tensor | None, w: Tensor | None):

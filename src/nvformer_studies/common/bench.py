@@ -13,7 +13,7 @@ import torch
 
 from .docs import Columns, table, write_section
 
-__all__ = ["benchmark_section", "interleaved", "peak_rss_bytes"]
+__all__ = ["benchmark_section", "interleaved", "interleaved_runs", "peak_rss_bytes", "quartiles"]
 
 
 def peak_rss_bytes() -> int:
@@ -30,18 +30,33 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median seconds of each zero-argument callable over ``repeats`` rounds; every round runs
-    each once, in order (a noisy machine then slows all of them alike); one untimed warm-up round."""
+def interleaved_runs(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each zero-argument callable in each of ``repeats`` rounds, after one untimed warm-up round.
+    Every round runs each once, back to back (a noisy machine then slows all of them alike); every other
+    round runs them in reverse order, so that none always runs first, or right after the same one."""
     times = {k: [] for k in fns}
     for fn in fns.values():
         fn()
-    for _ in range(repeats):
-        for k, fn in fns.items():
+    items = list(fns.items())
+    for r in range(repeats):
+        for k, fn in items if r % 2 == 0 else reversed(items):
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds of each zero-argument callable over ``repeats`` interleaved rounds (:func:`interleaved_runs`)."""
+    return {k: statistics.median(v) for k, v in interleaved_runs(fns, repeats).items()}
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    """``(first quartile, median, third quartile)`` of ``values`` (inclusive method; one value: itself three times)."""
+    if len(values) == 1:
+        return (values[0],) * 3
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
 
 
 def benchmark_section(title: str, command: str, setting: str, rows: Sequence[dict[str, Any]], columns: Columns, key: str,
