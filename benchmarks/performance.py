@@ -176,11 +176,12 @@ def goal_rows(device, dtype, repeats: int, quick: bool, models: bool, compiled: 
 
 
 def goal_row(workload: str, seconds: dict, identical: bool | None = None, new_tokens: int | None = None) -> dict:
-    """The goal table's row of ``workload`` from the seconds of each interleaved round (``{"baseline", "nv"[, "sdpa"]}``,
+    """The goal table's row of ``workload`` from the seconds of each interleaved round (``{"baseline", "nv"[, "sdpa"][, "floor"]}``,
     lists of equal length, or one number each): milliseconds are medians over the rounds; the ratio is the median
     of the rounds' own ratios (baseline and NV ran back to back in each: a slow spell of the machine cancels),
     with its quartiles and the share of rounds that meet the goal. Generation workloads (plain and compiled)
-    compare tokens/s (baseline time over NV time), the others time."""
+    compare tokens/s (baseline time over NV time), the others time; ``floor`` (mha-train) is the median of its rounds' own
+    ratios to the baseline."""
     op, goal = GOALS[workload]
     gen = "generate" in workload
     runs = {k: v if isinstance(v, list) else [v] for k, v in seconds.items()}

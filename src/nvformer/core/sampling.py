@@ -218,8 +218,6 @@ def _sample_log_gamma(log_concentration: Tensor, dtype: torch.dtype, where: str,
     bounds = None  # (lo, hi) of log a, when known from a scan of a
     if log_concentration is None and isinstance(concentration, Tensor) and concentration.device.type != "meta" and concentration.numel():
         lo, hi = (float(v) for v in torch.aminmax(concentration.detach()))
-        if 0.0 <= lo and hi < math.inf:  # no NaN, nothing negative: bounds of log a follow (log 0 = -inf: a masked entry), widened
-            bounds = (_widened(lo, -1.0), _widened(hi, 1.0))  # by more than log's rounding, so that every shortcut needed is taken
         if math.exp(_LOG_A_MIN[dtype]) <= lo and hi <= math.exp(_LOG_A_NORMAL_LIMIT):  # no shortcut applies: log a is not needed
             a = concentration.to(dtype)
             if transient and not (torch.is_grad_enabled() and a.requires_grad):
@@ -227,6 +225,8 @@ def _sample_log_gamma(log_concentration: Tensor, dtype: torch.dtype, where: str,
             else:
                 x, log_u = _StandardGamma.apply(a, True, True)
             return _boosted(x, log_u, a, dtype).to(torch.promote_types(concentration.dtype, torch.float32)), None
+        if 0.0 <= lo and hi < math.inf:  # no NaN, nothing negative: bounds of log a follow (log 0 = -inf: a masked entry), widened
+            bounds = (_widened(lo, -1.0), _widened(hi, 1.0))  # by more than log's rounding, so that every shortcut needed is taken
     if log_concentration is None and isinstance(concentration, Tensor):
         log_concentration = concentration.log()
     if not isinstance(log_concentration, Tensor):

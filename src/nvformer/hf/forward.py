@@ -411,8 +411,7 @@ def split_prior_applicable(q: Tensor, groups: int, no_cache: bool, rows_see_toke
     """Whether :func:`split_prior_sdpa` can serve a fused call: no KV cache, every query sees a token, one
     query head per key head, no gradient, and a CPU tensor (the one SDPA kernel that returns its
     log-normaliser; elsewhere :func:`extended_sdpa` serves)."""
-    return (_FLASH_LSE is not None and no_cache and rows_see_tokens and groups == 1 and not needs_grad and q.device.type == "cpu"
-            and q.dtype in (torch.float32, torch.float64))
+    return _FLASH_LSE is not None and no_cache and rows_see_tokens and groups == 1 and not needs_grad and q.device.type == "cpu"
 
 
 def split_prior_sdpa(q: Tensor, k0e: Tensor, v0e: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, *, causal: bool, scale: float,
@@ -450,11 +449,10 @@ def input_terms(x: Tensor, A: Tensor | None, L: Tensor | None, cd: torch.dtype) 
     if A is None and L is None:
         return None
     xf = x.to(cd)
-    if torch.is_grad_enabled():
-        t = L.expand_as(xf) if A is None else (xf * A if L is None else torch.addcmul(L, xf, A))
-        return torch.linalg.vecdot(t, xf)
     if A is None:
         return xf @ L
+    if torch.is_grad_enabled():
+        return torch.linalg.vecdot(xf * A if L is None else torch.addcmul(L, xf, A), xf)
     bufs = scratch("input-terms", [xf.shape], cd, xf.device)
     out = {"out": bufs[0]} if bufs else {}
     t = torch.mul(xf, A, **out) if L is None else torch.addcmul(L, xf, A, **out)
@@ -535,15 +533,16 @@ def _fused_forward(self: nn.Module, ad: Adapter, x: Tensor, q: Tensor, raw_mask:
     compiled = self.__dict__.get("_nv_compiled")
     needs_grad = torch.is_grad_enabled() and any(v.requires_grad for v in (x, q, keys, values))
     if compiled is None and split_prior_applicable(q, groups, layer_cache is None, rows_see_tokens, needs_grad):
-        if b_rel is not None and bias is None and not causal:  # the mask hides padded keys only: with the terms, one [B, N] row
+        tok = None if causal else tok_bias  # SDPA's own causal mask serves a causal call
+        if b_rel is None:
+            mask = tok
+        elif bias is None and not causal:  # the mask hides padded keys only: with the terms, one [B, N] row
             mask = b_rel if kpm is None else b_rel.masked_fill(kpm, EXCLUDED)
         else:
-            mask = tok_bias if b_rel is None else b_rel[:, None, None, :] if tok_bias is None else tok_bias + b_rel[:, None, None, :]
-        ctx, w0 = split_prior_sdpa(q, k0e, v0e, keys.to(cd), values.to(cd), None if causal and b_rel is None else mask, causal=causal,
-                                   scale=scale, b0_rel=k0e[0, :, 0, d].double() - const)
-        S_tok = _token_terms(nvib, 1.0 / scale)[2].exp() if interp else None
-        return _finish(self, ad, x, ctx, q, w0=w0, k_w=k_w, v_w=v_w, S_tok=S_tok, sigma2=1.0 / scale, d=d, groups=groups, cd=cd,
-                       interp=interp, rope=None, w=None)
+            mask = b_rel[:, None, None, :] if tok is None else tok + b_rel[:, None, None, :]
+        ctx, w0 = split_prior_sdpa(q, k0e, v0e, keys.to(cd), values.to(cd), mask, causal=causal, scale=scale,
+                                   b0_rel=k0e[0, :, 0, d].double() - const)
+        return _fused_finish(self, ad, x, ctx, w0, q, k_w, v_w, scale=scale, d=d, groups=groups, cd=cd, interp=interp)
     if b_rel is None:
         b = None if layer_cache is not None else torch.full((B, N), const, dtype=torch.float64, device=x.device)  # None: written below
     else:
@@ -572,9 +571,15 @@ def _fused_forward(self: nn.Module, ad: Adapter, x: Tensor, q: Tensor, raw_mask:
         out = compiled(q, k0e, v0e, keys, values, b, bias=bias, causal=causal, scale=scale, groups=groups)
     else:
         out = extended_sdpa(q, k0e, v0e, keys, values, b, bias=bias, causal=causal, scale=scale, groups=groups, reuse=not torch.is_grad_enabled())
-    S_tok = _token_terms(nvib, 1.0 / scale)[2].exp() if interp else None
-    return _finish(self, ad, x, out, q, w0=out[..., d : d + 1], k_w=k_w, v_w=v_w, S_tok=S_tok, sigma2=1.0 / scale, d=d,
-                   groups=groups, cd=cd, interp=interp, rope=None, w=None)
+    return _fused_finish(self, ad, x, out, out[..., d : d + 1], q, k_w, v_w, scale=scale, d=d, groups=groups, cd=cd, interp=interp)
+
+
+def _fused_finish(self: nn.Module, ad: Adapter, x: Tensor, out: Tensor, w0: Tensor, q: Tensor, k_w: Tensor, v_w: Tensor, *, scale: float,
+                  d: int, groups: int, cd: torch.dtype, interp: bool):
+    """:func:`_finish` for a fused call: the context in ``out[..., :d]``, the prior's weight ``w0``, no rotary channels."""
+    S_tok = _token_terms(self.nvib, 1.0 / scale)[2].exp() if interp else None
+    return _finish(self, ad, x, out, q, w0=w0, k_w=k_w, v_w=v_w, S_tok=S_tok, sigma2=1.0 / scale, d=d, groups=groups, cd=cd,
+                   interp=interp, rope=None, w=None)
 
 
 def _prior_reach(k0e: Tensor) -> tuple[float, float]:
